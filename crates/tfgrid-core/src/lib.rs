@@ -1,0 +1,32 @@
+//! Types every tfgrid component shares: who acts (keys, twin ids), how signed things are
+//! encoded and hashed, what capacity is, and what the registry stores and accepts.
+
+pub mod canonical;
+pub mod capacity;
+pub mod contract;
+pub mod deployment;
+pub mod error;
+pub mod filter;
+pub mod keys;
+pub mod records;
+pub mod tx;
+
+pub use canonical::Hash;
+pub use capacity::Capacity;
+pub use error::CoreError;
+pub use keys::{Identity, PublicKey, Signature};
+
+pub type TwinId = u32;
+pub type FarmId = u32;
+pub type NodeId = u32;
+pub type ContractId = u64;
+
+/// Milliseconds since the Unix epoch: the registry's clock for every timestamp it records.
+pub type Millis = u64;
+
+pub fn now_millis() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

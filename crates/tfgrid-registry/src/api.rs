@@ -1,0 +1,262 @@
+//! The HTTP API: POST signed transactions, GET records and GridProxy-style searches.
+
+use crate::error::TxError;
+use crate::ledger::Ledger;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use std::sync::Arc;
+use tfgrid_core::filter::{ContractFilter, NodeFilter};
+use tfgrid_core::records::ErrorBody;
+use tfgrid_core::tx::{SignedTx, BINARY_CONTENT_TYPE};
+use tfgrid_core::{now_millis, PublicKey};
+
+const MAX_BATCH_TXS: usize = 10_000;
+
+pub struct ApiError(StatusCode, ErrorBody);
+
+impl ApiError {
+    fn new(status: StatusCode, code: &str, msg: impl Into<String>) -> Self {
+        Self(
+            status,
+            ErrorBody {
+                error: code.into(),
+                message: msg.into(),
+            },
+        )
+    }
+    fn malformed(msg: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "malformed", msg)
+    }
+    fn not_found(msg: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", msg)
+    }
+}
+
+impl From<TxError> for ApiError {
+    fn from(e: TxError) -> Self {
+        let status = match e {
+            TxError::Malformed(_) => StatusCode::BAD_REQUEST,
+            TxError::BadSignature(_) => StatusCode::UNAUTHORIZED,
+            TxError::Forbidden(_) => StatusCode::FORBIDDEN,
+            TxError::NotFound(_) => StatusCode::NOT_FOUND,
+            TxError::Nonce { .. } | TxError::Conflict(_) | TxError::Capacity { .. } => {
+                StatusCode::CONFLICT
+            }
+            TxError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        Self::new(status, e.code(), e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+type Api = Arc<Ledger>;
+type Result<T> = std::result::Result<T, ApiError>;
+
+pub fn router(ledger: Arc<Ledger>) -> Router {
+    Router::new()
+        .route("/tx", post(submit))
+        .route("/txs", post(submit_batch))
+        .route("/health", get(|| async { "ok" }))
+        .route("/config", get(config))
+        .route("/stats", get(stats))
+        .route("/accounts/{key}", get(account))
+        .route("/twins", get(twins))
+        .route("/twins/{id}", get(twin))
+        .route("/farms", get(farms))
+        .route("/farms/{id}", get(farm))
+        .route("/nodes", get(nodes))
+        .route("/nodes/{id}", get(node))
+        .route("/contracts", get(contracts))
+        .route("/contracts/{id}", get(contract))
+        .with_state(ledger)
+}
+
+fn parse_tx(headers: &HeaderMap, body: &[u8]) -> Result<SignedTx> {
+    let binary = headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(BINARY_CONTENT_TYPE.as_bytes()));
+    if binary {
+        SignedTx::from_bytes(body)
+            .map_err(|e| ApiError::malformed(format!("binary transaction: {e}")))
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::malformed(format!("transaction JSON: {e}")))
+    }
+}
+
+async fn submit(State(l): State<Api>, headers: HeaderMap, body: Bytes) -> Result<Response> {
+    let stx = parse_tx(&headers, &body)?;
+    let receipt = l.submit(stx).await?;
+    Ok(Json(receipt).into_response())
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "snake_case")]
+enum BatchItem {
+    Ok(tfgrid_core::tx::Receipt),
+    Err(ErrorBody),
+}
+
+/// Many transactions in one request; each gets its own result, in order. Transactions from one
+/// signer must carry increasing nonces in the order given.
+async fn submit_batch(State(l): State<Api>, body: Bytes) -> Result<Response> {
+    let txs: Vec<SignedTx> = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::malformed(format!("transaction batch JSON: {e}")))?;
+    if txs.len() > MAX_BATCH_TXS {
+        return Err(ApiError::malformed(format!(
+            "at most {MAX_BATCH_TXS} transactions per batch"
+        )));
+    }
+    let out = l
+        .submit_many(txs)
+        .await
+        .into_iter()
+        .map(|r| match r {
+            Ok(r) => BatchItem::Ok(r),
+            Err(e) => BatchItem::Err(ApiError::from(e).1),
+        })
+        .collect::<Vec<_>>();
+    Ok(Json(out).into_response())
+}
+
+fn query<T: serde::de::DeserializeOwned>(q: Option<String>) -> Result<T> {
+    serde_urlencoded::from_str(q.as_deref().unwrap_or(""))
+        .map_err(|e| ApiError::malformed(format!("query: {e}")))
+}
+
+fn id<T: std::str::FromStr>(what: &str, s: &str) -> Result<T> {
+    s.parse()
+        .map_err(|_| ApiError::malformed(format!("{what} id {s:?} is not a number")))
+}
+
+async fn config(State(l): State<Api>) -> Response {
+    Json(l.read().config.clone()).into_response()
+}
+
+async fn stats(State(l): State<Api>) -> Response {
+    Json(l.read().stats(now_millis())).into_response()
+}
+
+async fn account(State(l): State<Api>, Path(key): Path<String>) -> Result<Response> {
+    let key: PublicKey = key
+        .parse()
+        .map_err(|e| ApiError::malformed(format!("{e}")))?;
+    Ok(Json(l.read().account(&key)).into_response())
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct ListQuery {
+    public_key: Option<String>,
+    twin_id: Option<u32>,
+    name: Option<String>,
+    page: Option<u32>,
+    size: Option<u32>,
+}
+
+fn page_of<T: Clone>(items: impl Iterator<Item = T>, q: &ListQuery) -> Vec<T> {
+    let size = q.size.unwrap_or(100).clamp(1, 1000) as usize;
+    let skip = (q.page.unwrap_or(1).max(1) as usize - 1) * size;
+    items.skip(skip).take(size).collect()
+}
+
+async fn twins(State(l): State<Api>, RawQuery(q): RawQuery) -> Result<Response> {
+    let q: ListQuery = query(q)?;
+    let r = l.read();
+    if let Some(k) = &q.public_key {
+        let key: PublicKey = k.parse().map_err(|e| ApiError::malformed(format!("{e}")))?;
+        let found: Vec<_> = r
+            .twin_by_key
+            .get(&key)
+            .and_then(|id| r.twins.get(id))
+            .cloned()
+            .into_iter()
+            .collect();
+        return Ok(Json(found).into_response());
+    }
+    Ok(Json(page_of(r.twins.values().cloned(), &q)).into_response())
+}
+
+async fn twin(State(l): State<Api>, Path(s): Path<String>) -> Result<Response> {
+    let id: u32 = id("twin", &s)?;
+    let r = l.read();
+    let t = r
+        .twins
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(format!("twin {id}")))?;
+    Ok(Json(t).into_response())
+}
+
+async fn farms(State(l): State<Api>, RawQuery(q): RawQuery) -> Result<Response> {
+    let q: ListQuery = query(q)?;
+    let r = l.read();
+    let it = r
+        .farms
+        .values()
+        .filter(|f| q.twin_id.is_none_or(|t| f.twin_id == t))
+        .filter(|f| {
+            q.name
+                .as_ref()
+                .is_none_or(|n| f.name.eq_ignore_ascii_case(n))
+        })
+        .cloned();
+    Ok(Json(page_of(it, &q)).into_response())
+}
+
+async fn farm(State(l): State<Api>, Path(s): Path<String>) -> Result<Response> {
+    let id: u32 = id("farm", &s)?;
+    let r = l.read();
+    let f = r
+        .farms
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(format!("farm {id}")))?;
+    Ok(Json(f).into_response())
+}
+
+async fn nodes(State(l): State<Api>, RawQuery(q): RawQuery) -> Result<Response> {
+    let f: NodeFilter = query(q)?;
+    f.validate().map_err(ApiError::malformed)?;
+    let (page, count) = l.read().search(&f, now_millis());
+    let mut resp = Json(page).into_response();
+    if let Some(c) = count {
+        resp.headers_mut().insert("count", HeaderValue::from(c));
+    }
+    Ok(resp)
+}
+
+async fn node(State(l): State<Api>, Path(s): Path<String>) -> Result<Response> {
+    let id: u32 = id("node", &s)?;
+    let r = l.read();
+    let n = r
+        .nodes
+        .get(id)
+        .ok_or_else(|| ApiError::not_found(format!("node {id}")))?;
+    Ok(Json(r.view(n, now_millis())).into_response())
+}
+
+async fn contracts(State(l): State<Api>, RawQuery(q): RawQuery) -> Result<Response> {
+    let f: ContractFilter = query(q)?;
+    let r = l.read();
+    let list = r.contracts(&f).map_err(ApiError::malformed)?;
+    Ok(Json(list).into_response())
+}
+
+async fn contract(State(l): State<Api>, Path(s): Path<String>) -> Result<Response> {
+    let id: u64 = id("contract", &s)?;
+    let r = l.read();
+    let c = r
+        .contracts
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(format!("contract {id}")))?;
+    Ok(Json(c).into_response())
+}

@@ -1,0 +1,210 @@
+//! Durable state in one redb file. A batch of transactions is one redb write transaction: its log
+//! entries and every record it touched, committed with `Durability::Immediate` (fsync) before any
+//! of them is acknowledged.
+
+use crate::error::RegistryError;
+use crate::state::{Changes, State, Verified};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{de::DeserializeOwned, Serialize};
+use std::path::Path;
+use tfgrid_core::canonical;
+use tfgrid_core::records::RegistryConfig;
+use tfgrid_core::tx::SignedTx;
+use tfgrid_core::Millis;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const TWINS: TableDefinition<u32, &[u8]> = TableDefinition::new("twins");
+const FARMS: TableDefinition<u32, &[u8]> = TableDefinition::new("farms");
+const NODES: TableDefinition<u32, &[u8]> = TableDefinition::new("nodes");
+const CONTRACTS: TableDefinition<u64, &[u8]> = TableDefinition::new("contracts");
+const NONCES: TableDefinition<&[u8], u64> = TableDefinition::new("nonces");
+/// Height -> (registry time, signed transaction): the history the records were built from.
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+
+const REC_DOMAIN: &str = "tfgrid/store/v1";
+const LOG_DOMAIN: &str = "tfgrid/log/v1";
+
+pub struct Store {
+    db: Database,
+}
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    canonical::encode(REC_DOMAIN, v)
+}
+
+fn dec<T: DeserializeOwned>(
+    table: &str,
+    key: impl std::fmt::Display,
+    b: &[u8],
+) -> Result<T, RegistryError> {
+    canonical::decode(REC_DOMAIN, b)
+        .map_err(|e| RegistryError::Corrupt(format!("{table} record {key}: {e}")))
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Self, RegistryError> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("registry.redb");
+        let db = Database::create(&path)
+            .map_err(|e| RegistryError::Store(format!("cannot open {}: {e}", path.display())))?;
+        let w = db.begin_write()?;
+        {
+            w.open_table(META)?;
+            w.open_table(TWINS)?;
+            w.open_table(FARMS)?;
+            w.open_table(NODES)?;
+            w.open_table(CONTRACTS)?;
+            w.open_table(NONCES)?;
+            w.open_table(LOG)?;
+        }
+        w.commit()?;
+        Ok(Self { db })
+    }
+
+    /// Loads every record and checks the result is consistent: a record whose id disagrees with
+    /// its key, or a height that disagrees with the log, is reported rather than served.
+    pub fn load(&self, config: RegistryConfig) -> Result<State, RegistryError> {
+        let r = self.db.begin_read()?;
+        let mut st = State::new(config);
+        st.height = r
+            .open_table(META)?
+            .get("height")?
+            .map(|v| v.value())
+            .unwrap_or(0);
+        macro_rules! load_table {
+            ($def:expr, $name:literal, $map:expr) => {
+                for row in r.open_table($def)?.iter()? {
+                    let (k, v) = row?;
+                    let rec = dec($name, k.value(), v.value())?;
+                    $map.insert(k.value(), rec);
+                }
+            };
+        }
+        load_table!(TWINS, "twins", st.twins);
+        load_table!(FARMS, "farms", st.farms);
+        load_table!(NODES, "nodes", st.nodes);
+        load_table!(CONTRACTS, "contracts", st.contracts);
+        for row in r.open_table(NONCES)?.iter()? {
+            let (k, v) = row?;
+            let key: [u8; 32] = k
+                .value()
+                .try_into()
+                .map_err(|_| RegistryError::Corrupt("nonces: key is not 32 bytes".into()))?;
+            st.nonces.insert(tfgrid_core::PublicKey(key), v.value());
+        }
+        let check = |table: &str, k: u64, id: u64| {
+            if k == id {
+                Ok(())
+            } else {
+                Err(RegistryError::Corrupt(format!(
+                    "{table} record under key {k} has id {id}"
+                )))
+            }
+        };
+        for (k, t) in &st.twins {
+            check("twins", (*k).into(), t.id.into())?;
+        }
+        for (k, f) in &st.farms {
+            check("farms", (*k).into(), f.id.into())?;
+        }
+        for (k, n) in &st.nodes {
+            check("nodes", (*k).into(), n.id.into())?;
+        }
+        for (k, c) in &st.contracts {
+            check("contracts", *k, c.id)?;
+        }
+        let log_len = r.open_table(LOG)?.len()?;
+        if log_len != st.height {
+            return Err(RegistryError::Corrupt(format!(
+                "height {} but the log holds {log_len} entries",
+                st.height
+            )));
+        }
+        st.reindex();
+        Ok(st)
+    }
+
+    /// Writes the batch's log entries (heights `state.height - log.len() + 1 ..= state.height`) and
+    /// the current value of every record the batch touched, then fsyncs.
+    pub fn commit(
+        &self,
+        state: &State,
+        log: &[(Millis, &Verified)],
+        ch: &Changes,
+    ) -> Result<(), RegistryError> {
+        let w = self.db.begin_write()?;
+        {
+            let first = state.height + 1 - log.len() as u64;
+            let mut t = w.open_table(LOG)?;
+            for (i, (at, v)) in log.iter().enumerate() {
+                t.insert(
+                    first + i as u64,
+                    canonical::encode(LOG_DOMAIN, &(at, v.tx())).as_slice(),
+                )?;
+            }
+            w.open_table(META)?.insert("height", state.height)?;
+            let mut t = w.open_table(TWINS)?;
+            for id in &ch.twins {
+                t.insert(*id, enc(&state.twins[id]).as_slice())?;
+            }
+            let mut t = w.open_table(FARMS)?;
+            for id in &ch.farms {
+                t.insert(*id, enc(&state.farms[id]).as_slice())?;
+            }
+            let mut t = w.open_table(NODES)?;
+            for id in &ch.nodes {
+                t.insert(*id, enc(&state.nodes[id]).as_slice())?;
+            }
+            let mut t = w.open_table(CONTRACTS)?;
+            for id in &ch.contracts {
+                t.insert(*id, enc(&state.contracts[id]).as_slice())?;
+            }
+            let mut t = w.open_table(NONCES)?;
+            for k in &ch.nonces {
+                t.insert(k.0.as_slice(), state.nonces[k])?;
+            }
+        }
+        w.commit()?;
+        Ok(())
+    }
+
+    /// Log entries from `from` (inclusive), at most `limit`.
+    pub fn log(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Millis, SignedTx)>, RegistryError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(LOG)?;
+        let mut out = Vec::new();
+        for row in t.range(from..)?.take(limit) {
+            let (k, v) = row?;
+            let (at, stx): (Millis, SignedTx) = canonical::decode(LOG_DOMAIN, v.value())
+                .map_err(|e| RegistryError::Corrupt(format!("log entry {}: {e}", k.value())))?;
+            out.push((k.value(), at, stx));
+        }
+        Ok(out)
+    }
+
+    /// Rebuilds the state by replaying the log from scratch: a consistency check between the log
+    /// and the records (used by tests and `tfgrid registry check`).
+    pub fn replay(&self, config: RegistryConfig) -> Result<State, RegistryError> {
+        let mut st = State::new(config);
+        let mut ch = Changes::default();
+        let mut from = 1;
+        loop {
+            let batch = self.log(from, 4096)?;
+            if batch.is_empty() {
+                break;
+            }
+            for (h, at, stx) in batch {
+                st.apply(&Verified::trusted(stx), at, &mut ch)
+                    .map_err(|e| {
+                        RegistryError::Corrupt(format!("log entry {h} no longer applies: {e}"))
+                    })?;
+                from = h + 1;
+            }
+        }
+        Ok(st)
+    }
+}

@@ -1,0 +1,360 @@
+//! `tfgrid`: the one command of the grid. A thin clap layer over the crates.
+
+mod bench;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use tfgrid_core::tx::{Call, Outcome};
+use tfgrid_core::Identity;
+use tfgrid_registry::{Registry, RegistryConfig};
+use tfgrid_registry_client::{RegistryClient, TwinSigner};
+
+#[derive(Parser)]
+#[command(
+    name = "tfgrid",
+    version,
+    about = "A peer-to-peer grid of compute, storage and network capacity"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a local grid on this machine (for now: the registry) and keep it up until Ctrl-C.
+    Up(UpArgs),
+    /// Run the registry: the grid's source of truth for twins, farms, nodes and contracts.
+    Registry(RegistryArgs),
+    /// Manage your identity key.
+    Key {
+        #[command(subcommand)]
+        cmd: KeyCmd,
+    },
+    /// Register or show your twin on a registry.
+    Twin {
+        #[command(subcommand)]
+        cmd: TwinCmd,
+    },
+    /// Create or list farms you own.
+    Farm {
+        #[command(subcommand)]
+        cmd: FarmCmd,
+    },
+    /// Benchmarks that print their figures.
+    Bench {
+        #[command(subcommand)]
+        cmd: bench::BenchCmd,
+    },
+}
+
+#[derive(Args)]
+struct KeyOpt {
+    /// Key file (created with mode 0600).
+    #[arg(long, env = "TFGRID_KEY", default_value_os_t = default_key_path())]
+    key: PathBuf,
+}
+
+#[derive(Args)]
+struct RegistryOpt {
+    #[arg(long, env = "TFGRID_REGISTRY", default_value = "http://127.0.0.1:8080")]
+    registry: String,
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    /// Generate a new key pair.
+    New(KeyOpt),
+    /// Print the public key, and the twin id when the registry knows the key.
+    Show {
+        #[command(flatten)]
+        key: KeyOpt,
+        #[command(flatten)]
+        reg: RegistryOpt,
+    },
+}
+
+#[derive(Subcommand)]
+enum TwinCmd {
+    /// Create this key's twin (idempotent: prints the existing twin if there is one).
+    Register {
+        #[command(flatten)]
+        key: KeyOpt,
+        #[command(flatten)]
+        reg: RegistryOpt,
+        /// Relay address others reach this twin through.
+        #[arg(long, default_value = "")]
+        relay: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum FarmCmd {
+    /// Create a farm owned by your twin.
+    Create {
+        name: String,
+        #[command(flatten)]
+        key: KeyOpt,
+        #[command(flatten)]
+        reg: RegistryOpt,
+    },
+    /// List the farms your twin owns.
+    List {
+        #[command(flatten)]
+        key: KeyOpt,
+        #[command(flatten)]
+        reg: RegistryOpt,
+    },
+}
+
+#[derive(Args, Clone)]
+struct RegistryTuning {
+    /// How often nodes report uptime (milliseconds).
+    #[arg(long, default_value_t = RegistryConfig::default().report_interval_ms)]
+    report_interval_ms: u64,
+    /// A node with no uptime report for this long is down (milliseconds).
+    #[arg(long, default_value_t = RegistryConfig::default().down_after_ms)]
+    down_after_ms: u64,
+    /// Smallest memory a node may register with (bytes).
+    #[arg(long, default_value_t = RegistryConfig::default().min_node.mru)]
+    min_node_mru: u64,
+    /// Fewest cores a node may register with.
+    #[arg(long, default_value_t = RegistryConfig::default().min_node.cru)]
+    min_node_cru: u64,
+}
+
+impl RegistryTuning {
+    fn config(&self) -> Result<RegistryConfig> {
+        if self.down_after_ms < self.report_interval_ms {
+            bail!("--down-after-ms must be at least --report-interval-ms, or every node flaps to down");
+        }
+        let mut c = RegistryConfig {
+            report_interval_ms: self.report_interval_ms,
+            down_after_ms: self.down_after_ms,
+            ..Default::default()
+        };
+        c.min_node.mru = self.min_node_mru;
+        c.min_node.cru = self.min_node_cru;
+        Ok(c)
+    }
+}
+
+#[derive(Args)]
+struct RegistryArgs {
+    /// Directory for the registry's database.
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    tuning: RegistryTuning,
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// Where the grid keeps its data and keys.
+    #[arg(long, default_value = "tfgrid-data")]
+    data: PathBuf,
+    /// Registry address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    registry_listen: SocketAddr,
+}
+
+fn default_key_path() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join(".tfgrid/key")
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Registry(a) => {
+            let config = a.tuning.config()?;
+            let registry = Registry::open(&a.data, config)
+                .with_context(|| format!("opening registry in {}", a.data.display()))?;
+            let listener = tokio::net::TcpListener::bind(a.listen)
+                .await
+                .with_context(|| format!("binding {}", a.listen))?;
+            println!("registry listening on http://{}", listener.local_addr()?);
+            registry.serve(listener, shutdown_signal()).await?;
+            Ok(())
+        }
+        Cmd::Up(a) => up(a).await,
+        Cmd::Key {
+            cmd: KeyCmd::New(k),
+        } => {
+            let id = Identity::generate();
+            id.save(&k.key)?;
+            println!(
+                "created {}\npublic key: {}",
+                k.key.display(),
+                id.public_key()
+            );
+            Ok(())
+        }
+        Cmd::Key {
+            cmd: KeyCmd::Show { key, reg },
+        } => {
+            let id = Identity::load(&key.key)?;
+            println!("key file:   {}", key.key.display());
+            println!("public key: {}", id.public_key());
+            match RegistryClient::new(&reg.registry)
+                .account(&id.public_key())
+                .await
+            {
+                Ok(a) => match a.twin_id {
+                    Some(t) => println!("twin id:    {t} (on {})", reg.registry),
+                    None => println!(
+                        "twin id:    none on {} (run `tfgrid twin register`)",
+                        reg.registry
+                    ),
+                },
+                Err(e) => println!("twin id:    unknown ({e})"),
+            }
+            Ok(())
+        }
+        Cmd::Twin {
+            cmd: TwinCmd::Register { key, reg, relay },
+        } => {
+            let signer = signer(&key.key, &reg.registry)?;
+            let twin = signer.ensure_twin(&relay).await?;
+            println!("twin id: {twin}");
+            Ok(())
+        }
+        Cmd::Farm {
+            cmd: FarmCmd::Create { name, key, reg },
+        } => {
+            let signer = signer(&key.key, &reg.registry)?;
+            let r = signer
+                .submit(Call::CreateFarm {
+                    name: name.clone(),
+                    dedicated: false,
+                })
+                .await?;
+            match r.outcome {
+                Outcome::FarmCreated { farm_id } => println!("farm {name:?} created: id {farm_id}"),
+                other => bail!("unexpected outcome {other:?}"),
+            }
+            Ok(())
+        }
+        Cmd::Farm {
+            cmd: FarmCmd::List { key, reg },
+        } => {
+            let signer = signer(&key.key, &reg.registry)?;
+            let Some(twin) = signer
+                .client()
+                .account(&signer.identity().public_key())
+                .await?
+                .twin_id
+            else {
+                bail!(
+                    "this key has no twin on {} (run `tfgrid twin register`)",
+                    reg.registry
+                );
+            };
+            println!("{:>6}  {:<40}  {:>9}", "ID", "NAME", "PUBLIC IPS");
+            for f in signer.client().farms_of(twin).await? {
+                println!("{:>6}  {:<40}  {:>9}", f.id, f.name, f.public_ips.len());
+            }
+            Ok(())
+        }
+        Cmd::Bench { cmd } => bench::run(cmd).await,
+    }
+}
+
+fn signer(key: &Path, registry: &str) -> Result<TwinSigner> {
+    let id = Identity::load(key).with_context(|| "run `tfgrid key new` to create a key")?;
+    Ok(TwinSigner::new(id, RegistryClient::new(registry)))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+async fn up(a: UpArgs) -> Result<()> {
+    std::fs::create_dir_all(&a.data).with_context(|| format!("creating {}", a.data.display()))?;
+    let registry = Registry::open(&a.data.join("registry"), RegistryConfig::default())?;
+    let listener = tokio::net::TcpListener::bind(a.registry_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "binding the registry to {} (is another grid running?)",
+                a.registry_listen
+            )
+        })?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(registry.serve(listener, async {
+        let _ = stop_rx.await;
+    }));
+
+    let key_path = a.data.join("user.key");
+    let (id, created) = Identity::load_or_generate(&key_path)?;
+    let signer = TwinSigner::new(id, RegistryClient::new(&url));
+    let twin = signer
+        .ensure_twin("")
+        .await
+        .context("registering your twin")?;
+    let stats = signer.client().stats().await?;
+
+    println!("tfgrid local grid is up");
+    println!(
+        "  registry   {url}   ({} twins, {} farms, {} nodes)",
+        stats.twins, stats.farms, stats.nodes
+    );
+    println!(
+        "  your key   {} ({})",
+        key_path.display(),
+        if created { "new" } else { "existing" }
+    );
+    println!("  your twin  {twin}");
+    println!();
+    println!("Try:");
+    println!("  curl {url}/stats");
+    println!(
+        "  TFGRID_KEY={} tfgrid farm create my_farm --registry {url}",
+        key_path.display()
+    );
+    println!("  curl '{url}/nodes?status=up&free_mru=1073741824'");
+    println!();
+    println!(
+        "Ctrl-C stops the grid; its data stays in {}.",
+        a.data.display()
+    );
+
+    shutdown_signal().await;
+    println!("stopping...");
+    let _ = stop_tx.send(());
+    server.await??;
+    println!("stopped");
+    Ok(())
+}
