@@ -165,11 +165,20 @@ fn writer(
             results.push(r);
         }
         if !log.is_empty() {
+            let t = std::time::Instant::now();
             if let Err(e) = store.commit(&state, &log, &ch) {
                 fatal(e);
             }
+            let committed = t.elapsed();
             let d = delta(&state, &ch);
             read.write().unwrap_or_else(|p| p.into_inner()).apply(d);
+            tracing::debug!(
+                txs = batch.len(),
+                applied = log.len(),
+                commit_us = committed.as_micros() as u64,
+                publish_us = (t.elapsed() - committed).as_micros() as u64,
+                "batch"
+            );
         }
         drop(log);
         for ((_, reply), r) in batch.drain(..).zip(results) {
