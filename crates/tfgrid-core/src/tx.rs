@@ -235,7 +235,7 @@ mod tests {
     fn arb_call() -> impl Strategy<Value = Call> {
         let key = any::<[u8; 32]>();
         prop_oneof![
-            (arb_string(), proptest::option::of(key.clone())).prop_map(|(relay, k)| {
+            (arb_string(), proptest::option::of(key)).prop_map(|(relay, k)| {
                 Call::CreateTwin {
                     relay,
                     enc_key: k.map(X25519Key),
@@ -283,7 +283,7 @@ mod tests {
                     })
                 }),
             any::<u64>().prop_map(|uptime| Call::ReportUptime { uptime }),
-            (any::<u32>(), key.clone(), arb_capacity()).prop_map(|(node_id, h, capacity)| {
+            (any::<u32>(), key, arb_capacity()).prop_map(|(node_id, h, capacity)| {
                 Call::CreateNodeContract {
                     node_id,
                     deployment_hash: Hash(h),

@@ -226,8 +226,14 @@ async fn farm(State(l): State<Api>, Path(s): Path<String>) -> Result<Response> {
 async fn nodes(State(l): State<Api>, RawQuery(q): RawQuery) -> Result<Response> {
     let f: NodeFilter = query(q)?;
     f.validate().map_err(ApiError::malformed)?;
-    let (page, count) = l.read().search(&f, now_millis());
-    let mut resp = Json(page).into_response();
+    let now = now_millis();
+    let body = {
+        let read = l.read();
+        let (ids, count) = read.search_ids(&f, now);
+        (read.render_views(&ids, now), count)
+    };
+    let (json, count) = body;
+    let mut resp = ([(header::CONTENT_TYPE, "application/json")], json).into_response();
     if let Some(c) = count {
         resp.headers_mut().insert("count", HeaderValue::from(c));
     }

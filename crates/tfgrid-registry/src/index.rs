@@ -50,14 +50,35 @@ fn slot(by: SortBy) -> Option<usize> {
     SORT_KEYS.iter().position(|k| *k == by)
 }
 
-/// Nodes with one ordered set per sortable resource and posting sets per equality filter, so a
-/// query walks only candidates, in the order it returns them, and stops once its page is full.
+/// A node's record and its JSON, rendered once per change: a search response is mostly a copy of
+/// these. The JSON lacks its closing brace; `free` and `status` are appended per query.
+#[derive(Debug)]
+struct Slot {
+    node: Node,
+    json_open: Box<str>,
+}
+
+/// Nodes stored by column (one array per filtered attribute, indexed by node id, which the
+/// registry hands out densely), so a filter is a tight loop over a few arrays instead of a walk
+/// through records. Ordered sets per sortable resource and posting sets for the selective
+/// equality filters sit beside the columns.
 #[derive(Debug, Default)]
 pub struct NodeIndex {
-    nodes: BTreeMap<NodeId, Node>,
+    slots: Vec<Option<Slot>>,
+    len: usize,
+    present: Vec<u8>,
+    free: [Vec<u64>; 4],
+    total: [Vec<u64>; 4],
+    farm: Vec<u32>,
+    twin: Vec<u32>,
+    last_seen: Vec<u64>,
+    country: Vec<u32>,
+    city: Vec<u32>,
+    gpu: Vec<u8>,
+    gateway: Vec<u8>,
+    /// Lowercased country and city names -> small ids for the columns.
+    names: HashMap<String, u32>,
     by_farm: HashMap<FarmId, BTreeSet<NodeId>>,
-    by_country: HashMap<String, BTreeSet<NodeId>>,
-    by_city: HashMap<String, BTreeSet<NodeId>>,
     by_twin: HashMap<TwinId, NodeId>,
     gateways: BTreeSet<NodeId>,
     gpu_nodes: BTreeSet<NodeId>,
@@ -68,35 +89,55 @@ fn norm(s: &str) -> String {
     s.to_lowercase()
 }
 
+const CHUNK: usize = 4096;
+
 impl NodeIndex {
     pub fn get(&self, id: NodeId) -> Option<&Node> {
-        self.nodes.get(&id)
+        self.slots.get(id as usize)?.as_ref().map(|s| &s.node)
     }
 
     pub fn len(&self) -> usize {
-        self.nodes.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
+        self.len == 0
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Node> {
-        self.nodes.values()
+        self.slots.iter().flatten().map(|s| &s.node)
+    }
+
+    fn name_id(&mut self, s: &str) -> u32 {
+        let next = self.names.len() as u32;
+        *self.names.entry(norm(s)).or_insert(next)
+    }
+
+    fn grow(&mut self, id: usize) {
+        if id < self.slots.len() {
+            return;
+        }
+        let n = (id + 1).max(self.slots.len() * 2).max(64);
+        self.slots.resize_with(n, || None);
+        self.present.resize(n, 0);
+        for c in self.free.iter_mut().chain(self.total.iter_mut()) {
+            c.resize(n, 0);
+        }
+        self.farm.resize(n, 0);
+        self.twin.resize(n, 0);
+        self.last_seen.resize(n, 0);
+        self.country.resize(n, 0);
+        self.city.resize(n, 0);
+        self.gpu.resize(n, 0);
+        self.gateway.resize(n, 0);
     }
 
     pub fn upsert(&mut self, n: Node) {
         self.remove(n.id);
         let id = n.id;
+        let i = id as usize;
+        self.grow(i);
         self.by_farm.entry(n.farm_id).or_default().insert(id);
-        self.by_country
-            .entry(norm(&n.location.country))
-            .or_default()
-            .insert(id);
-        self.by_city
-            .entry(norm(&n.location.city))
-            .or_default()
-            .insert(id);
         self.by_twin.insert(n.twin_id, id);
         if n.public_config.domain.is_some() {
             self.gateways.insert(id);
@@ -104,33 +145,163 @@ impl NodeIndex {
         if n.total.gpu > 0 {
             self.gpu_nodes.insert(id);
         }
-        for (i, k) in SORT_KEYS.iter().enumerate() {
-            self.sorted[i].insert((sort_value(&n, *k), id));
+        for (k, by) in SORT_KEYS.iter().enumerate() {
+            self.sorted[k].insert((sort_value(&n, *by), id));
         }
-        self.nodes.insert(id, n);
+        let free = n.free();
+        for (k, v) in [free.cru, free.mru, free.sru, free.hru]
+            .into_iter()
+            .enumerate()
+        {
+            self.free[k][i] = v;
+        }
+        for (k, v) in [n.total.cru, n.total.mru, n.total.sru, n.total.hru]
+            .into_iter()
+            .enumerate()
+        {
+            self.total[k][i] = v;
+        }
+        self.present[i] = 1;
+        self.farm[i] = n.farm_id;
+        self.twin[i] = n.twin_id;
+        self.last_seen[i] = n.last_seen;
+        self.country[i] = self.name_id(&n.location.country);
+        self.city[i] = self.name_id(&n.location.city);
+        self.gpu[i] = (n.total.gpu > 0) as u8;
+        self.gateway[i] = n.public_config.domain.is_some() as u8;
+        let mut json = serde_json::to_string(&n).expect("a node always serializes");
+        json.pop(); // the closing brace; free and status follow per query
+        self.slots[i] = Some(Slot {
+            node: n,
+            json_open: json.into_boxed_str(),
+        });
+        self.len += 1;
     }
 
     fn remove(&mut self, id: NodeId) {
-        let Some(n) = self.nodes.remove(&id) else {
+        let Some(Slot { node: n, .. }) = self.slots.get_mut(id as usize).and_then(Option::take)
+        else {
             return;
         };
-        fn unpost<K: std::hash::Hash + Eq>(m: &mut HashMap<K, BTreeSet<NodeId>>, k: K, id: NodeId) {
-            if let Some(s) = m.get_mut(&k) {
-                s.remove(&id);
-                if s.is_empty() {
-                    m.remove(&k);
-                }
+        self.len -= 1;
+        self.present[id as usize] = 0;
+        if let Some(s) = self.by_farm.get_mut(&n.farm_id) {
+            s.remove(&id);
+            if s.is_empty() {
+                self.by_farm.remove(&n.farm_id);
             }
         }
-        unpost(&mut self.by_farm, n.farm_id, id);
-        unpost(&mut self.by_country, norm(&n.location.country), id);
-        unpost(&mut self.by_city, norm(&n.location.city), id);
         self.by_twin.remove(&n.twin_id);
         self.gateways.remove(&id);
         self.gpu_nodes.remove(&id);
-        for (i, k) in SORT_KEYS.iter().enumerate() {
-            self.sorted[i].remove(&(sort_value(&n, *k), id));
+        for (k, by) in SORT_KEYS.iter().enumerate() {
+            self.sorted[k].remove(&(sort_value(&n, *by), id));
         }
+    }
+}
+
+/// A filter resolved against the index: column references and the values to compare.
+struct Compiled<'a> {
+    mins: Vec<(&'a [u64], u64)>,
+    /// (want up, last_seen threshold): a node is up when last_seen >= threshold.
+    status: Option<(bool, u64)>,
+    country: Option<u32>,
+    city: Option<u32>,
+    farms: Option<Vec<FarmId>>,
+    twin: Option<TwinId>,
+    gpu: Option<u8>,
+    gateway: Option<u8>,
+    node_ids: Option<&'a [NodeId]>,
+}
+
+impl Compiled<'_> {
+    /// Keeps in `mask` (one byte per row, rows `base..base+mask.len()`) only rows that match.
+    /// Each condition is one branch-free loop over one column, which the compiler vectorizes.
+    fn filter_chunk(&self, ix: &NodeIndex, base: usize, mask: &mut [u8]) {
+        let end = base + mask.len();
+        mask.copy_from_slice(&ix.present[base..end]);
+        for (col, min) in &self.mins {
+            for (m, v) in mask.iter_mut().zip(&col[base..end]) {
+                *m &= (*v >= *min) as u8;
+            }
+        }
+        if let Some((up, threshold)) = self.status {
+            for (m, v) in mask.iter_mut().zip(&ix.last_seen[base..end]) {
+                *m &= ((*v >= threshold) == up) as u8;
+            }
+        }
+        let eq32 = |mask: &mut [u8], col: &[u32], want: u32| {
+            for (m, v) in mask.iter_mut().zip(&col[base..end]) {
+                *m &= (*v == want) as u8;
+            }
+        };
+        if let Some(c) = self.country {
+            eq32(mask, &ix.country, c);
+        }
+        if let Some(c) = self.city {
+            eq32(mask, &ix.city, c);
+        }
+        if let Some(t) = self.twin {
+            eq32(mask, &ix.twin, t);
+        }
+        if let Some(farms) = &self.farms {
+            for (m, v) in mask.iter_mut().zip(&ix.farm[base..end]) {
+                *m &= farms.contains(v) as u8;
+            }
+        }
+        for (want, col) in [(self.gpu, &ix.gpu), (self.gateway, &ix.gateway)] {
+            if let Some(w) = want {
+                for (m, v) in mask.iter_mut().zip(&col[base..end]) {
+                    *m &= (*v == w) as u8;
+                }
+            }
+        }
+        if let Some(ids) = self.node_ids {
+            for (i, m) in mask.iter_mut().enumerate() {
+                if *m != 0 && !ids.contains(&((base + i) as NodeId)) {
+                    *m = 0;
+                }
+            }
+        }
+    }
+
+    /// The same conditions as [`filter_chunk`](Self::filter_chunk), for one row.
+    fn matches(&self, ix: &NodeIndex, id: NodeId) -> bool {
+        let i = id as usize;
+        i < ix.present.len()
+            && ix.present[i] != 0
+            && self.mins.iter().all(|(col, min)| col[i] >= *min)
+            && self
+                .status
+                .is_none_or(|(up, t)| (ix.last_seen[i] >= t) == up)
+            && self.country.is_none_or(|c| ix.country[i] == c)
+            && self.city.is_none_or(|c| ix.city[i] == c)
+            && self.twin.is_none_or(|t| ix.twin[i] == t)
+            && self.farms.as_ref().is_none_or(|f| f.contains(&ix.farm[i]))
+            && self.gpu.is_none_or(|g| ix.gpu[i] == g)
+            && self.gateway.is_none_or(|g| ix.gateway[i] == g)
+            && self.node_ids.is_none_or(|ids| ids.contains(&id))
+    }
+}
+
+/// Collects one page out of a stream of matches while counting them all.
+struct Pager {
+    skip: usize,
+    size: usize,
+    seen: usize,
+    page: Vec<NodeId>,
+}
+
+impl Pager {
+    fn take(&mut self, id: NodeId) {
+        if self.seen >= self.skip && self.page.len() < self.size {
+            self.page.push(id);
+        }
+        self.seen += 1;
+    }
+
+    fn full(&self) -> bool {
+        self.page.len() == self.size
     }
 }
 
@@ -149,6 +320,9 @@ pub struct ReadModel {
     contracts_by_twin: HashMap<TwinId, BTreeSet<ContractId>>,
     contracts_by_node: HashMap<NodeId, BTreeSet<ContractId>>,
     live_names: HashMap<String, ContractId>,
+    /// Largest posting set tested member by member instead of scanning the columns; `None` picks
+    /// by index size. Tests set it to exercise both paths on small grids.
+    pub candidate_limit: Option<usize>,
 }
 
 impl ReadModel {
@@ -210,90 +384,133 @@ impl ReadModel {
         }
     }
 
-    pub fn view(&self, n: &Node, now: Millis) -> NodeView {
+    fn view_parts(&self, n: &Node, now: Millis) -> (Capacity, NodeStatus) {
         let mut free = n.free();
         free.ipv4 = self.farm_free_ips.get(&n.farm_id).copied().unwrap_or(0);
+        (free, n.status(now, self.config.down_after_ms))
+    }
+
+    pub fn view(&self, n: &Node, now: Millis) -> NodeView {
+        let (free, status) = self.view_parts(n, now);
         NodeView {
             node: n.clone(),
             free,
-            status: n.status(now, self.config.down_after_ms),
+            status,
         }
     }
 
-    fn matches(&self, f: &NodeFilter, n: &Node, now: Millis) -> bool {
-        let free = n.free();
-        let min = |want: Option<u64>, have: u64| want.is_none_or(|w| have >= w);
-        min(f.free_cru, free.cru)
-            && min(f.free_mru, free.mru)
-            && min(f.free_sru, free.sru)
-            && min(f.free_hru, free.hru)
-            && min(f.total_cru, n.total.cru)
-            && min(f.total_mru, n.total.mru)
-            && min(f.total_sru, n.total.sru)
-            && min(f.total_hru, n.total.hru)
-            && f.free_ips
-                .is_none_or(|w| self.farm_free_ips.get(&n.farm_id).copied().unwrap_or(0) >= w)
-            && f.status
-                .is_none_or(|s| n.status(now, self.config.down_after_ms) == s)
-            && f.country
-                .as_ref()
-                .is_none_or(|c| n.location.country.eq_ignore_ascii_case(c))
-            && f.city
-                .as_ref()
-                .is_none_or(|c| n.location.city.eq_ignore_ascii_case(c))
-            && f.farm_ids
-                .as_ref()
-                .is_none_or(|ids| ids.contains(&n.farm_id))
-            && f.twin_id.is_none_or(|t| n.twin_id == t)
-            && f.has_gpu.is_none_or(|g| (n.total.gpu > 0) == g)
-            && f.domain
-                .is_none_or(|d| n.public_config.domain.is_some() == d)
-            && f.node_ids.as_ref().is_none_or(|ids| ids.contains(&n.id))
-    }
-
-    /// The smallest posting set some equality filter allows, if any filter names one.
-    fn candidates(&self, f: &NodeFilter) -> Option<Vec<NodeId>> {
+    /// Resolves a filter against the columns; `None` when no node can match (an unknown country,
+    /// no farm with enough free IPs, ...).
+    fn compile<'a>(&'a self, f: &'a NodeFilter, now: Millis) -> Option<Compiled<'a>> {
         let ix = &self.nodes;
-        let mut best: Option<Vec<NodeId>> = None;
-        let mut offer = |ids: Vec<NodeId>| {
-            if best.as_ref().is_none_or(|b| ids.len() < b.len()) {
-                best = Some(ids);
+        let mut mins = Vec::new();
+        let wants = [
+            (f.free_cru, &ix.free[0]),
+            (f.free_mru, &ix.free[1]),
+            (f.free_sru, &ix.free[2]),
+            (f.free_hru, &ix.free[3]),
+            (f.total_cru, &ix.total[0]),
+            (f.total_mru, &ix.total[1]),
+            (f.total_sru, &ix.total[2]),
+            (f.total_hru, &ix.total[3]),
+        ];
+        for (want, col) in wants {
+            if let Some(w) = want.filter(|w| *w > 0) {
+                mins.push((col.as_slice(), w));
+            }
+        }
+        let name = |s: &Option<String>| -> Option<Option<u32>> {
+            match s {
+                None => Some(None),
+                Some(s) => ix.names.get(&norm(s)).map(|id| Some(*id)),
             }
         };
-        let set = |s: Option<&BTreeSet<NodeId>>| {
-            s.map(|s| s.iter().copied().collect()).unwrap_or_default()
-        };
-        if let Some(ids) = &f.node_ids {
-            offer(ids.clone());
+        let mut farms = f.farm_ids.clone();
+        if let Some(w) = f.free_ips.filter(|w| *w > 0) {
+            let rich: Vec<FarmId> = self
+                .farm_free_ips
+                .iter()
+                .filter(|(_, n)| **n >= w)
+                .map(|(id, _)| *id)
+                .collect();
+            farms = Some(match farms {
+                Some(list) => list.into_iter().filter(|id| rich.contains(id)).collect(),
+                None => rich,
+            });
         }
-        if let Some(t) = f.twin_id {
-            offer(ix.by_twin.get(&t).copied().into_iter().collect());
+        if farms.as_ref().is_some_and(|f| f.is_empty()) {
+            return None;
         }
-        if let Some(farms) = &f.farm_ids {
-            offer(
-                farms
-                    .iter()
-                    .flat_map(|fid| ix.by_farm.get(fid).into_iter().flatten().copied())
-                    .collect(),
-            );
-        }
-        if let Some(c) = &f.country {
-            offer(set(ix.by_country.get(&norm(c))));
-        }
-        if let Some(c) = &f.city {
-            offer(set(ix.by_city.get(&norm(c))));
-        }
-        if f.domain == Some(true) {
-            offer(ix.gateways.iter().copied().collect());
-        }
-        if f.has_gpu == Some(true) {
-            offer(ix.gpu_nodes.iter().copied().collect());
-        }
-        best
+        Some(Compiled {
+            mins,
+            status: f.status.map(|s| {
+                (
+                    s == NodeStatus::Up,
+                    now.saturating_sub(self.config.down_after_ms),
+                )
+            }),
+            country: name(&f.country)?,
+            city: name(&f.city)?,
+            farms,
+            twin: f.twin_id,
+            gpu: f.has_gpu.map(u8::from),
+            gateway: f.domain.map(u8::from),
+            node_ids: f.node_ids.as_deref(),
+        })
     }
 
-    /// One page of matching nodes and, when asked, the count of all matches.
-    pub fn search(&self, f: &NodeFilter, now: Millis) -> (Vec<NodeView>, Option<u64>) {
+    /// The smallest posting set some selective filter allows, if one is small enough that
+    /// testing its members beats scanning the columns.
+    fn candidates(&self, f: &NodeFilter) -> Option<Vec<NodeId>> {
+        let ix = &self.nodes;
+        let limit = self.candidate_limit.unwrap_or((ix.len() / 32).max(256));
+        // Sizes first: a set is only copied out when it is the one that will be used.
+        let farm_size = |farms: &Vec<FarmId>| {
+            farms
+                .iter()
+                .map(|id| ix.by_farm.get(id).map_or(0, |s| s.len()))
+                .sum::<usize>()
+        };
+        let sizes = [
+            f.node_ids.as_ref().map(|v| v.len()),
+            f.twin_id.map(|t| ix.by_twin.contains_key(&t) as usize),
+            f.farm_ids.as_ref().map(farm_size),
+            (f.domain == Some(true)).then_some(ix.gateways.len()),
+            (f.has_gpu == Some(true)).then_some(ix.gpu_nodes.len()),
+        ];
+        let (which, size) = sizes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.map(|s| (i, s)))
+            .min_by_key(|(_, s)| *s)?;
+        if size > limit {
+            return None;
+        }
+        Some(match which {
+            0 => f.node_ids.clone().unwrap_or_default(),
+            1 => f
+                .twin_id
+                .and_then(|t| ix.by_twin.get(&t))
+                .copied()
+                .into_iter()
+                .collect(),
+            2 => f
+                .farm_ids
+                .iter()
+                .flatten()
+                .flat_map(|fid| ix.by_farm.get(fid).into_iter().flatten().copied())
+                .collect(),
+            3 => ix.gateways.iter().copied().collect(),
+            _ => ix.gpu_nodes.iter().copied().collect(),
+        })
+    }
+
+    /// Ids of one page of matching nodes, in order, and the count of all matches when asked.
+    pub fn search_ids(&self, f: &NodeFilter, now: Millis) -> (Vec<NodeId>, Option<u64>) {
+        let Some(c) = self.compile(f, now) else {
+            return (Vec::new(), f.ret_count.then_some(0));
+        };
+        let ix = &self.nodes;
         let by = f.sort_by.unwrap_or(SortBy::NodeId);
         let desc = f.sort_order.unwrap_or_default() == SortOrder::Desc;
         let skip = (f.page() as usize - 1).saturating_mul(f.size() as usize);
@@ -302,70 +519,157 @@ impl ReadModel {
         if let Some(mut ids) = self.candidates(f) {
             ids.sort_unstable();
             ids.dedup();
-            let mut hits: Vec<&Node> = ids
-                .iter()
-                .filter_map(|id| self.nodes.get(*id))
-                .filter(|n| self.matches(f, n, now))
-                .collect();
-            hits.sort_by_key(|n| (sort_value(n, by), n.id));
             if desc {
-                hits.reverse();
+                ids.reverse();
             }
-            let count = f.ret_count.then_some(hits.len() as u64);
-            let page = hits
-                .into_iter()
-                .skip(skip)
-                .take(size)
-                .map(|n| self.view(n, now))
-                .collect();
-            return (page, count);
+            if by == SortBy::NodeId && !f.ret_count {
+                let page = ids
+                    .into_iter()
+                    .filter(|id| c.matches(ix, *id))
+                    .skip(skip)
+                    .take(size)
+                    .collect();
+                return (page, None);
+            }
+            ids.retain(|id| c.matches(ix, *id));
+            if by != SortBy::NodeId {
+                let col = self.column(by);
+                ids.sort_unstable_by_key(|id| (col[*id as usize], *id));
+                if desc {
+                    ids.reverse();
+                }
+            }
+            let count = f.ret_count.then_some(ids.len() as u64);
+            return (ids.into_iter().skip(skip).take(size).collect(), count);
         }
 
-        // No posting set: walk nodes in the order requested and stop when the page is full (or,
-        // with ret_count, keep counting). A minimum on the sort key starts the walk at that bound.
-        let ordered: Box<dyn Iterator<Item = &Node>> = match slot(by) {
-            None => {
-                let it = self.nodes.nodes.values();
-                if desc {
-                    Box::new(it.rev())
-                } else {
-                    Box::new(it)
-                }
-            }
-            Some(i) => {
-                let lo = match by {
-                    SortBy::FreeCru => f.free_cru,
-                    SortBy::FreeMru => f.free_mru,
-                    SortBy::FreeSru => f.free_sru,
-                    SortBy::FreeHru => f.free_hru,
-                    SortBy::TotalCru => f.total_cru,
-                    SortBy::TotalMru => f.total_mru,
-                    SortBy::TotalSru => f.total_sru,
-                    SortBy::TotalHru => f.total_hru,
-                    SortBy::NodeId => None,
-                }
-                .unwrap_or(0);
-                let range = self.nodes.sorted[i].range((lo, 0)..);
-                let get = move |(_, id): &(u64, NodeId)| &self.nodes.nodes[id];
-                if desc {
-                    Box::new(range.rev().map(get))
-                } else {
-                    Box::new(range.map(get))
-                }
-            }
+        let rows = ix.present.len();
+        let mut pg = Pager {
+            skip,
+            size,
+            seen: 0,
+            page: Vec::with_capacity(size.min(1024)),
         };
-        let mut page = Vec::with_capacity(size.min(64));
-        let mut seen = 0usize;
-        for n in ordered.filter(|n| self.matches(f, n, now)) {
-            if seen >= skip && page.len() < size {
-                page.push(self.view(n, now));
+        match slot(by) {
+            // Id order: filter chunk by chunk and stop as soon as the page is full.
+            None => {
+                let mut mask = [0u8; CHUNK];
+                let chunks = rows.div_ceil(CHUNK);
+                for k in 0..chunks {
+                    let chunk = if desc { chunks - 1 - k } else { k };
+                    let base = chunk * CHUNK;
+                    let m = &mut mask[..CHUNK.min(rows - base)];
+                    c.filter_chunk(ix, base, m);
+                    if pg.full() {
+                        // Page full: only the count is still wanted, and a sum gives it.
+                        pg.seen += m.iter().map(|v| *v as usize).sum::<usize>();
+                        continue;
+                    }
+                    let hits = m
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, v)| **v != 0)
+                        .map(|(i, _)| (base + i) as NodeId);
+                    if desc {
+                        hits.rev().for_each(|id| pg.take(id));
+                    } else {
+                        hits.for_each(|id| pg.take(id));
+                    }
+                    if !f.ret_count && pg.full() {
+                        break;
+                    }
+                }
             }
-            seen += 1;
-            if !f.ret_count && page.len() == size {
-                break;
+            // Resource order, walking the ordered set from the filter's own lower bound on that
+            // resource. Without a count, rows are tested as the walk meets them and it stops at
+            // the end of the page; with one, every row is filtered first and the mask counted.
+            Some(k) => {
+                let lo = c
+                    .mins
+                    .iter()
+                    .find(|(col, _)| std::ptr::eq(col.as_ptr(), self.column(by).as_ptr()))
+                    .map(|(_, w)| *w)
+                    .unwrap_or(0);
+                let range = ix.sorted[k].range((lo, 0)..);
+                let ordered: Box<dyn Iterator<Item = &(u64, NodeId)>> = if desc {
+                    Box::new(range.rev())
+                } else {
+                    Box::new(range)
+                };
+                if !f.ret_count {
+                    for (_, id) in ordered.filter(|(_, id)| c.matches(ix, *id)) {
+                        pg.take(*id);
+                        if pg.full() {
+                            break;
+                        }
+                    }
+                    return (pg.page, None);
+                }
+                let mut mask = vec![0u8; rows];
+                for (chunk, m) in mask.chunks_mut(CHUNK).enumerate() {
+                    c.filter_chunk(ix, chunk * CHUNK, m);
+                }
+                for (_, id) in ordered.filter(|(_, id)| mask[*id as usize] != 0) {
+                    pg.take(*id);
+                    if pg.full() {
+                        break;
+                    }
+                }
+                let count = mask.iter().map(|v| *v as u64).sum();
+                return (pg.page, Some(count));
             }
         }
-        (page, f.ret_count.then_some(seen as u64))
+        (pg.page, f.ret_count.then_some(pg.seen as u64))
+    }
+
+    fn column(&self, by: SortBy) -> &[u64] {
+        let ix = &self.nodes;
+        match by {
+            SortBy::FreeCru => &ix.free[0],
+            SortBy::FreeMru => &ix.free[1],
+            SortBy::FreeSru => &ix.free[2],
+            SortBy::FreeHru => &ix.free[3],
+            SortBy::TotalCru => &ix.total[0],
+            SortBy::TotalMru => &ix.total[1],
+            SortBy::TotalSru => &ix.total[2],
+            SortBy::TotalHru => &ix.total[3],
+            SortBy::NodeId => &[],
+        }
+    }
+
+    /// One page of matching nodes and, when asked, the count of all matches.
+    pub fn search(&self, f: &NodeFilter, now: Millis) -> (Vec<NodeView>, Option<u64>) {
+        let (ids, count) = self.search_ids(f, now);
+        let page = ids
+            .iter()
+            .filter_map(|id| self.nodes.get(*id))
+            .map(|n| self.view(n, now))
+            .collect();
+        (page, count)
+    }
+
+    /// The JSON array of [`NodeView`]s for `ids`, assembled from each node's pre-rendered JSON.
+    pub fn render_views(&self, ids: &[NodeId], now: Millis) -> String {
+        let mut out = String::with_capacity(ids.len() * 768 + 2);
+        out.push('[');
+        for id in ids {
+            let Some(slot) = self.nodes.slots.get(*id as usize).and_then(Option::as_ref) else {
+                continue;
+            };
+            if out.len() > 1 {
+                out.push(',');
+            }
+            let v = self.view_parts(&slot.node, now);
+            out.push_str(&slot.json_open);
+            out.push_str(",\"free\":");
+            out.push_str(&serde_json::to_string(&v.0).expect("capacity serializes"));
+            out.push_str(match v.1 {
+                NodeStatus::Up => ",\"status\":\"up\"}",
+                NodeStatus::Down => ",\"status\":\"down\"}",
+            });
+        }
+        out.push(']');
+        out
     }
 
     pub fn contracts(&self, f: &ContractFilter) -> Result<Vec<&Contract>, String> {

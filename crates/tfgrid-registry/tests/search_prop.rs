@@ -214,7 +214,7 @@ fn brute(nodes: &[Node], f: &NodeFilter) -> (Vec<u32>, u64) {
                 .is_none_or(|c| c.to_lowercase() == n.location.city.to_lowercase())
             && f.farm_ids.as_ref().is_none_or(|v| v.contains(&n.farm_id))
             && f.twin_id.is_none_or(|t| t == n.twin_id)
-            && f.has_gpu.is_none_or(|g| g == !n.gpus.is_empty())
+            && f.has_gpu.is_none_or(|g| g != n.gpus.is_empty())
             && f.domain
                 .is_none_or(|d| d == n.public_config.domain.is_some())
             && f.node_ids.as_ref().is_none_or(|v| v.contains(&n.id))
@@ -270,16 +270,24 @@ proptest! {
 
     #[test]
     fn indexed_search_equals_brute_force(nodes in arb_nodes(), filters in proptest::collection::vec(arb_filter(), 8)) {
-        let m = model(&nodes);
-        for f in &filters {
-            let (page, count) = m.search(f, NOW);
-            let (want, want_count) = brute(&nodes, f);
-            prop_assert_eq!(page.iter().map(|v| v.node.id).collect::<Vec<_>>(), want, "filter {:?}", f);
-            prop_assert_eq!(count, f.ret_count.then_some(want_count), "count for {:?}", f);
-            for v in &page {
-                let n = &nodes[v.node.id as usize - 1];
-                prop_assert_eq!(v.free.cru, n.total.cru - n.reserved.cru);
-                prop_assert_eq!(v.status == NodeStatus::Up, NOW - n.last_seen <= DOWN_AFTER);
+        let mut m = model(&nodes);
+        for limit in [None, Some(0)] {
+            m.candidate_limit = limit;
+            for f in &filters {
+                let (page, count) = m.search(f, NOW);
+                let (want, want_count) = brute(&nodes, f);
+                prop_assert_eq!(page.iter().map(|v| v.node.id).collect::<Vec<_>>(), want, "filter {:?} limit {:?}", f, limit);
+                prop_assert_eq!(count, f.ret_count.then_some(want_count), "count for {:?}", f);
+                for v in &page {
+                    let n = &nodes[v.node.id as usize - 1];
+                    prop_assert_eq!(v.free.cru, n.total.cru - n.reserved.cru);
+                    prop_assert_eq!(v.status == NodeStatus::Up, NOW - n.last_seen <= DOWN_AFTER);
+                }
+                // The HTTP body is spliced from pre-rendered JSON: it must say exactly what the
+                // views say.
+                let (ids, _) = m.search_ids(f, NOW);
+                let rendered: Vec<tfgrid_core::records::NodeView> = serde_json::from_str(&m.render_views(&ids, NOW)).unwrap();
+                prop_assert_eq!(rendered, page);
             }
         }
     }
@@ -295,6 +303,7 @@ proptest! {
             .map(|b| after_seed.iter().find(|a| a.id == b.id).cloned().unwrap_or_else(|| b.clone()))
             .collect();
         m.apply(Delta { height: 2, nodes: after.clone(), ..Default::default() });
+        m.candidate_limit = Some(0);
         for f in &filters {
             let (page, count) = m.search(f, NOW);
             let (want, want_count) = brute(&after, f);

@@ -1,5 +1,6 @@
 //! `tfgrid bench registry`: durable transaction throughput and node search over HTTP, against a
-//! registry started in this process on loopback with its store in a temporary directory.
+//! registry started in this process on loopback with its store in a temporary directory. The
+//! load generator runs on the same cores as the registry, so HTTP figures include its cost.
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -14,6 +15,7 @@ use tfgrid_core::filter::{NodeFilter, SortBy, SortOrder};
 use tfgrid_core::records::{Gpu, Location, NodeStatus, PublicConfig, RegistryConfig};
 use tfgrid_core::tx::{Call, NodeSpec, SignedTx};
 use tfgrid_core::{Capacity, Hash, Identity};
+use tfgrid_registry::ledger::Ledger;
 use tfgrid_registry::Registry;
 use tfgrid_registry_client::{BatchResult, RegistryClient};
 
@@ -25,16 +27,19 @@ pub enum BenchCmd {
 
 #[derive(Args)]
 pub struct RegistryBench {
-    /// Transactions to commit in the throughput phase.
+    /// Transactions to commit in each throughput phase.
     #[arg(long, default_value_t = 50_000)]
     txs: usize,
     /// Nodes to register before the search phase.
     #[arg(long, default_value_t = 100_000)]
     nodes: usize,
-    /// Concurrent HTTP clients.
+    /// Concurrent HTTP clients for the one-transaction-per-request phase.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
-    /// Seconds of search load.
+    /// Concurrent HTTP clients for the search phase, one run per value.
+    #[arg(long, value_delimiter = ',', default_value = "16,32,64")]
+    search_clients: Vec<usize>,
+    /// Seconds of search load per run.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
 }
@@ -50,17 +55,16 @@ const COUNTRIES: [&str; 12] = [
     "Finland", "Spain", "Kenya",
 ];
 
-/// Signs on every core: signing is the client's cost, kept out of the measured window.
+/// Signs on every core: signing is the clients' cost, kept out of every measured window.
 fn sign_all(items: Vec<(Identity, u64, Call)>) -> Vec<SignedTx> {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
     let chunk = items.len().div_ceil(threads).max(1);
-    let mut items = items;
-    let mut parts = Vec::new();
-    while !items.is_empty() {
-        let rest = items.split_off(chunk.min(items.len()));
-        parts.push(std::mem::replace(&mut items, rest));
+    let mut parts: Vec<Vec<(Identity, u64, Call)>> = Vec::new();
+    let mut items = items.into_iter().peekable();
+    while items.peek().is_some() {
+        parts.push(items.by_ref().take(chunk).collect());
     }
     std::thread::scope(|s| {
         let handles: Vec<_> = parts
@@ -80,6 +84,23 @@ fn sign_all(items: Vec<(Identity, u64, Call)>) -> Vec<SignedTx> {
     })
 }
 
+fn new_twins(n: usize) -> Vec<SignedTx> {
+    sign_all(
+        (0..n)
+            .map(|_| {
+                (
+                    Identity::generate(),
+                    1,
+                    Call::CreateTwin {
+                        relay: "ws://127.0.0.1:9000".into(),
+                        enc_key: None,
+                    },
+                )
+            })
+            .collect(),
+    )
+}
+
 fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
 }
@@ -93,7 +114,7 @@ async fn submit_in_batches(client: &RegistryClient, txs: &[SignedTx], per: usize
         for (i, r) in client.submit_batch(chunk).await?.into_iter().enumerate() {
             if let BatchResult::Err(e) = r {
                 bail!(
-                    "setup transaction {} ({}) refused: {}",
+                    "transaction {} ({}) refused: {}",
                     i,
                     chunk[i].tx.call.name(),
                     e.message
@@ -119,27 +140,22 @@ async fn registry(b: RegistryBench) -> Result<()> {
     let client = RegistryClient::new(&url);
     client.health().await.context("registry did not come up")?;
     println!(
-        "tfgrid bench registry: {} cores, store in {}",
+        "tfgrid bench registry: {} cores, store (fsync on every commit) in {}",
         std::thread::available_parallelism()?.get(),
         dir.path().display()
     );
+    println!();
+    println!("durable commits (create_twin, each from a new key; acknowledged only after fsync):");
+    commits_one_per_request(&client, &b).await?;
+    commits_bulk(&client, &b).await?;
+    commits_validator_only(&ledger, &b).await?;
+    let farm_ids = build_grid(&client, &b).await?;
+    println!();
+    search(&ledger, &url, &farm_ids, &b).await
+}
 
-    // 1. Durable commits: one create_twin per fresh key, each its own HTTP request (binary body).
-    let txs = sign_all(
-        (0..b.txs)
-            .map(|_| {
-                (
-                    Identity::generate(),
-                    1,
-                    Call::CreateTwin {
-                        relay: "ws://127.0.0.1:9000".into(),
-                        enc_key: None,
-                    },
-                )
-            })
-            .collect(),
-    );
-    let txs = Arc::new(txs);
+async fn commits_one_per_request(client: &RegistryClient, b: &RegistryBench) -> Result<()> {
+    let txs = Arc::new(new_twins(b.txs));
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut workers = Vec::new();
@@ -163,46 +179,69 @@ async fn registry(b: RegistryBench) -> Result<()> {
         lat.add(w.await??)?;
     }
     let secs = start.elapsed().as_secs_f64();
-    println!();
     println!(
-        "durable commits, one transaction per HTTP request ({} clients):",
-        b.concurrency
-    );
-    println!(
-        "  {:>10.0} tx/s   ({} txs in {:.2} s)   latency p50 {}  p99 {}",
+        "  one per HTTP request, {} clients:  {:>8.0} tx/s   latency p50 {}  p99 {}",
+        b.concurrency,
         b.txs as f64 / secs,
-        b.txs,
-        secs,
         ms(lat.value_at_quantile(0.5)),
         ms(lat.value_at_quantile(0.99))
     );
+    Ok(())
+}
 
-    let txs = sign_all(
-        (0..b.txs)
-            .map(|_| {
-                (
-                    Identity::generate(),
-                    1,
-                    Call::CreateTwin {
-                        relay: String::new(),
-                        enc_key: None,
-                    },
-                )
-            })
-            .collect(),
-    );
+/// /txs requests of 1000, four in flight: how a bulk importer would load the registry.
+async fn commits_bulk(client: &RegistryClient, b: &RegistryBench) -> Result<()> {
+    let txs = Arc::new(new_twins(b.txs));
+    let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
-    submit_in_batches(&client, &txs, 1000).await?;
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (txs, next, client) = (txs.clone(), next.clone(), client.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1000, Ordering::Relaxed);
+                if i >= txs.len() {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                submit_in_batches(&client, &txs[i..(i + 1000).min(txs.len())], 1000).await?;
+            }
+        }));
+    }
+    for w in workers {
+        w.await??;
+    }
     let secs = start.elapsed().as_secs_f64();
-    println!("durable commits, 1000 transactions per HTTP request (/txs):");
     println!(
-        "  {:>10.0} tx/s   ({} txs in {:.2} s)",
-        b.txs as f64 / secs,
-        b.txs,
-        secs
+        "  1000 per /txs request, 4 in flight: {:>8.0} tx/s",
+        b.txs as f64 / secs
     );
+    Ok(())
+}
 
-    // 2. A grid of b.nodes nodes in 100 farms, a fifth of them with a contract on them.
+/// The validator's own capacity: signature check, state machine and fsynced commit, no HTTP.
+async fn commits_validator_only(ledger: &Arc<Ledger>, b: &RegistryBench) -> Result<()> {
+    let txs = new_twins(b.txs);
+    let start = Instant::now();
+    let mut inflight = Vec::new();
+    for chunk in txs.chunks(1000) {
+        let (l, chunk) = (ledger.clone(), chunk.to_vec());
+        inflight.push(tokio::spawn(async move { l.submit_many(chunk).await }));
+    }
+    for r in inflight {
+        if let Some(Err(e)) = r.await?.into_iter().find(|r| r.is_err()) {
+            bail!("validator phase: {e}");
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "  validator alone (no HTTP):          {:>8.0} tx/s",
+        b.txs as f64 / secs
+    );
+    Ok(())
+}
+
+/// A grid of `b.nodes` nodes in 100 farms, with contracts on a fifth of them.
+async fn build_grid(client: &RegistryClient, b: &RegistryBench) -> Result<Vec<u32>> {
     let setup = Instant::now();
     let mut rng = StdRng::seed_from_u64(7);
     let farmers: Vec<Identity> = (0..100).map(|_| Identity::generate()).collect();
@@ -225,19 +264,16 @@ async fn registry(b: RegistryBench) -> Result<()> {
             },
         ));
     }
-    submit_in_batches(&client, &sign_all(items), 1000).await?;
-    let farm_ids: Vec<u32> = {
-        let mut ids = Vec::new();
-        for f in &farmers {
-            let twin = client
-                .account(&f.public_key())
-                .await?
-                .twin_id
-                .context("farmer twin")?;
-            ids.push(client.farms_of(twin).await?[0].id);
-        }
-        ids
-    };
+    submit_in_batches(client, &sign_all(items), 1000).await?;
+    let mut farm_ids = Vec::new();
+    for f in &farmers {
+        let twin = client
+            .account(&f.public_key())
+            .await?
+            .twin_id
+            .context("farmer twin")?;
+        farm_ids.push(client.farms_of(twin).await?[0].id);
+    }
     let mut items = Vec::with_capacity(b.nodes * 2);
     for i in 0..b.nodes {
         let id = Identity::generate();
@@ -282,7 +318,7 @@ async fn registry(b: RegistryBench) -> Result<()> {
         ));
         items.push((id, 2, Call::RegisterNode(spec)));
     }
-    submit_in_batches(&client, &sign_all(items), 2000).await?;
+    submit_in_batches(client, &sign_all(items), 2000).await?;
     let user = Identity::generate();
     let mut items = vec![(
         user.clone(),
@@ -310,9 +346,8 @@ async fn registry(b: RegistryBench) -> Result<()> {
             },
         ));
     }
-    let contracts = sign_all(items);
-    for chunk in contracts.chunks(2000) {
-        // Random picks may land on a node too small for another contract; those refusals are fine.
+    for chunk in sign_all(items).chunks(2000) {
+        // Random picks may land on a node too small for one more contract; those refusals are fine.
         client.submit_batch(chunk).await?;
     }
     let stats = client.stats().await?;
@@ -324,31 +359,53 @@ async fn registry(b: RegistryBench) -> Result<()> {
         stats.contracts_live,
         setup.elapsed().as_secs_f64()
     );
+    Ok(farm_ids)
+}
 
-    // 3. Search load: a mix of the queries a bot's scheduler and the explorer make.
-    let mix = query_mix(&farm_ids);
+async fn search(
+    ledger: &Arc<Ledger>,
+    url: &str,
+    farm_ids: &[u32],
+    b: &RegistryBench,
+) -> Result<()> {
+    let mix = query_mix(farm_ids);
     {
         let read = ledger.read();
         let now = tfgrid_core::now_millis();
         let mut h = hist();
         let start = Instant::now();
         let mut n = 0u64;
+        let mut per_shape = vec![Duration::ZERO; mix.len()];
         while start.elapsed() < Duration::from_secs(2) {
-            for f in &mix {
+            for (k, f) in mix.iter().enumerate() {
                 let t = Instant::now();
-                std::hint::black_box(read.search(f, now));
-                h.record(t.elapsed().as_micros().max(1) as u64)?;
+                let (ids, _) = read.search_ids(f, now);
+                std::hint::black_box(read.render_views(&ids, now));
+                let e = t.elapsed();
+                per_shape[k] += e;
+                h.record(e.as_micros().max(1) as u64)?;
                 n += 1;
             }
         }
         println!(
-            "index only (no HTTP, one core): {:.0} queries/s, p50 {} p99 {}",
+            "/nodes search in the index (no HTTP, one core): {:.0} queries/s, p50 {} p99 {}",
             n as f64 / start.elapsed().as_secs_f64(),
             ms(h.value_at_quantile(0.5)),
             ms(h.value_at_quantile(0.99))
         );
+        let rounds = (n / mix.len() as u64).max(1) as u32;
+        let mut slow: Vec<(Duration, &NodeFilter)> =
+            per_shape.iter().map(|d| *d / rounds).zip(&mix).collect();
+        slow.sort_by(|a, b| b.0.cmp(&a.0));
+        for (d, f) in slow.iter().take(3) {
+            println!(
+                "  slowest shape {:>6.0} us: {}",
+                d.as_secs_f64() * 1e6,
+                f.to_query()
+            );
+        }
     }
-    let mix = Arc::new(
+    let urls = Arc::new(
         mix.iter()
             .map(|f| format!("{url}/nodes?{}", f.to_query()))
             .collect::<Vec<_>>(),
@@ -356,18 +413,44 @@ async fn registry(b: RegistryBench) -> Result<()> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(1024)
         .build()?;
-    let deadline = Instant::now() + Duration::from_secs(b.seconds);
+    println!("/nodes search over HTTP ({} s per run, {} query shapes, one in nine counting every match):", b.seconds, urls.len());
+    for clients in &b.search_clients {
+        let (qps, lat, avg_bytes) = search_load(
+            &http,
+            urls.clone(),
+            *clients,
+            Duration::from_secs(b.seconds),
+        )
+        .await?;
+        println!(
+            "  {clients:>3} clients: {qps:>7.0} queries/s   p50 {}  p99 {}  p99.9 {}  max {}   (avg response {avg_bytes} B)",
+            ms(lat.value_at_quantile(0.5)),
+            ms(lat.value_at_quantile(0.99)),
+            ms(lat.value_at_quantile(0.999)),
+            ms(lat.max())
+        );
+    }
+    Ok(())
+}
+
+async fn search_load(
+    http: &reqwest::Client,
+    urls: Arc<Vec<String>>,
+    clients: usize,
+    run: Duration,
+) -> Result<(f64, Histogram<u64>, usize)> {
+    let deadline = Instant::now() + run;
     let start = Instant::now();
     let mut workers = Vec::new();
-    for w in 0..b.concurrency {
-        let (mix, http) = (mix.clone(), http.clone());
+    for w in 0..clients {
+        let (urls, http) = (urls.clone(), http.clone());
         workers.push(tokio::spawn(async move {
             let mut h = hist();
             let mut i = w;
             let mut bytes = 0usize;
             while Instant::now() < deadline {
                 let t = Instant::now();
-                let resp = http.get(&mix[i % mix.len()]).send().await?;
+                let resp = http.get(&urls[i % urls.len()]).send().await?;
                 if !resp.status().is_success() {
                     bail!("search failed: {}", resp.status());
                 }
@@ -385,29 +468,17 @@ async fn registry(b: RegistryBench) -> Result<()> {
         lat.add(h)?;
         bytes += b;
     }
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "/nodes search over HTTP ({} clients, {} s, {} query shapes, avg response {} bytes):",
-        b.concurrency,
-        b.seconds,
-        mix.len(),
-        bytes / lat.len().max(1) as usize
-    );
-    println!(
-        "  {:>10.0} queries/s   latency p50 {}  p99 {}  p99.9 {}  max {}",
-        lat.len() as f64 / secs,
-        ms(lat.value_at_quantile(0.5)),
-        ms(lat.value_at_quantile(0.99)),
-        ms(lat.value_at_quantile(0.999)),
-        ms(lat.max())
-    );
-    Ok(())
+    let qps = lat.len() as f64 / start.elapsed().as_secs_f64();
+    let avg = bytes / lat.len().max(1) as usize;
+    Ok((qps, lat, avg))
 }
 
+/// The queries a bot's scheduler and the explorer make, in the proportions this bench uses.
 fn query_mix(farms: &[u32]) -> Vec<NodeFilter> {
     let up = Some(NodeStatus::Up);
     let mut mix = Vec::new();
     for k in 0..4u64 {
+        let i = k as usize;
         mix.push(NodeFilter {
             status: up,
             free_mru: Some((2 + 8 * k) * GIB),
@@ -423,12 +494,12 @@ fn query_mix(farms: &[u32]) -> Vec<NodeFilter> {
         });
         mix.push(NodeFilter {
             status: up,
-            farm_ids: Some(vec![farms[k as usize], farms[k as usize + 10]]),
+            farm_ids: Some(vec![farms[i], farms[i + 10]]),
             free_mru: Some(4 * GIB),
             ..Default::default()
         });
         mix.push(NodeFilter {
-            country: Some(COUNTRIES[k as usize].into()),
+            country: Some(COUNTRIES[i].into()),
             free_cru: Some(4),
             ..Default::default()
         });
@@ -454,7 +525,6 @@ fn query_mix(farms: &[u32]) -> Vec<NodeFilter> {
             ..Default::default()
         });
     }
-    // Counting every match is the expensive shape: one in eight queries asks for it.
     mix.push(NodeFilter {
         status: up,
         free_mru: Some(16 * GIB),

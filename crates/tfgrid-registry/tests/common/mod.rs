@@ -55,6 +55,12 @@ pub struct Actor {
     pub nonce: u64,
 }
 
+impl Default for Actor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Actor {
     pub fn new() -> Self {
         Self {
