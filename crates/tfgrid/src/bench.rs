@@ -396,7 +396,7 @@ async fn search(
         let rounds = (n / mix.len() as u64).max(1) as u32;
         let mut slow: Vec<(Duration, &NodeFilter)> =
             per_shape.iter().map(|d| *d / rounds).zip(&mix).collect();
-        slow.sort_by(|a, b| b.0.cmp(&a.0));
+        slow.sort_by_key(|s| std::cmp::Reverse(s.0));
         for (d, f) in slow.iter().take(3) {
             println!(
                 "  slowest shape {:>6.0} us: {}",
