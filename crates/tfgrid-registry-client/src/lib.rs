@@ -107,65 +107,43 @@ impl RegistryClient {
         Ok((v, headers))
     }
 
+    /// Sends one request and decodes its answer (or its error body).
+    async fn send<T: DeserializeOwned>(
+        &self,
+        url: &str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<(T, reqwest::header::HeaderMap)> {
+        let resp = req.send().await.map_err(|source| ClientError::Transport {
+            url: url.into(),
+            source,
+        })?;
+        self.finish(url, resp).await
+    }
+
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         let url = format!("{}{path}", self.base);
-        let resp = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|source| ClientError::Transport {
-                url: url.clone(),
-                source,
-            })?;
-        Ok(self.finish(&url, resp).await?.0)
+        Ok(self.send(&url, self.http.get(&url)).await?.0)
     }
 
     pub async fn submit(&self, stx: &SignedTx) -> Result<Receipt> {
         let url = format!("{}/tx", self.base);
-        let resp = self
-            .http
-            .post(&url)
-            .json(stx)
-            .send()
-            .await
-            .map_err(|source| ClientError::Transport {
-                url: url.clone(),
-                source,
-            })?;
-        Ok(self.finish(&url, resp).await?.0)
+        Ok(self.send(&url, self.http.post(&url).json(stx)).await?.0)
     }
 
     /// Same as [`submit`](Self::submit) with the canonical binary body: smaller and cheaper to parse.
     pub async fn submit_binary(&self, stx: &SignedTx) -> Result<Receipt> {
         let url = format!("{}/tx", self.base);
-        let resp = self
+        let req = self
             .http
             .post(&url)
             .header(reqwest::header::CONTENT_TYPE, BINARY_CONTENT_TYPE)
-            .body(stx.to_bytes())
-            .send()
-            .await
-            .map_err(|source| ClientError::Transport {
-                url: url.clone(),
-                source,
-            })?;
-        Ok(self.finish(&url, resp).await?.0)
+            .body(stx.to_bytes());
+        Ok(self.send(&url, req).await?.0)
     }
 
     pub async fn submit_batch(&self, txs: &[SignedTx]) -> Result<Vec<BatchResult>> {
         let url = format!("{}/txs", self.base);
-        let resp = self
-            .http
-            .post(&url)
-            .json(txs)
-            .send()
-            .await
-            .map_err(|source| ClientError::Transport {
-                url: url.clone(),
-                source,
-            })?;
-        Ok(self.finish(&url, resp).await?.0)
+        Ok(self.send(&url, self.http.post(&url).json(txs)).await?.0)
     }
 
     pub async fn health(&self) -> Result<()> {
@@ -220,34 +198,17 @@ impl RegistryClient {
     }
 
     pub async fn farm_by_name(&self, name: &str) -> Result<Option<Farm>> {
-        let q = [("name", name)];
         let url = format!("{}/farms", self.base);
-        let resp = self
-            .http
-            .get(&url)
-            .query(&q)
-            .send()
-            .await
-            .map_err(|source| ClientError::Transport {
-                url: url.clone(),
-                source,
-            })?;
-        let v: Vec<Farm> = self.finish(&url, resp).await?.0;
+        let v: Vec<Farm> = self
+            .send(&url, self.http.get(&url).query(&[("name", name)]))
+            .await?
+            .0;
         Ok(v.into_iter().next())
     }
 
     pub async fn nodes(&self, f: &NodeFilter) -> Result<NodePage> {
         let url = format!("{}/nodes?{}", self.base, f.to_query());
-        let resp = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|source| ClientError::Transport {
-                url: url.clone(),
-                source,
-            })?;
-        let (nodes, headers) = self.finish(&url, resp).await?;
+        let (nodes, headers) = self.send(&url, self.http.get(&url)).await?;
         let count = headers
             .get("count")
             .and_then(|v| v.to_str().ok())

@@ -692,29 +692,43 @@ fn check_relay(relay: &str) -> Result<(), TxError> {
     Ok(())
 }
 
-fn check_farm_name(name: &str) -> Result<(), TxError> {
-    let ok_chars = name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if !(3..=40).contains(&name.len()) || !ok_chars {
+/// A name of `len` characters each allowed by `ok`; `rule` says what is allowed, for the error.
+fn check_name(
+    what: &str,
+    name: &str,
+    len: std::ops::RangeInclusive<usize>,
+    ok: fn(char) -> bool,
+    rule: &str,
+) -> Result<(), TxError> {
+    if !len.contains(&name.len()) || !name.chars().all(ok) {
         return Err(malformed(format!(
-            "farm name {name:?}: 3 to 40 characters of A-Z a-z 0-9 _ -"
+            "{what} {name:?}: {} to {} characters of {rule}",
+            len.start(),
+            len.end()
         )));
     }
     Ok(())
 }
 
+fn check_farm_name(name: &str) -> Result<(), TxError> {
+    check_name(
+        "farm name",
+        name,
+        3..=40,
+        |c| c.is_ascii_alphanumeric() || c == '_' || c == '-',
+        "A-Z a-z 0-9 _ -",
+    )
+}
+
 /// Gateway names become DNS labels (`name.<domain>`), hence lowercase and no dots.
 fn check_gateway_name(name: &str) -> Result<(), TxError> {
-    let ok_chars = name
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
-    if !(3..=64).contains(&name.len()) || !ok_chars {
-        return Err(malformed(format!(
-            "name {name:?}: 3 to 64 characters of a-z 0-9 _ -"
-        )));
-    }
-    Ok(())
+    check_name(
+        "name",
+        name,
+        3..=64,
+        |c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-',
+        "a-z 0-9 _ -",
+    )
 }
 
 fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {

@@ -35,9 +35,15 @@ async fn up_serves_a_registry_and_stops_cleanly_on_ctrl_c() {
     let client = tfgrid_registry_client::RegistryClient::new(&url);
     let key = tfgrid_core::Identity::load(&data.join("user.key")).unwrap();
     let acct = client.account(&key.public_key()).await.unwrap();
-    assert_eq!(acct.twin_id, twin, "the printed twin is the user key's twin");
+    assert_eq!(
+        acct.twin_id, twin,
+        "the printed twin is the user key's twin"
+    );
 
-    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
