@@ -155,6 +155,12 @@ impl Identity {
         }
     }
 
+    /// The secret seed, for deriving other keys of this twin (the bus's x25519 key). Never
+    /// send it anywhere.
+    pub fn seed(&self) -> [u8; 32] {
+        self.key.to_bytes()
+    }
+
     pub fn public_key(&self) -> PublicKey {
         PublicKey(self.key.verifying_key().to_bytes())
     }

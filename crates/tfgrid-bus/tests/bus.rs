@@ -1,0 +1,457 @@
+//! Real relays and peers over loopback websockets, against a real registry.
+
+use futures_util::{SinkExt, StreamExt};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tfgrid_bus::frame::Frame;
+use tfgrid_bus::relay::{self, RelayConfig, RelayStop};
+use tfgrid_bus::{Body, BusError, Envelope, Header, Peer, PeerConfig};
+use tfgrid_core::records::{RegistryConfig, X25519Key};
+use tfgrid_core::tx::{Call, Outcome};
+use tfgrid_core::{now_millis, Identity, TwinId};
+use tfgrid_registry::Registry;
+use tfgrid_registry_client::{RegistryClient, TwinSigner};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+
+const T: Duration = Duration::from_secs(5);
+
+struct Net {
+    registry: RegistryClient,
+    _dir: tempfile::TempDir,
+}
+
+async fn registry() -> Net {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::open(dir.path(), RegistryConfig::default()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(reg.serve(listener, std::future::pending()));
+    Net {
+        registry: RegistryClient::new(&url),
+        _dir: dir,
+    }
+}
+
+async fn register(net: &Net, id: &Identity, relay: &str, enc_key: Option<X25519Key>) -> TwinId {
+    let s = TwinSigner::new(id.clone(), net.registry.clone());
+    match s
+        .submit(Call::CreateTwin {
+            relay: relay.into(),
+            enc_key,
+        })
+        .await
+        .unwrap()
+        .outcome
+    {
+        Outcome::TwinCreated { twin_id } => twin_id,
+        o => panic!("{o:?}"),
+    }
+}
+
+struct RelayProc {
+    url: String,
+    addr: std::net::SocketAddr,
+    stop: Option<RelayStop>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl RelayProc {
+    fn shutdown(&mut self) {
+        self.stop.take();
+        self.server.abort();
+    }
+}
+
+async fn serve_relay(
+    net: &Net,
+    id: &Identity,
+    twin: TwinId,
+    listener: tokio::net::TcpListener,
+    tap: Option<mpsc::UnboundedSender<Envelope>>,
+) -> RelayProc {
+    let addr = listener.local_addr().unwrap();
+    let url = format!("ws://{addr}/");
+    let (router, stop) = relay::router(RelayConfig {
+        identity: id.clone(),
+        twin,
+        public_url: url.clone(),
+        registry: net.registry.clone(),
+        tap,
+    });
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    RelayProc {
+        url,
+        addr,
+        stop: Some(stop),
+        server,
+    }
+}
+
+async fn start_relay(net: &Net, tap: Option<mpsc::UnboundedSender<Envelope>>) -> RelayProc {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let id = Identity::generate();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let twin = register(net, &id, &url, None).await;
+    serve_relay(net, &id, twin, listener, tap).await
+}
+
+async fn peer(net: &Net, relay: &RelayProc) -> (Peer, Identity) {
+    let id = Identity::generate();
+    let enc = tfgrid_bus::crypto::EncKeys::derive(&id).public;
+    let twin = register(net, &id, &relay.url, Some(enc)).await;
+    let p = Peer::start(PeerConfig {
+        identity: id.clone(),
+        twin,
+        relay_url: relay.url.clone(),
+        registry: net.registry.clone(),
+    });
+    p.connected(T).await.unwrap();
+    (p, id)
+}
+
+fn echo(p: &Peer) {
+    p.handle("echo", |_src, payload| async move {
+        Ok(payload.to_ascii_uppercase())
+    });
+}
+
+#[tokio::test]
+async fn call_through_one_relay_is_sealed_end_to_end() {
+    let net = registry().await;
+    let (tap_tx, mut tap) = mpsc::unbounded_channel();
+    let relay = start_relay(&net, Some(tap_tx)).await;
+    let (a, _) = peer(&net, &relay).await;
+    let (b, _) = peer(&net, &relay).await;
+    echo(&b);
+    let out = a
+        .call(b.twin(), "echo", b"attack at dawn", T)
+        .await
+        .unwrap();
+    assert_eq!(out, b"ATTACK AT DAWN");
+    let back = b.call(a.twin(), "echo", b"x", T).await;
+    assert!(
+        matches!(back, Err(BusError::Remote(ref m)) if m.contains("no handler")),
+        "{back:?}"
+    );
+
+    // What the relay saw: routing data in clear, payloads sealed.
+    let req = tap.recv().await.unwrap();
+    let resp = tap.recv().await.unwrap();
+    assert_eq!(
+        (req.header.src, req.header.dst, req.header.cmd.as_str()),
+        (a.twin(), b.twin(), "echo")
+    );
+    assert_eq!(resp.header.reply_to, Some(req.header.id));
+    for env in [&req, &resp] {
+        match &env.body {
+            Body::Sealed { ciphertext, .. } => {
+                let bytes = env.to_bytes();
+                for needle in [&b"attack at dawn"[..], b"ATTACK AT DAWN"] {
+                    assert!(
+                        !bytes.windows(needle.len()).any(|w| w == needle),
+                        "plaintext visible to the relay"
+                    );
+                }
+                assert!(ciphertext.len() >= 14 + 16);
+            }
+            other => panic!("relay saw an unsealed body: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn call_through_two_federated_relays() {
+    let net = registry().await;
+    let r1 = start_relay(&net, None).await;
+    let r2 = start_relay(&net, None).await;
+    let (a, _) = peer(&net, &r1).await;
+    let (b, _) = peer(&net, &r2).await;
+    echo(&a);
+    echo(&b);
+    assert_eq!(
+        a.call(b.twin(), "echo", b"over two relays", T)
+            .await
+            .unwrap(),
+        b"OVER TWO RELAYS"
+    );
+    assert_eq!(
+        b.call(a.twin(), "echo", b"and back", T).await.unwrap(),
+        b"AND BACK"
+    );
+    for i in 0..50u32 {
+        let msg = format!("m{i}");
+        assert_eq!(
+            a.call(b.twin(), "echo", msg.as_bytes(), T).await.unwrap(),
+            msg.to_uppercase().as_bytes()
+        );
+    }
+    // A twin registered at r2 but not connected: r2 answers through r1, signed by r1 for a.
+    let ghost = register(&net, &Identity::generate(), &r2.url, None).await;
+    let e = a.call(ghost, "echo", b"?", T).await.unwrap_err();
+    assert!(
+        matches!(&e, BusError::Remote(m) if m.contains("not connected")),
+        "{e:?}"
+    );
+}
+
+#[tokio::test]
+async fn undeliverable_calls_get_clear_errors() {
+    let net = registry().await;
+    let relay = start_relay(&net, None).await;
+    let (a, _) = peer(&net, &relay).await;
+    let ghost = register(&net, &Identity::generate(), &relay.url, None).await;
+    let e = a.call(ghost, "echo", b"?", T).await.unwrap_err();
+    assert!(
+        matches!(&e, BusError::Remote(m) if m.contains(&format!("twin {ghost} is not connected"))),
+        "{e:?}"
+    );
+    let e = a.call(9999, "echo", b"?", T).await.unwrap_err();
+    assert!(
+        matches!(&e, BusError::Remote(m) if m.contains("does not exist")),
+        "{e:?}"
+    );
+}
+
+/// A raw authenticated connection, to send what a well-behaved peer never would.
+async fn raw(
+    url: &str,
+    id: &Identity,
+    twin: TwinId,
+) -> (
+    impl SinkExt<Message> + Unpin,
+    impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+) {
+    let (sink, stream, _) = tfgrid_bus::peer::open(url, id, twin).await.unwrap();
+    (sink, stream)
+}
+
+async fn next_envelope(
+    stream: &mut (impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin),
+) -> Envelope {
+    loop {
+        let msg = tokio::time::timeout(T, stream.next())
+            .await
+            .expect("an answer")
+            .unwrap()
+            .unwrap();
+        if let Message::Binary(b) = msg {
+            if let Frame::Envelope(e) = Frame::from_bytes(&b).unwrap() {
+                return e;
+            }
+        }
+    }
+}
+
+fn header(src: TwinId, dst: TwinId, expiry: u64) -> Header {
+    Header {
+        id: tfgrid_bus::envelope::random_id(),
+        src,
+        dst,
+        cmd: "echo".into(),
+        expiry,
+        reply_to: None,
+    }
+}
+
+#[tokio::test]
+async fn forged_wrong_source_expired_and_unknown_are_refused() {
+    let net = registry().await;
+    let relay = start_relay(&net, None).await;
+    let (b, _) = peer(&net, &relay).await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    b.handle("echo", move |_, p| {
+        r.fetch_add(1, Ordering::SeqCst);
+        async move { Ok(p) }
+    });
+    let mallory = Identity::generate();
+    let m_twin = register(&net, &mallory, &relay.url, None).await;
+    let (mut tx, mut rx) = raw(&relay.url, &mallory, m_twin).await;
+    let send = |f: Frame| Message::Binary(f.to_bytes().into());
+    let later = now_millis() + 10_000;
+
+    // Wrong source: mallory claims to be b.
+    let env = Envelope::new(
+        &mallory,
+        header(b.twin(), b.twin(), later),
+        Body::Plain(b"hi".to_vec()),
+    );
+    let _ = tx.send(send(Frame::Envelope(env.clone()))).await;
+    let err = next_envelope(&mut rx).await;
+    assert_eq!(err.header.reply_to, Some(env.header.id));
+    assert!(
+        matches!(&err.body, Body::Error(m) if m.contains("claims source twin")),
+        "{:?}",
+        err.body
+    );
+
+    // Expired.
+    let env = Envelope::new(
+        &mallory,
+        header(m_twin, b.twin(), now_millis() - 1),
+        Body::Plain(b"hi".to_vec()),
+    );
+    let _ = tx.send(send(Frame::Envelope(env))).await;
+    let err = next_envelope(&mut rx).await;
+    assert!(
+        matches!(&err.body, Body::Error(m) if m.contains("expired")),
+        "{:?}",
+        err.body
+    );
+
+    // Unknown destination.
+    let env = Envelope::new(
+        &mallory,
+        header(m_twin, 4242, later),
+        Body::Plain(b"hi".to_vec()),
+    );
+    let _ = tx.send(send(Frame::Envelope(env))).await;
+    let err = next_envelope(&mut rx).await;
+    assert!(
+        matches!(&err.body, Body::Error(m) if m.contains("twin 4242 does not exist")),
+        "{:?}",
+        err.body
+    );
+
+    // Forged signature: b drops it unanswered, its handler never runs.
+    let mut env = Envelope::new(
+        &mallory,
+        header(m_twin, b.twin(), later),
+        Body::Plain(b"forged".to_vec()),
+    );
+    env.body = Body::Plain(b"tampered".to_vec());
+    let _ = tx.send(send(Frame::Envelope(env))).await;
+    // A genuine one right after is served, so the forged one was seen and dropped, not delayed.
+    let env = Envelope::new(
+        &mallory,
+        header(m_twin, b.twin(), later),
+        Body::Plain(b"genuine".to_vec()),
+    );
+    let _ = tx.send(send(Frame::Envelope(env.clone()))).await;
+    let answer = next_envelope(&mut rx).await;
+    assert_eq!(answer.header.reply_to, Some(env.header.id));
+    assert_eq!(answer.body, Body::Plain(b"genuine".to_vec()));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // Authentication: a key that is not the twin's, and a twin that does not exist.
+    let e = tfgrid_bus::peer::open(&relay.url, &Identity::generate(), m_twin)
+        .await
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("does not verify"), "{e}");
+    let e = tfgrid_bus::peer::open(&relay.url, &mallory, 7777)
+        .await
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("not registered"), "{e}");
+}
+
+#[tokio::test]
+async fn peers_reconnect_after_a_relay_restart() {
+    let net = registry().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_id = Identity::generate();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let relay_twin = register(&net, &relay_id, &url, None).await;
+    let mut relay = serve_relay(&net, &relay_id, relay_twin, listener, None).await;
+    let (a, _) = peer(&net, &relay).await;
+    let (b, _) = peer(&net, &relay).await;
+    echo(&b);
+    assert!(a.call(b.twin(), "echo", b"before", T).await.is_ok());
+
+    relay.shutdown();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let e = a
+        .call(b.twin(), "echo", b"during", Duration::from_millis(500))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, BusError::NotConnected | BusError::Timeout(_)),
+        "{e:?}"
+    );
+
+    let listener = tokio::net::TcpListener::bind(relay.addr).await.unwrap();
+    let _relay2 = serve_relay(&net, &relay_id, relay_twin, listener, None).await;
+    a.connected(T).await.unwrap();
+    b.connected(T).await.unwrap();
+    let mut ok = false;
+    for _ in 0..50 {
+        if a.call(b.twin(), "echo", b"after", T).await.as_deref() == Ok(b"AFTER") {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "calls succeed again after the relay restart");
+}
+
+#[tokio::test]
+async fn a_slow_consumer_does_not_stall_others() {
+    let net = registry().await;
+    let relay = start_relay(&net, None).await;
+    let (a, _) = peer(&net, &relay).await;
+    let (b, _) = peer(&net, &relay).await;
+    echo(&b);
+    // sloth authenticates and then never reads.
+    let sloth = Identity::generate();
+    let sloth_twin = register(&net, &sloth, &relay.url, None).await;
+    let (_sloth_tx, _sloth_rx) = raw(&relay.url, &sloth, sloth_twin).await;
+    // flood sends to sloth without waiting for answers, reading only the relay's errors.
+    let flood = Identity::generate();
+    let flood_twin = register(&net, &flood, &relay.url, None).await;
+    let (mut ftx, mut frx) = raw(&relay.url, &flood, flood_twin).await;
+    let big = vec![7u8; 32 * 1024];
+    let sender = tokio::spawn(async move {
+        for _ in 0..4000 {
+            let env = Envelope::new(
+                &flood,
+                header(flood_twin, sloth_twin, now_millis() + 60_000),
+                Body::Plain(big.clone()),
+            );
+            if ftx
+                .send(Message::Binary(Frame::Envelope(env).to_bytes().into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        ftx
+    });
+    let refusal = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(60), frx.next())
+            .await
+            .expect("a refusal")
+            .unwrap()
+            .unwrap();
+        if let Message::Binary(b) = msg {
+            if let Frame::Envelope(e) = Frame::from_bytes(&b).unwrap() {
+                break e;
+            }
+        }
+    };
+    assert!(
+        matches!(&refusal.body, Body::Error(m) if m.contains("not keeping up")),
+        "{:?}",
+        refusal.body
+    );
+    // Meanwhile others are served promptly.
+    for i in 0..20 {
+        let t = std::time::Instant::now();
+        let out = a
+            .call(b.twin(), "echo", format!("ping{i}").as_bytes(), T)
+            .await
+            .unwrap();
+        assert_eq!(out, format!("PING{i}").as_bytes());
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "call {i} took {:?}",
+            t.elapsed()
+        );
+    }
+    let _ = sender.await;
+}
