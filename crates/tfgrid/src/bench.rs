@@ -23,6 +23,21 @@ use tfgrid_registry_client::{BatchResult, RegistryClient};
 pub enum BenchCmd {
     /// Signed transactions committed per second, and /nodes search latency and throughput.
     Registry(RegistryBench),
+    /// Bus round trips per second and their latency through one relay, signed and sealed.
+    Bus(BusBench),
+}
+
+#[derive(Args)]
+pub struct BusBench {
+    /// Concurrent callers, one run per value.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,256")]
+    clients: Vec<usize>,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Payload bytes per call.
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
 }
 
 #[derive(Args)]
@@ -47,6 +62,7 @@ pub struct RegistryBench {
 pub async fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Registry(b) => registry(b).await,
+        BenchCmd::Bus(b) => bus(b).await,
     }
 }
 
@@ -549,4 +565,78 @@ fn query_mix(farms: &[u32]) -> Vec<NodeFilter> {
         ..Default::default()
     });
     mix
+}
+
+/// A registry, one relay and two twins in this process; one twin calls `echo` on the other.
+async fn bus(b: BusBench) -> Result<()> {
+    use tfgrid_bus::peer::ensure_registered;
+    use tfgrid_bus::{Peer, PeerConfig};
+    use tfgrid_registry_client::TwinSigner;
+    let dir = tempfile::tempdir()?;
+    let registry = Registry::open(dir.path(), RegistryConfig::default())?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(registry.serve(listener, std::future::pending()));
+    let client = RegistryClient::new(&url);
+    let relay_addr = "127.0.0.1:0".parse()?;
+    let (relay_url, _, _server, _stop) =
+        crate::bus_cmd::start_relay(relay_addr, None, &dir.path().join("relay.key"), &url).await?;
+    let mut peers = Vec::new();
+    for _ in 0..2 {
+        let id = Identity::generate();
+        let twin =
+            ensure_registered(&TwinSigner::new(id.clone(), client.clone()), &relay_url).await?;
+        let p = Peer::start(PeerConfig {
+            identity: id,
+            twin,
+            relay_url: relay_url.clone(),
+            registry: client.clone(),
+        });
+        p.connected(Duration::from_secs(5)).await?;
+        peers.push(p);
+    }
+    let (caller, callee) = (peers[0].clone(), peers[1].clone());
+    callee.handle("echo", |_, p| async move { Ok(p) });
+    let payload = Arc::new(vec![0x5au8; b.payload]);
+    caller
+        .call(callee.twin(), "echo", &payload, Duration::from_secs(5))
+        .await?;
+    println!(
+        "tfgrid bench bus: {} cores, one relay, {} B payloads, every envelope ed25519-signed and verified, payloads sealed (XChaCha20-Poly1305)",
+        std::thread::available_parallelism()?.get(),
+        b.payload
+    );
+    for clients in &b.clients {
+        let deadline = Instant::now() + Duration::from_secs(b.seconds);
+        let start = Instant::now();
+        let mut workers = Vec::new();
+        for _ in 0..*clients {
+            let (caller, payload, dst) = (caller.clone(), payload.clone(), callee.twin());
+            workers.push(tokio::spawn(async move {
+                let mut h = hist();
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    let out = caller
+                        .call(dst, "echo", &payload, Duration::from_secs(10))
+                        .await?;
+                    if out.len() != payload.len() {
+                        bail!("echo returned {} bytes", out.len());
+                    }
+                    h.record(t.elapsed().as_micros() as u64)?;
+                }
+                Ok::<_, anyhow::Error>(h)
+            }));
+        }
+        let mut lat = hist();
+        for w in workers {
+            lat.add(w.await??)?;
+        }
+        println!(
+            "  {clients:>3} callers: {:>7.0} round trips/s   p50 {}  p99 {}",
+            lat.len() as f64 / start.elapsed().as_secs_f64(),
+            ms(lat.value_at_quantile(0.5)),
+            ms(lat.value_at_quantile(0.99))
+        );
+    }
+    Ok(())
 }

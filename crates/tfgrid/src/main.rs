@@ -1,6 +1,7 @@
 //! `tfgrid`: the one command of the grid. A thin clap layer over the crates.
 
 mod bench;
+mod bus_cmd;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -24,10 +25,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Start a local grid on this machine (for now: the registry) and keep it up until Ctrl-C.
+    /// Start a local grid on this machine (for now: a registry and a relay) and keep it up until Ctrl-C.
     Up(UpArgs),
     /// Run the registry: the grid's source of truth for twins, farms, nodes and contracts.
     Registry(RegistryArgs),
+    /// Run a relay of the message bus.
+    Relay(bus_cmd::RelayArgs),
+    /// Talk to twins over the bus.
+    Bus {
+        #[command(subcommand)]
+        cmd: bus_cmd::BusCmd,
+    },
     /// Manage your identity key.
     Key {
         #[command(subcommand)]
@@ -160,13 +168,20 @@ struct UpArgs {
     /// Registry address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     registry_listen: SocketAddr,
+    /// Relay address.
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    relay_listen: SocketAddr,
 }
 
-fn default_key_path() -> PathBuf {
+fn default_key_dir() -> PathBuf {
     std::env::var_os("HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("."))
-        .join(".tfgrid/key")
+        .join(".tfgrid")
+}
+
+fn default_key_path() -> PathBuf {
+    default_key_dir().join("key")
 }
 
 fn main() -> std::process::ExitCode {
@@ -283,6 +298,8 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench { cmd } => bench::run(cmd).await,
+        Cmd::Relay(a) => bus_cmd::relay(a).await,
+        Cmd::Bus { cmd } => bus_cmd::bus(cmd).await,
     }
 }
 
@@ -291,7 +308,7 @@ fn signer(key: &Path, registry: &str) -> Result<TwinSigner> {
     Ok(TwinSigner::new(id, RegistryClient::new(registry)))
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -326,11 +343,13 @@ async fn up(a: UpArgs) -> Result<()> {
         let _ = stop_rx.await;
     }));
 
+    let (relay_url, relay_twin, relay_server, relay_stop) =
+        bus_cmd::start_relay(a.relay_listen, None, &a.data.join("relay.key"), &url).await?;
+
     let key_path = a.data.join("user.key");
     let (id, created) = Identity::load_or_generate(&key_path)?;
     let signer = TwinSigner::new(id, RegistryClient::new(&url));
-    let twin = signer
-        .ensure_twin("")
+    let twin = tfgrid_bus::peer::ensure_registered(&signer, &relay_url)
         .await
         .context("registering your twin")?;
     let stats = signer.client().stats().await?;
@@ -340,6 +359,7 @@ async fn up(a: UpArgs) -> Result<()> {
         "  registry   {url}   ({} twins, {} farms, {} nodes)",
         stats.twins, stats.farms, stats.nodes
     );
+    println!("  relay      {relay_url}   (twin {relay_twin})");
     println!(
         "  your key   {} ({})",
         key_path.display(),
@@ -353,7 +373,7 @@ async fn up(a: UpArgs) -> Result<()> {
         "  TFGRID_KEY={} tfgrid farm create my_farm --registry {url}",
         key_path.display()
     );
-    println!("  curl '{url}/nodes?status=up&free_mru=1073741824'");
+    println!("  tfgrid key new && tfgrid bus ping --to {twin} --registry {url} --relay {relay_url}   (after `tfgrid bus listen` with the user key)");
     println!();
     println!(
         "Ctrl-C stops the grid; its data stays in {}.",
@@ -362,6 +382,8 @@ async fn up(a: UpArgs) -> Result<()> {
 
     shutdown_signal().await;
     println!("stopping...");
+    relay_stop.stop();
+    relay_server.abort();
     let _ = stop_tx.send(());
     server.await??;
     println!("stopped");

@@ -8,7 +8,14 @@ async fn up_serves_a_registry_and_stops_cleanly_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("grid");
     let mut child = Command::new(env!("CARGO_BIN_EXE_tfgrid"))
-        .args(["up", "--registry-listen", "127.0.0.1:0", "--data"])
+        .args([
+            "up",
+            "--registry-listen",
+            "127.0.0.1:0",
+            "--relay-listen",
+            "127.0.0.1:0",
+            "--data",
+        ])
         .arg(&data)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -17,12 +24,16 @@ async fn up_serves_a_registry_and_stops_cleanly_on_ctrl_c() {
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut url = None;
     let mut twin = None;
+    let mut relay = None;
     let mut line = String::new();
     while out.read_line(&mut line).unwrap() > 0 {
         let l = line.trim().to_string();
         line.clear();
         if let Some(rest) = l.strip_prefix("registry") {
             url = rest.split_whitespace().next().map(str::to_string);
+        }
+        if let Some(rest) = l.strip_prefix("relay") {
+            relay = rest.split_whitespace().next().map(str::to_string);
         }
         if let Some(rest) = l.strip_prefix("your twin") {
             twin = Some(rest.trim().parse::<u32>().unwrap());
