@@ -51,6 +51,45 @@ async fn up_serves_a_registry_and_stops_cleanly_on_ctrl_c() {
         "the printed twin is the user key's twin"
     );
 
+    // The relay is up: the user's twin connects through it and a second twin pings it.
+    let relay = relay.expect("up prints the relay address");
+    let user_twin = twin.unwrap();
+    assert_eq!(client.twin(user_twin).await.unwrap().relay, relay);
+    let user = tfgrid_bus::Peer::start(tfgrid_bus::PeerConfig {
+        identity: key,
+        twin: user_twin,
+        relay_url: relay.clone(),
+        registry: client.clone(),
+    });
+    user.connected(std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+    let other_id = tfgrid_core::Identity::generate();
+    let signer = tfgrid_registry_client::TwinSigner::new(other_id.clone(), client.clone());
+    let other_twin = tfgrid_bus::peer::ensure_registered(&signer, &relay)
+        .await
+        .unwrap();
+    let other = tfgrid_bus::Peer::start(tfgrid_bus::PeerConfig {
+        identity: other_id,
+        twin: other_twin,
+        relay_url: relay,
+        registry: client.clone(),
+    });
+    other
+        .connected(std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+    let pong = other
+        .call(
+            user_twin,
+            tfgrid_bus::peer::PING,
+            b"",
+            std::time::Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(pong, b"pong");
+
     let status = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
