@@ -124,7 +124,7 @@ struct Inner {
     twins: TwinCache,
     out: Mutex<Option<mpsc::Sender<Frame>>>,
     relay_twin: Mutex<Option<TwinId>>,
-    pending: Mutex<HashMap<u64, (TwinId, oneshot::Sender<Envelope>)>>,
+    pending: Mutex<HashMap<u64, (TwinId, oneshot::Sender<Result<Vec<u8>, BusError>>)>>,
     handlers: std::sync::RwLock<HashMap<String, Handler>>,
     shared: Mutex<HashMap<TwinId, (tfgrid_core::records::X25519Key, SharedKey)>>,
     connected: watch::Sender<bool>,
@@ -223,7 +223,7 @@ impl Peer {
         };
         let id = header.id;
         let env = match &key {
-            Some(k) => Envelope::sealed(&inner.id, header, k, payload),
+            Some(k) => Envelope::sealed(header, k, payload),
             None => Envelope::new(&inner.id, header, Body::Plain(payload.to_vec())),
         };
         let (tx, rx) = oneshot::channel();
@@ -249,12 +249,11 @@ impl Peer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
-        let env = match answer {
-            Ok(Ok(env)) => env,
-            Ok(Err(_)) => return Err(BusError::NotConnected),
-            Err(_) => return Err(BusError::Timeout(timeout.as_millis() as u64)),
-        };
-        env.open(key.as_ref())
+        match answer {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(BusError::NotConnected),
+            Err(_) => Err(BusError::Timeout(timeout.as_millis() as u64)),
+        }
     }
 }
 
@@ -305,6 +304,19 @@ impl Inner {
         if env.is_expired(now_millis()) {
             return tracing::debug!(src = h.src, "expired envelope dropped");
         }
+        // An unsigned sealed envelope is authentic only if it opens under the key we share with
+        // its claimed source: open it before anything trusts it.
+        let shared = match self.shared_key(h.src).await {
+            Ok(k) => k,
+            Err(e) => return tracing::warn!(src = h.src, "cannot authenticate: {e}"),
+        };
+        let opened = env.open(shared.as_ref());
+        if matches!(env.body, Body::Sealed { .. }) && opened.is_err() {
+            return tracing::warn!(
+                src = h.src,
+                "sealed envelope does not open under the key shared with its source; dropped"
+            );
+        }
         if let Some(req) = h.reply_to {
             let relay = *self.relay_twin.lock().unwrap_or_else(|p| p.into_inner());
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -314,7 +326,7 @@ impl Inner {
                 .is_some_and(|(dst, _)| *dst == h.src || Some(h.src) == relay)
             {
                 if let Some((_, tx)) = pending.remove(&req) {
-                    let _ = tx.send(env);
+                    let _ = tx.send(opened);
                 }
             }
             return;
@@ -344,7 +356,7 @@ impl Inner {
             reply_to: Some(h.id),
         };
         let reply = match (result, key) {
-            (Ok(p), Some(k)) if sealed => Envelope::sealed(&self.id, header, &k, &p),
+            (Ok(p), Some(k)) if sealed => Envelope::sealed(header, &k, &p),
             (Ok(p), _) => Envelope::new(&self.id, header, Body::Plain(p)),
             (Err(e), _) => Envelope::new(&self.id, header, Body::Error(e)),
         };
@@ -361,7 +373,7 @@ async fn run(inner: Arc<Inner>) {
                 *inner.relay_twin.lock().unwrap_or_else(|p| p.into_inner()) = Some(relay_twin);
                 let (tx, mut rx) = mpsc::channel::<Frame>(crate::relay::QUEUE);
                 *inner.out.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
-                let _ = inner.connected.send(true);
+                inner.connected.send_replace(true);
                 tracing::debug!(twin = inner.twin, "connected to {}", inner.relay_url);
                 let writer = tokio::spawn(async move {
                     while let Some(f) = rx.recv().await {
@@ -387,7 +399,7 @@ async fn run(inner: Arc<Inner>) {
                 }
                 writer.abort();
                 *inner.out.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                let _ = inner.connected.send(false);
+                inner.connected.send_replace(false);
                 // Calls in flight cannot be answered on a new connection: fail them now.
                 inner
                     .pending

@@ -199,6 +199,23 @@ async fn call_through_two_federated_relays() {
 }
 
 #[tokio::test]
+async fn connected_reports_a_connection_made_before_anyone_asked() {
+    let net = registry().await;
+    let relay = start_relay(&net, None).await;
+    let id = Identity::generate();
+    let enc = tfgrid_bus::crypto::EncKeys::derive(&id).public;
+    let twin = register(&net, &id, &relay.url, Some(enc)).await;
+    let p = Peer::start(PeerConfig {
+        identity: id,
+        twin,
+        relay_url: relay.url.clone(),
+        registry: net.registry.clone(),
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    p.connected(Duration::from_millis(100)).await.unwrap();
+}
+
+#[tokio::test]
 async fn undeliverable_calls_get_clear_errors() {
     let net = registry().await;
     let relay = start_relay(&net, None).await;
@@ -325,7 +342,16 @@ async fn forged_wrong_source_expired_and_unknown_are_refused() {
     );
     env.body = Body::Plain(b"tampered".to_vec());
     let _ = tx.send(send(Frame::Envelope(env))).await;
-    // A genuine one right after is served, so the forged one was seen and dropped, not delayed.
+    // Sealed under a key that is not the one mallory shares with b: b drops it too.
+    let stray = tfgrid_bus::crypto::EncKeys::derive(&Identity::generate());
+    let wrong_key = stray.shared(&b.enc_key());
+    let env = Envelope::sealed(
+        header(m_twin, b.twin(), later),
+        &wrong_key,
+        b"sealed forgery",
+    );
+    let _ = tx.send(send(Frame::Envelope(env))).await;
+    // A genuine one right after is served, so the forged ones were seen and dropped, not delayed.
     let env = Envelope::new(
         &mallory,
         header(m_twin, b.twin(), later),

@@ -581,62 +581,97 @@ async fn bus(b: BusBench) -> Result<()> {
     let relay_addr = "127.0.0.1:0".parse()?;
     let (relay_url, _, _server, _stop) =
         crate::bus_cmd::start_relay(relay_addr, None, &dir.path().join("relay.key"), &url).await?;
-    let mut peers = Vec::new();
-    for _ in 0..2 {
-        let id = Identity::generate();
-        let twin =
-            ensure_registered(&TwinSigner::new(id.clone(), client.clone()), &relay_url).await?;
-        let p = Peer::start(PeerConfig {
+    let start_peer = |id: Identity, twin| {
+        Peer::start(PeerConfig {
             identity: id,
             twin,
             relay_url: relay_url.clone(),
             registry: client.clone(),
-        });
-        p.connected(Duration::from_secs(5)).await?;
-        peers.push(p);
-    }
-    let (caller, callee) = (peers[0].clone(), peers[1].clone());
-    callee.handle("echo", |_, p| async move { Ok(p) });
-    let payload = Arc::new(vec![0x5au8; b.payload]);
+        })
+    };
+    let caller_id = Identity::generate();
+    let caller_twin = ensure_registered(
+        &TwinSigner::new(caller_id.clone(), client.clone()),
+        &relay_url,
+    )
+    .await?;
+    let caller = start_peer(caller_id, caller_twin);
+    // One callee publishes an encryption key (calls to it are sealed); one does not (plain, signed).
+    let sealed_id = Identity::generate();
+    let sealed_twin = ensure_registered(
+        &TwinSigner::new(sealed_id.clone(), client.clone()),
+        &relay_url,
+    )
+    .await?;
+    let plain_id = Identity::generate();
+    let plain_signer = TwinSigner::new(plain_id.clone(), client.clone());
+    let plain_twin = match plain_signer
+        .submit(Call::CreateTwin {
+            relay: relay_url.clone(),
+            enc_key: None,
+        })
+        .await?
+        .outcome
+    {
+        tfgrid_core::tx::Outcome::TwinCreated { twin_id } => twin_id,
+        o => bail!("{o:?}"),
+    };
+    let callees = [
+        start_peer(sealed_id, sealed_twin),
+        start_peer(plain_id, plain_twin),
+    ];
     caller
-        .call(callee.twin(), "echo", &payload, Duration::from_secs(5))
-        .await?;
+        .connected(Duration::from_secs(5))
+        .await
+        .context("caller connecting")?;
+    for c in &callees {
+        c.connected(Duration::from_secs(5))
+            .await
+            .context("callee connecting")?;
+        c.handle("echo", |_, p| async move { Ok(p) });
+    }
+    let payload = Arc::new(vec![0x5au8; b.payload]);
     println!(
-        "tfgrid bench bus: {} cores, one relay, {} B payloads, every envelope ed25519-signed and verified, payloads sealed (XChaCha20-Poly1305)",
+        "tfgrid bench bus: {} cores, one relay, {} B payloads, caller and callees in this process",
         std::thread::available_parallelism()?.get(),
         b.payload
     );
-    for clients in &b.clients {
-        let deadline = Instant::now() + Duration::from_secs(b.seconds);
-        let start = Instant::now();
-        let mut workers = Vec::new();
-        for _ in 0..*clients {
-            let (caller, payload, dst) = (caller.clone(), payload.clone(), callee.twin());
-            workers.push(tokio::spawn(async move {
-                let mut h = hist();
-                while Instant::now() < deadline {
-                    let t = Instant::now();
-                    let out = caller
-                        .call(dst, "echo", &payload, Duration::from_secs(10))
-                        .await?;
-                    if out.len() != payload.len() {
-                        bail!("echo returned {} bytes", out.len());
+    for (callee, what) in [
+        (&callees[0], "sealed (XChaCha20-Poly1305 under the twins' x25519 agreement, which also authenticates)"),
+        (&callees[1], "plain, every envelope ed25519-signed and verified"),
+    ] {
+        println!("{what}:");
+        caller.call(callee.twin(), "echo", &payload, Duration::from_secs(5)).await?;
+        for clients in &b.clients {
+            let deadline = Instant::now() + Duration::from_secs(b.seconds);
+            let start = Instant::now();
+            let mut workers = Vec::new();
+            for _ in 0..*clients {
+                let (caller, payload, dst) = (caller.clone(), payload.clone(), callee.twin());
+                workers.push(tokio::spawn(async move {
+                    let mut h = hist();
+                    while Instant::now() < deadline {
+                        let t = Instant::now();
+                        let out = caller.call(dst, "echo", &payload, Duration::from_secs(10)).await?;
+                        if out.len() != payload.len() {
+                            bail!("echo returned {} bytes", out.len());
+                        }
+                        h.record(t.elapsed().as_micros() as u64)?;
                     }
-                    h.record(t.elapsed().as_micros() as u64)?;
-                }
-                Ok::<_, anyhow::Error>(h)
-            }));
+                    Ok::<_, anyhow::Error>(h)
+                }));
+            }
+            let mut lat = hist();
+            for w in workers {
+                lat.add(w.await??)?;
+            }
+            println!(
+                "  {clients:>3} callers: {:>7.0} round trips/s   p50 {}  p99 {}",
+                lat.len() as f64 / start.elapsed().as_secs_f64(),
+                ms(lat.value_at_quantile(0.5)),
+                ms(lat.value_at_quantile(0.99))
+            );
         }
-        let mut lat = hist();
-        for w in workers {
-            lat.add(w.await??)?;
-        }
-        println!(
-            "  {clients:>3} callers: {:>7.0} round trips/s   p50 {}  p99 {}",
-            lat.len() as f64 / start.elapsed().as_secs_f64(),
-            ms(lat.value_at_quantile(0.5)),
-            ms(lat.value_at_quantile(0.99))
-        );
     }
     Ok(())
 }
