@@ -116,6 +116,9 @@ pub struct PeerConfig {
     pub registry: RegistryClient,
 }
 
+/// A call waiting for its answer: the twin it went to, and where its payload (or error) goes.
+type Pending = (TwinId, oneshot::Sender<Result<Vec<u8>, BusError>>);
+
 struct Inner {
     id: Identity,
     twin: TwinId,
@@ -124,7 +127,7 @@ struct Inner {
     twins: TwinCache,
     out: Mutex<Option<mpsc::Sender<Frame>>>,
     relay_twin: Mutex<Option<TwinId>>,
-    pending: Mutex<HashMap<u64, (TwinId, oneshot::Sender<Result<Vec<u8>, BusError>>)>>,
+    pending: Mutex<HashMap<u64, Pending>>,
     handlers: std::sync::RwLock<HashMap<String, Handler>>,
     shared: Mutex<HashMap<TwinId, (tfgrid_core::records::X25519Key, SharedKey)>>,
     connected: watch::Sender<bool>,
