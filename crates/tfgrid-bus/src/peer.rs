@@ -67,6 +67,10 @@ async fn next_frame(stream: &mut SplitStream<Ws>) -> Result<Frame, BusError> {
     }
 }
 
+/// Envelopes may not claim to stay valid longer than this: the replay memory keeps each one
+/// until it expires, and this bounds that memory.
+pub const MAX_TTL_MS: u64 = 3_600_000;
+
 /// Every peer answers this with `pong`: a liveness probe by twin id.
 pub const PING: &str = "bus.ping";
 
@@ -130,6 +134,9 @@ struct Inner {
     pending: Mutex<HashMap<u64, Pending>>,
     handlers: std::sync::RwLock<HashMap<String, Handler>>,
     shared: Mutex<HashMap<TwinId, (tfgrid_core::records::X25519Key, SharedKey)>>,
+    /// (source, id) of every envelope accepted and not yet expired: a second copy (a relay
+    /// replaying it) is dropped.
+    seen: Mutex<HashMap<(TwinId, u64), tfgrid_core::Millis>>,
     connected: watch::Sender<bool>,
 }
 
@@ -163,6 +170,7 @@ impl Peer {
             pending: Mutex::new(HashMap::new()),
             handlers: Default::default(),
             shared: Mutex::new(HashMap::new()),
+            seen: Mutex::new(HashMap::new()),
             connected,
         });
         let task = tokio::spawn(run(inner.clone()));
@@ -304,8 +312,15 @@ impl Inner {
         if let Err(e) = env.verify(&key) {
             return tracing::warn!(src = h.src, "envelope dropped: {e}");
         }
-        if env.is_expired(now_millis()) {
+        let now = now_millis();
+        if env.is_expired(now) {
             return tracing::debug!(src = h.src, "expired envelope dropped");
+        }
+        if h.expiry > now + MAX_TTL_MS {
+            return tracing::warn!(
+                src = h.src,
+                "envelope valid for more than {MAX_TTL_MS} ms dropped"
+            );
         }
         // An unsigned sealed envelope is authentic only if it opens under the key we share with
         // its claimed source: open it before anything trusts it.
@@ -319,6 +334,16 @@ impl Inner {
                 src = h.src,
                 "sealed envelope does not open under the key shared with its source; dropped"
             );
+        }
+        // Only authentic envelopes are remembered, so forgeries cannot fill this memory.
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            if seen.insert((h.src, h.id), h.expiry).is_some() {
+                return tracing::warn!(src = h.src, id = h.id, "replayed envelope dropped");
+            }
+            if seen.len() % 4096 == 0 {
+                seen.retain(|_, expiry| *expiry >= now);
+            }
         }
         if let Some(req) = h.reply_to {
             let relay = *self.relay_twin.lock().unwrap_or_else(|p| p.into_inner());

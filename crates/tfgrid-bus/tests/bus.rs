@@ -377,6 +377,54 @@ async fn forged_wrong_source_expired_and_unknown_are_refused() {
 }
 
 #[tokio::test]
+async fn replayed_envelopes_are_dropped() {
+    let net = registry().await;
+    let relay = start_relay(&net, None).await;
+    let (b, _) = peer(&net, &relay).await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    b.handle("echo", move |_, p| {
+        r.fetch_add(1, Ordering::SeqCst);
+        async move { Ok(p) }
+    });
+    let m = Identity::generate();
+    let m_twin = register(&net, &m, &relay.url, None).await;
+    let (mut tx, mut rx) = raw(&relay.url, &m, m_twin).await;
+    let frame = |e: &Envelope| Message::Binary(Frame::Envelope(e.clone()).to_bytes().into());
+    let once = Envelope::new(
+        &m,
+        header(m_twin, b.twin(), now_millis() + 10_000),
+        Body::Plain(b"once".to_vec()),
+    );
+    let _ = tx.send(frame(&once)).await;
+    let _ = tx.send(frame(&once)).await;
+    let too_long = Envelope::new(
+        &m,
+        header(m_twin, b.twin(), now_millis() + 2 * 3_600_000),
+        Body::Plain(b"forever".to_vec()),
+    );
+    let _ = tx.send(frame(&too_long)).await;
+    let last = Envelope::new(
+        &m,
+        header(m_twin, b.twin(), now_millis() + 10_000),
+        Body::Plain(b"last".to_vec()),
+    );
+    let _ = tx.send(frame(&last)).await;
+    let mut answers = Vec::new();
+    while answers.len() < 2 {
+        let e = next_envelope(&mut rx).await;
+        answers.push(e.header.reply_to);
+    }
+    assert!(answers.contains(&Some(once.header.id)) && answers.contains(&Some(last.header.id)));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "the replay and the over-long envelope never reached the handler"
+    );
+}
+
+#[tokio::test]
 async fn peers_reconnect_after_a_relay_restart() {
     let net = registry().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
