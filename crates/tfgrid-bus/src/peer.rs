@@ -341,7 +341,7 @@ impl Inner {
             if seen.insert((h.src, h.id), h.expiry).is_some() {
                 return tracing::warn!(src = h.src, id = h.id, "replayed envelope dropped");
             }
-            if seen.len() % 4096 == 0 {
+            if seen.len().is_multiple_of(4096) {
                 seen.retain(|_, expiry| *expiry >= now);
             }
         }
