@@ -213,6 +213,44 @@ impl Peer {
             .insert(cmd.to_string(), h);
     }
 
+    /// [`handle`](Self::handle) with JSON in and out: a payload that does not parse as `Req` is
+    /// answered with an error naming the command and the parse failure.
+    pub fn handle_json<Req, Resp, F, Fut>(&self, cmd: &str, f: F)
+    where
+        Req: serde::de::DeserializeOwned + Send + 'static,
+        Resp: serde::Serialize + Send + 'static,
+        F: Fn(TwinId, Req) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Resp, String>> + Send + 'static,
+    {
+        let f = Arc::new(f);
+        let name = cmd.to_string();
+        self.handle(cmd, move |src, payload| {
+            let (f, name) = (f.clone(), name.clone());
+            async move {
+                let req: Req = serde_json::from_slice(&payload)
+                    .map_err(|e| format!("{name}: bad request: {e}"))?;
+                let resp = f(src, req).await?;
+                serde_json::to_vec(&resp)
+                    .map_err(|e| format!("{name}: cannot encode the answer: {e}"))
+            }
+        });
+    }
+
+    /// [`call`](Self::call) with a JSON request and a typed JSON answer.
+    pub async fn call_json<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
+        &self,
+        dst: TwinId,
+        cmd: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, BusError> {
+        let payload =
+            serde_json::to_vec(req).map_err(|e| BusError::Malformed(format!("request: {e}")))?;
+        let answer = self.call(dst, cmd, &payload, timeout).await?;
+        serde_json::from_slice(&answer)
+            .map_err(|e| BusError::Malformed(format!("answer to {cmd}: {e}")))
+    }
+
     /// Calls `cmd` on twin `dst` and waits for its answer. The payload is sealed end to end when
     /// `dst` has published an encryption key.
     pub async fn call(

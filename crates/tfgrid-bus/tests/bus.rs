@@ -164,6 +164,33 @@ async fn call_through_one_relay_is_sealed_end_to_end() {
 }
 
 #[tokio::test]
+async fn typed_json_calls() {
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct Add {
+        a: u32,
+        b: u32,
+    }
+    let net = registry().await;
+    let relay = start_relay(&net, None).await;
+    let (a, _) = peer(&net, &relay).await;
+    let (b, _) = peer(&net, &relay).await;
+    b.handle_json("math.add", |_, req: Add| async move { Ok(req.a + req.b) });
+    let sum: u32 = a
+        .call_json(b.twin(), "math.add", &Add { a: 2, b: 40 }, T)
+        .await
+        .unwrap();
+    assert_eq!(sum, 42);
+    let e = a
+        .call_json::<_, u32>(b.twin(), "math.add", &"not an Add", T)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, BusError::Remote(m) if m.contains("math.add: bad request")),
+        "{e:?}"
+    );
+}
+
+#[tokio::test]
 async fn call_through_two_federated_relays() {
     let net = registry().await;
     let r1 = start_relay(&net, None).await;
