@@ -3,6 +3,7 @@
 mod bench;
 mod bench_zdb;
 mod bus_cmd;
+mod node_cmd;
 mod zdb_cmd;
 
 use anyhow::{bail, Context, Result};
@@ -35,6 +36,8 @@ enum Cmd {
     Relay(bus_cmd::RelayArgs),
     /// Run a 0-db compatible key-value server (RESP; redis-cli and redis clients work).
     Zdb(zdb_cmd::ZdbArgs),
+    /// Run the node agent: this host becomes capacity on the grid.
+    Node(Box<node_cmd::NodeArgs>),
     /// Talk to twins over the bus.
     Bus {
         #[command(subcommand)]
@@ -304,6 +307,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { cmd } => bench::run(cmd).await,
         Cmd::Relay(a) => bus_cmd::relay(a).await,
         Cmd::Zdb(a) => zdb_cmd::run(a).await,
+        Cmd::Node(a) => node_cmd::run(*a).await,
         Cmd::Bus { cmd } => bus_cmd::bus(cmd).await,
     }
 }

@@ -1,0 +1,414 @@
+//! The node agent's life: key and twin, registration, the zdb server, the engine with its bus
+//! handlers, and the background loops (uptime reports, cancelled-contract sweep, kind reports).
+
+use crate::api::{self, ContractRef, DeploymentInfo, Logs, LogsRequest, Version};
+use crate::capacity::{self, Discovered};
+use crate::engine::{Engine, Kinds};
+use crate::images::Images;
+use crate::kinds::{container::Container, gateway::Gateway, volume::Volume, zdb::Zdb};
+use crate::net::Net;
+use crate::store::Store;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tfgrid_bus::peer::ensure_registered;
+use tfgrid_bus::{Peer, PeerConfig};
+use tfgrid_core::deployment::Deployment;
+use tfgrid_core::filter::NodeFilter;
+use tfgrid_core::records::PublicConfig;
+use tfgrid_core::tx::{Call, NodeSpec, Outcome};
+use tfgrid_core::{Capacity, FarmId, Identity, NodeId, TwinId};
+use tfgrid_registry_client::{RegistryClient, TwinSigner};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("registry: {0}")]
+    Registry(String),
+    #[error(transparent)]
+    Capacity(#[from] capacity::CapacityError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub registry: String,
+    pub relay: String,
+    pub farm: FarmId,
+    pub data: PathBuf,
+    /// Gateway nodes serve `name.<domain>`.
+    pub domain: Option<String>,
+    /// Where the gateway proxy listens (gateway nodes).
+    pub gateway_listen: SocketAddr,
+    pub zdb_listen: SocketAddr,
+    pub bridge: String,
+    /// OCI runtime binary: runc or crun.
+    pub oci_runtime: String,
+    pub subnet: String,
+    /// Registries spoken to over plain HTTP (host:port).
+    pub insecure_registries: Vec<String>,
+    /// Basic-auth logins per registry host:port.
+    pub registry_logins: HashMap<String, (String, String)>,
+    /// Overrides for what discovery found (e.g. to offer part of a disk).
+    pub sru: Option<u64>,
+    pub hru: Option<u64>,
+    pub mru: Option<u64>,
+    pub country: String,
+    pub city: String,
+}
+
+pub struct RunningNode {
+    pub node_id: NodeId,
+    pub twin_id: TwinId,
+    pub engine: Arc<Engine>,
+    pub gateway: Option<SocketAddr>,
+    pub zdb: SocketAddr,
+    pub total: Capacity,
+    _peer: Peer,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for RunningNode {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// What the node offers: discovery, with the operator's overrides applied.
+pub fn offered(d: &Discovered, cfg: &NodeConfig) -> Capacity {
+    let mut c = d.offered();
+    if let Some(v) = cfg.sru {
+        c.sru = v;
+    }
+    if let Some(v) = cfg.hru {
+        c.hru = v;
+    }
+    if let Some(v) = cfg.mru {
+        c.mru = v.min(d.memory);
+    }
+    c
+}
+
+fn secret(path: &std::path::Path) -> Result<String, AgentError> {
+    if let Ok(s) = std::fs::read_to_string(path) {
+        if !s.trim().is_empty() {
+            return Ok(s.trim().to_string());
+        }
+    }
+    let mut b = [0u8; 16];
+    getrandom::getrandom(&mut b).map_err(|e| AgentError::Setup(format!("randomness: {e}")))?;
+    let s = hex::encode(b);
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| AgentError::Setup(format!("{}: {e}", path.display())))?;
+    std::io::Write::write_all(&mut f, s.as_bytes())
+        .map_err(|e| AgentError::Setup(format!("{}: {e}", path.display())))?;
+    Ok(s)
+}
+
+async fn register(signer: &TwinSigner, twin: TwinId, spec: NodeSpec) -> Result<NodeId, AgentError> {
+    let reg = |e: tfgrid_registry_client::ClientError| AgentError::Registry(e.to_string());
+    let existing = signer
+        .client()
+        .nodes(&NodeFilter {
+            twin_id: Some(twin),
+            ..Default::default()
+        })
+        .await
+        .map_err(reg)?
+        .nodes
+        .into_iter()
+        .next();
+    if let Some(n) = &existing {
+        let same = n.node.farm_id == spec.farm_id
+            && n.node.total == spec.total
+            && n.node.gpus == spec.gpus
+            && n.node.location == spec.location
+            && n.node.public_config == spec.public_config;
+        if same {
+            return Ok(n.node.id);
+        }
+    }
+    match signer
+        .submit(Call::RegisterNode(spec))
+        .await
+        .map_err(reg)?
+        .outcome
+    {
+        Outcome::NodeRegistered { node_id } | Outcome::NodeUpdated { node_id } => Ok(node_id),
+        other => Err(AgentError::Registry(format!(
+            "register_node answered {other:?}"
+        ))),
+    }
+}
+
+pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
+    let setup = |what: &str, e: &dyn std::fmt::Display| AgentError::Setup(format!("{what}: {e}"));
+    std::fs::create_dir_all(&cfg.data).map_err(|e| setup("data directory", &e))?;
+    let (identity, _) = Identity::load_or_generate(&cfg.data.join("node.key"))
+        .map_err(|e| setup("node key", &e))?;
+    let discovered = capacity::discover(&cfg.data)?;
+    let total = offered(&discovered, &cfg);
+    let client = RegistryClient::new(&cfg.registry);
+    let signer = TwinSigner::new(identity.clone(), client.clone());
+    let twin = ensure_registered(&signer, &cfg.relay)
+        .await
+        .map_err(|e| AgentError::Registry(e.to_string()))?;
+    let node_id = register(
+        &signer,
+        twin,
+        NodeSpec {
+            farm_id: cfg.farm,
+            total,
+            gpus: discovered.gpus.clone(),
+            location: tfgrid_core::records::Location {
+                country: cfg.country.clone(),
+                city: cfg.city.clone(),
+                ..Default::default()
+            },
+            public_config: PublicConfig {
+                domain: cfg.domain.clone(),
+                ..Default::default()
+            },
+        },
+    )
+    .await?;
+    tracing::info!(node_id, twin, "registered");
+
+    // The node's own 0-db: zdb workloads are namespaces on it.
+    let zdb_admin = secret(&cfg.data.join("zdb-admin"))?;
+    let zdb_server = tfgrid_zdb::Server::open(tfgrid_zdb::Config {
+        data: cfg.data.join("zdb"),
+        admin_password: Some(zdb_admin.clone()),
+        mode: tfgrid_zdb::Mode::User,
+        store: Default::default(),
+    })
+    .map_err(|e| setup("zdb", &e))?;
+    let zdb_listener = tokio::net::TcpListener::bind(cfg.zdb_listen)
+        .await
+        .map_err(|e| setup(&format!("binding zdb to {}", cfg.zdb_listen), &e))?;
+    let zdb_addr = zdb_listener.local_addr().map_err(|e| setup("zdb", &e))?;
+    let mut tasks = vec![tokio::spawn(async move {
+        if let Err(e) = zdb_server.serve(zdb_listener).await {
+            tracing::error!("zdb stopped: {e}");
+        }
+    })];
+
+    let net = Net::new(&cfg.bridge, &cfg.subnet).map_err(|e| setup("network", &e))?;
+    if nix::unistd::geteuid().is_root() {
+        net.setup().await.map_err(|e| setup("node bridge", &e))?;
+    } else {
+        tracing::warn!(
+            "not root: containers and volumes will fail (they need namespaces and mounts)"
+        );
+    }
+    let gateway_listener = match &cfg.domain {
+        Some(_) => Some(
+            tokio::net::TcpListener::bind(cfg.gateway_listen)
+                .await
+                .map_err(|e| {
+                    setup(
+                        &format!("binding the gateway to {}", cfg.gateway_listen),
+                        &e,
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let gateway_addr = gateway_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let (report_tx, mut report_rx) = tokio::sync::mpsc::unbounded_channel();
+    let images = Arc::new(Images::new(
+        cfg.data.join("images"),
+        cfg.insecure_registries.clone(),
+        cfg.registry_logins.clone(),
+    ));
+    let gateway = Gateway::new(
+        cfg.domain.clone(),
+        client.clone(),
+        gateway_addr.map(|a| a.port()),
+    );
+    if let Some(l) = gateway_listener {
+        let app = crate::kinds::gateway::router(gateway.routes());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, app).await {
+                tracing::error!("gateway proxy stopped: {e}");
+            }
+        }));
+    }
+    let kinds = Kinds {
+        volume: Volume::new(cfg.data.join("volumes")),
+        zdb: Zdb::new(zdb_addr, zdb_admin),
+        container: Container::new(
+            cfg.oci_runtime.clone(),
+            cfg.data.join("containers"),
+            cfg.data.join("runtime"),
+            cfg.data.join("volumes"),
+            images,
+            net,
+            report_tx,
+        ),
+        gateway,
+    };
+    let store = Store::open(&cfg.data.join("node.redb"))?;
+    let engine = Arc::new(Engine::new(node_id, total, client.clone(), store, kinds));
+    engine
+        .recover()
+        .await
+        .map_err(|e| setup("recovering workloads", &e))?;
+
+    let e = engine.clone();
+    tasks.push(tokio::spawn(async move {
+        while let Some(r) = report_rx.recv().await {
+            if let Err(err) = e.report(r) {
+                tracing::error!("recording a workload state: {err}");
+            }
+        }
+    }));
+
+    let peer = Peer::start(PeerConfig {
+        identity,
+        twin,
+        relay_url: cfg.relay.clone(),
+        registry: client.clone(),
+    });
+    serve_bus(&peer, engine.clone(), cfg.domain.clone());
+    // Ready means reachable: callers may deploy as soon as start returns.
+    if let Err(e) = peer.connected(Duration::from_secs(10)).await {
+        tracing::warn!("not connected to the relay {} yet: {e}", cfg.relay);
+    }
+
+    let interval = client
+        .config()
+        .await
+        .map(|c| Duration::from_millis(c.report_interval_ms))
+        .unwrap_or(Duration::from_secs(1));
+    let started = Instant::now();
+    let s2 = signer;
+    tasks.push(tokio::spawn(async move {
+        loop {
+            let uptime = started.elapsed().as_secs();
+            if let Err(e) = s2.submit(Call::ReportUptime { uptime }).await {
+                tracing::warn!("uptime report: {e}");
+            }
+            tokio::time::sleep(interval).await;
+        }
+    }));
+    let (e, c) = (engine.clone(), client);
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            sweep_cancelled(&e, &c).await;
+        }
+    }));
+    Ok(RunningNode {
+        node_id,
+        twin_id: twin,
+        engine,
+        gateway: gateway_addr,
+        zdb: zdb_addr,
+        total,
+        _peer: peer,
+        tasks,
+    })
+}
+
+/// A deployment whose contract was cancelled (or no longer exists) on the registry is removed.
+async fn sweep_cancelled(engine: &Engine, client: &RegistryClient) {
+    let Ok(ids) = engine.contracts() else { return };
+    for id in ids {
+        let gone = match client.contract(id).await {
+            Ok(c) => !c.is_live(),
+            Err(e) => e.code() == Some("not_found"),
+        };
+        if gone {
+            tracing::info!(
+                contract = id,
+                "contract cancelled on the registry: removing"
+            );
+            if let Err(e) = engine.delete(None, id).await {
+                tracing::warn!(contract = id, "removing: {e}");
+            }
+        }
+    }
+}
+
+fn serve_bus(peer: &Peer, engine: Arc<Engine>, domain: Option<String>) {
+    let e = engine.clone();
+    let d = domain.clone();
+    peer.handle_json(api::DEPLOY, move |src, dep: Deployment| {
+        let (e, d) = (e.clone(), d.clone());
+        async move {
+            e.deploy(src, dep, d.as_deref())
+                .await
+                .map_err(|x| x.to_string())
+        }
+    });
+    let e = engine.clone();
+    peer.handle_json(api::UPDATE, move |src, dep: Deployment| {
+        let (e, d) = (e.clone(), domain.clone());
+        async move {
+            e.update(src, dep, d.as_deref())
+                .await
+                .map_err(|x| x.to_string())
+        }
+    });
+    let e = engine.clone();
+    peer.handle_json(api::GET, move |src, r: ContractRef| {
+        let e = e.clone();
+        async move { e.get(src, r.contract_id).map_err(|x| x.to_string()) }
+    });
+    let e = engine.clone();
+    peer.handle_json(api::DELETE, move |src, r: ContractRef| {
+        let e = e.clone();
+        async move {
+            e.delete(Some(src), r.contract_id)
+                .await
+                .map(|()| serde_json::json!({}))
+                .map_err(|x| x.to_string())
+        }
+    });
+    let e = engine.clone();
+    peer.handle_json(api::CHANGES, move |src, r: ContractRef| {
+        let e = e.clone();
+        async move {
+            e.changes(src, r.contract_id)
+                .map(|changes| api::Changes { changes })
+                .map_err(|x| x.to_string())
+        }
+    });
+    let e = engine.clone();
+    peer.handle_json(api::LIST, move |src, _: serde_json::Value| {
+        let e = e.clone();
+        async move { e.list(src).map_err(|x| x.to_string()) as Result<Vec<DeploymentInfo>, String> }
+    });
+    let e = engine.clone();
+    peer.handle_json(api::STATISTICS, move |_, _: serde_json::Value| {
+        let e = e.clone();
+        async move { e.statistics().map_err(|x| x.to_string()) }
+    });
+    peer.handle_json(api::VERSION, move |_, _: serde_json::Value| async move {
+        Ok(Version {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        })
+    });
+    let e = engine;
+    peer.handle_json(api::LOGS, move |src, r: LogsRequest| {
+        let e = e.clone();
+        async move {
+            e.logs(src, r.contract_id, &r.name, r.tail)
+                .map(|text| Logs { text })
+                .map_err(|x| x.to_string())
+        }
+    });
+}

@@ -1,0 +1,66 @@
+//! What the node answers on the bus: the command names and their JSON bodies. The bot and the CLI
+//! build on these types; the node's handlers are in [`crate::agent`].
+
+use crate::store::Change;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use tfgrid_core::deployment::{Deployment, WorkloadResult};
+use tfgrid_core::{Capacity, ContractId};
+
+pub const DEPLOY: &str = "deployment.deploy";
+pub const UPDATE: &str = "deployment.update";
+pub const GET: &str = "deployment.get";
+pub const DELETE: &str = "deployment.delete";
+pub const CHANGES: &str = "deployment.changes";
+pub const LIST: &str = "deployment.list";
+pub const STATISTICS: &str = "node.statistics";
+pub const VERSION: &str = "node.version";
+pub const LOGS: &str = "workload.logs";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContractRef {
+    pub contract_id: ContractId,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentInfo {
+    pub deployment: Deployment,
+    /// Current result of each workload, by name.
+    pub results: BTreeMap<String, WorkloadResult>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Changes {
+    pub changes: Vec<Change>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Statistics {
+    /// What the node offers to the grid.
+    pub total: Capacity,
+    /// Held by the deployments on this node (their contracts' capacity).
+    pub reserved: Capacity,
+    /// Held by workloads that are running (state ok).
+    pub used: Capacity,
+    pub deployments: u64,
+    pub workloads: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogsRequest {
+    pub contract_id: ContractId,
+    pub name: String,
+    /// Last this many bytes; the whole bounded log when absent.
+    #[serde(default)]
+    pub tail: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Logs {
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Version {
+    pub version: String,
+}

@@ -1,0 +1,599 @@
+//! The provisioning engine: checks every deployment against the registry, persists it, and drives
+//! the workload kinds. One mutation at a time (a node-wide lock), so two deployments can never both
+//! take the last free capacity.
+
+use crate::api::{DeploymentInfo, Statistics};
+use crate::kinds::container::Container;
+use crate::kinds::gateway::Gateway;
+use crate::kinds::volume::Volume;
+use crate::kinds::zdb::Zdb;
+use crate::kinds::{Ctx, Kind, Output, Report, WorkloadId};
+use crate::store::{Change, Store, StoreError};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use tfgrid_core::deployment::{Deployment, ResultState, Workload, WorkloadData, WorkloadResult};
+use tfgrid_core::{now_millis, Capacity, ContractId, NodeId, TwinId};
+use tfgrid_registry_client::{ClientError, RegistryClient};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("malformed: {0}")]
+    Malformed(String),
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("capacity: {0}")]
+    Capacity(String),
+    #[error("registry: {0}")]
+    Registry(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub struct Kinds {
+    pub volume: Volume,
+    pub zdb: Zdb,
+    pub container: Container,
+    pub gateway: Gateway,
+}
+
+pub struct Engine {
+    node_id: NodeId,
+    total: Capacity,
+    registry: RegistryClient,
+    store: Store,
+    pub kinds: Kinds,
+    lock: tokio::sync::Mutex<()>,
+}
+
+/// The order workloads come up in: what others mount or point at first.
+fn rank(w: &Workload) -> u8 {
+    match w.data {
+        WorkloadData::Volume(_) => 0,
+        WorkloadData::Zdb(_) => 1,
+        WorkloadData::Container(_) => 2,
+        WorkloadData::GatewayNameProxy(_) => 3,
+    }
+}
+
+fn ordered(d: &Deployment) -> Vec<&Workload> {
+    let mut v: Vec<&Workload> = d.workloads.iter().collect();
+    v.sort_by_key(|w| rank(w));
+    v
+}
+
+fn result(state: ResultState, message: String, data: Output) -> WorkloadResult {
+    WorkloadResult {
+        created: now_millis(),
+        state,
+        message,
+        data,
+    }
+}
+
+/// Checks what a deployment says about itself, before anything is asked of the registry.
+pub fn validate(d: &Deployment, gateway_domain: Option<&str>) -> Result<(), EngineError> {
+    let bad = |m: String| Err(EngineError::Malformed(m));
+    if d.contract_id == 0 {
+        return bad("contract_id is 0: create the node contract first".into());
+    }
+    if d.workloads.is_empty() {
+        return bad("a deployment needs at least one workload".into());
+    }
+    let mut names = HashSet::new();
+    let volumes: HashSet<&str> = d
+        .workloads
+        .iter()
+        .filter(|w| matches!(w.data, WorkloadData::Volume(_)))
+        .map(|w| w.name.as_str())
+        .collect();
+    for w in &d.workloads {
+        let n = &w.name;
+        if n.is_empty() || n.len() > 36 || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return bad(format!(
+                "workload name {n:?}: use 1 to 36 letters, digits or _"
+            ));
+        }
+        if !names.insert(n.as_str()) {
+            return bad(format!("workload name {n:?} is used twice"));
+        }
+        match &w.data {
+            WorkloadData::Container(c) => {
+                if c.image.trim().is_empty() {
+                    return bad(format!("{n}: image is empty"));
+                }
+                if c.cpu == 0 {
+                    return bad(format!("{n}: cpu must be at least 1"));
+                }
+                if c.memory < 16 << 20 {
+                    return bad(format!("{n}: memory must be at least 16 MiB"));
+                }
+                for m in &c.mounts {
+                    if !volumes.contains(m.volume.as_str()) {
+                        return bad(format!(
+                            "{n}: mount names volume {:?}, which is not a volume workload of this deployment",
+                            m.volume
+                        ));
+                    }
+                    if !m.path.starts_with('/') || m.path.split('/').any(|p| p == "..") {
+                        return bad(format!(
+                            "{n}: mount path {:?} must be absolute, without ..",
+                            m.path
+                        ));
+                    }
+                }
+                for k in c.env.keys() {
+                    if k.is_empty() || k.contains('=') || k.contains('\0') {
+                        return bad(format!("{n}: environment variable name {k:?} is not valid"));
+                    }
+                }
+            }
+            WorkloadData::Volume(v) if v.size == 0 => {
+                return bad(format!("{n}: volume size is 0"));
+            }
+            WorkloadData::Zdb(z) if z.size == 0 => {
+                return bad(format!("{n}: zdb size is 0"));
+            }
+            WorkloadData::GatewayNameProxy(g) => {
+                if gateway_domain.is_none() {
+                    return bad(format!(
+                        "{n}: this node is not a gateway (it has no domain)"
+                    ));
+                }
+                if g.name.is_empty()
+                    || g.name.len() > 63
+                    || !g
+                        .name
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                {
+                    return bad(format!(
+                        "{n}: gateway name {:?}: use 1 to 63 lowercase letters, digits or -",
+                        g.name
+                    ));
+                }
+                if g.backends.is_empty() {
+                    return bad(format!("{n}: a gateway needs at least one backend"));
+                }
+                for b in &g.backends {
+                    if !b.starts_with("http://") || b.len() <= "http://".len() {
+                        return bad(format!("{n}: backend {b:?} must be an http:// address"));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn registry_err(what: &str) -> impl Fn(ClientError) -> EngineError + '_ {
+    move |e| match e.code() {
+        Some("not_found") => EngineError::NotFound(format!("{what}: {e}")),
+        _ => EngineError::Registry(format!("{what}: {e}")),
+    }
+}
+
+impl Engine {
+    pub fn new(
+        node_id: NodeId,
+        total: Capacity,
+        registry: RegistryClient,
+        store: Store,
+        kinds: Kinds,
+    ) -> Self {
+        Self {
+            node_id,
+            total,
+            registry,
+            store,
+            kinds,
+            lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn total(&self) -> Capacity {
+        self.total
+    }
+
+    /// The registry's word that `d` is what its owner contracted for on this node.
+    async fn check_contract(&self, src: TwinId, d: &Deployment) -> Result<(), EngineError> {
+        if src != d.twin_id {
+            return Err(EngineError::Forbidden(format!(
+                "twin {src} sent a deployment of twin {}",
+                d.twin_id
+            )));
+        }
+        let c = self
+            .registry
+            .contract(d.contract_id)
+            .await
+            .map_err(registry_err("contract"))?;
+        if !c.is_live() {
+            return Err(EngineError::Conflict(format!(
+                "contract {} is cancelled",
+                c.id
+            )));
+        }
+        let Some(nc) = c.node() else {
+            return Err(EngineError::Malformed(format!(
+                "contract {} is a name contract, not a node contract",
+                c.id
+            )));
+        };
+        if nc.node_id != self.node_id {
+            return Err(EngineError::Forbidden(format!(
+                "contract {} is for node {}, this is node {}",
+                c.id, nc.node_id, self.node_id
+            )));
+        }
+        if c.twin_id != d.twin_id {
+            return Err(EngineError::Forbidden(format!(
+                "contract {} belongs to twin {}, not to twin {}",
+                c.id, c.twin_id, d.twin_id
+            )));
+        }
+        let owner = self
+            .registry
+            .twin(c.twin_id)
+            .await
+            .map_err(registry_err("owner twin"))?;
+        d.verify(&owner.public_key).map_err(|_| {
+            EngineError::Forbidden(format!(
+                "the deployment is not signed by twin {}, the contract's owner",
+                c.twin_id
+            ))
+        })?;
+        let hash = d.hash();
+        if hash != nc.deployment_hash {
+            return Err(EngineError::Conflict(format!(
+                "deployment hash {} differs from contract {}'s hash {}",
+                hash.to_hex(),
+                c.id,
+                nc.deployment_hash.to_hex()
+            )));
+        }
+        let need = d
+            .capacity()
+            .map_err(|e| EngineError::Malformed(e.to_string()))?;
+        if need != nc.capacity {
+            return Err(EngineError::Capacity(format!(
+                "the deployment needs {need:?} but contract {} reserved {:?}",
+                c.id, nc.capacity
+            )));
+        }
+        Ok(())
+    }
+
+    /// Capacity held by every deployment here but `except`.
+    fn reserved_except(&self, except: Option<ContractId>) -> Result<Capacity, EngineError> {
+        let mut sum = Capacity::default();
+        for d in self.store.deployments()? {
+            if Some(d.contract_id) == except {
+                continue;
+            }
+            let c = d
+                .capacity()
+                .map_err(|e| EngineError::Store(StoreError::Db(e.to_string())))?;
+            sum = sum
+                .checked_add(&c)
+                .map_err(|e| EngineError::Store(StoreError::Db(e.to_string())))?;
+        }
+        Ok(sum)
+    }
+
+    fn check_free(&self, d: &Deployment, except: Option<ContractId>) -> Result<(), EngineError> {
+        let need = d
+            .capacity()
+            .map_err(|e| EngineError::Malformed(e.to_string()))?;
+        let free = self.total.saturating_sub(&self.reserved_except(except)?);
+        if !need.fits_in(&free) {
+            return Err(EngineError::Capacity(format!(
+                "node {} does not have the capacity: {}",
+                self.node_id,
+                need.shortfall(&free).join("; ")
+            )));
+        }
+        Ok(())
+    }
+
+    pub async fn deploy(
+        &self,
+        src: TwinId,
+        d: Deployment,
+        domain: Option<&str>,
+    ) -> Result<DeploymentInfo, EngineError> {
+        validate(&d, domain)?;
+        let _g = self.lock.lock().await;
+        if self.store.deployment(d.contract_id)?.is_some() {
+            return Err(EngineError::Conflict(format!(
+                "contract {} is already deployed here; use deployment.update",
+                d.contract_id
+            )));
+        }
+        self.check_contract(src, &d).await?;
+        self.check_free(&d, None)?;
+        let init: Vec<_> = d
+            .workloads
+            .iter()
+            .map(|w| {
+                (
+                    w.name.clone(),
+                    result(ResultState::Init, String::new(), Output::new()),
+                )
+            })
+            .collect();
+        self.store.put_deployment(&d, &init)?;
+        for w in ordered(&d) {
+            self.bring_up(&d, w, false).await?;
+        }
+        self.info(d.contract_id)
+    }
+
+    /// Provisions (or recovers) one workload and records its result.
+    async fn bring_up(
+        &self,
+        d: &Deployment,
+        w: &Workload,
+        recover: bool,
+    ) -> Result<WorkloadResult, EngineError> {
+        let ctx = Ctx {
+            id: WorkloadId::new(d.contract_id, &w.name),
+            deployment: d,
+            workload: w,
+        };
+        let k = &self.kinds;
+        let out = match (&w.data, recover) {
+            (WorkloadData::Volume(_), false) => k.volume.provision(&ctx).await,
+            (WorkloadData::Volume(_), true) => k.volume.recover(&ctx).await,
+            (WorkloadData::Zdb(_), false) => k.zdb.provision(&ctx).await,
+            (WorkloadData::Zdb(_), true) => k.zdb.recover(&ctx).await,
+            (WorkloadData::Container(_), false) => k.container.provision(&ctx).await,
+            (WorkloadData::Container(_), true) => k.container.recover(&ctx).await,
+            (WorkloadData::GatewayNameProxy(_), false) => k.gateway.provision(&ctx).await,
+            (WorkloadData::GatewayNameProxy(_), true) => k.gateway.recover(&ctx).await,
+        };
+        let r = match out {
+            Ok(data) => result(ResultState::Ok, String::new(), data),
+            Err(msg) => {
+                tracing::warn!(workload = %ctx.id.key(), "{msg}");
+                result(ResultState::Error, msg, Output::new())
+            }
+        };
+        self.store
+            .set_results(d.contract_id, &[(w.name.clone(), r.clone())])?;
+        Ok(r)
+    }
+
+    async fn take_down(&self, contract: ContractId, w: &Workload) -> Result<(), String> {
+        let id = WorkloadId::new(contract, &w.name);
+        let k = &self.kinds;
+        match &w.data {
+            WorkloadData::Volume(_) => k.volume.deprovision(&id).await,
+            WorkloadData::Zdb(_) => k.zdb.deprovision(&id).await,
+            WorkloadData::Container(_) => k.container.deprovision(&id).await,
+            WorkloadData::GatewayNameProxy(_) => k.gateway.deprovision(&id).await,
+        }
+    }
+
+    pub async fn update(
+        &self,
+        src: TwinId,
+        d: Deployment,
+        domain: Option<&str>,
+    ) -> Result<DeploymentInfo, EngineError> {
+        validate(&d, domain)?;
+        let _g = self.lock.lock().await;
+        let old = self.store.deployment(d.contract_id)?.ok_or_else(|| {
+            EngineError::NotFound(format!(
+                "contract {} has no deployment here; use deployment.deploy",
+                d.contract_id
+            ))
+        })?;
+        if d.version <= old.version {
+            return Err(EngineError::Conflict(format!(
+                "an update must raise the version (deployed {}, sent {})",
+                old.version, d.version
+            )));
+        }
+        self.check_contract(src, &d).await?;
+        self.check_free(&d, Some(d.contract_id))?;
+        let old_by_name: BTreeMap<&str, &Workload> =
+            old.workloads.iter().map(|w| (w.name.as_str(), w)).collect();
+        let new_names: HashSet<&str> = d.workloads.iter().map(|w| w.name.as_str()).collect();
+        // Removed and changed workloads go first (in reverse order) so their capacity is free.
+        let mut gone: Vec<&Workload> = old
+            .workloads
+            .iter()
+            .filter(|w| {
+                !new_names.contains(w.name.as_str())
+                    || d.workloads.iter().any(|n| n.name == w.name && n != *w)
+            })
+            .collect();
+        gone.sort_by_key(|w| std::cmp::Reverse(rank(w)));
+        for w in &gone {
+            self.take_down(old.contract_id, w)
+                .await
+                .map_err(|e| EngineError::Conflict(format!("removing {}: {e}", w.name)))?;
+            if !new_names.contains(w.name.as_str()) {
+                self.store.forget_result(old.contract_id, &w.name)?;
+            }
+        }
+        self.store.put_deployment(&d, &[])?;
+        for w in ordered(&d) {
+            if old_by_name.get(w.name.as_str()) == Some(&w) {
+                continue;
+            }
+            self.bring_up(&d, w, false).await?;
+        }
+        self.info(d.contract_id)
+    }
+
+    /// Removes every workload of a deployment (in reverse order) and forgets it. Workloads that
+    /// cannot be removed keep the deployment on record, in error, so a later delete retries.
+    pub async fn delete(&self, src: Option<TwinId>, id: ContractId) -> Result<(), EngineError> {
+        let _g = self.lock.lock().await;
+        let d = self.owned(src, id)?;
+        let mut failed = Vec::new();
+        let mut ws = d.workloads.clone();
+        ws.sort_by_key(|w| std::cmp::Reverse(rank(w)));
+        for w in &ws {
+            if let Err(e) = self.take_down(id, w).await {
+                failed.push((
+                    w.name.clone(),
+                    result(
+                        ResultState::Error,
+                        format!("delete failed: {e}"),
+                        Output::new(),
+                    ),
+                ));
+            }
+        }
+        if !failed.is_empty() {
+            self.store.set_results(id, &failed)?;
+            let names: Vec<_> = failed
+                .iter()
+                .map(|(n, r)| format!("{n}: {}", r.message))
+                .collect();
+            return Err(EngineError::Conflict(names.join("; ")));
+        }
+        self.store.remove(id)?;
+        tracing::info!(contract = id, "deployment deleted");
+        Ok(())
+    }
+
+    fn owned(&self, src: Option<TwinId>, id: ContractId) -> Result<Deployment, EngineError> {
+        let d = self.store.deployment(id)?.ok_or_else(|| {
+            EngineError::NotFound(format!("contract {id} has no deployment here"))
+        })?;
+        if let Some(src) = src {
+            if src != d.twin_id {
+                return Err(EngineError::Forbidden(format!(
+                    "contract {id} belongs to twin {}, not to twin {src}",
+                    d.twin_id
+                )));
+            }
+        }
+        Ok(d)
+    }
+
+    fn info(&self, id: ContractId) -> Result<DeploymentInfo, EngineError> {
+        let deployment = self.owned(None, id)?;
+        Ok(DeploymentInfo {
+            results: self.store.results(id)?,
+            deployment,
+        })
+    }
+
+    pub fn get(&self, src: TwinId, id: ContractId) -> Result<DeploymentInfo, EngineError> {
+        self.owned(Some(src), id)?;
+        self.info(id)
+    }
+
+    pub fn changes(&self, src: TwinId, id: ContractId) -> Result<Vec<Change>, EngineError> {
+        self.owned(Some(src), id)?;
+        Ok(self.store.changes(id)?)
+    }
+
+    pub fn list(&self, src: TwinId) -> Result<Vec<DeploymentInfo>, EngineError> {
+        self.store
+            .deployments()?
+            .into_iter()
+            .filter(|d| d.twin_id == src)
+            .map(|d| self.info(d.contract_id))
+            .collect()
+    }
+
+    /// Every deployment's contract id (for the watcher that removes cancelled contracts).
+    pub fn contracts(&self) -> Result<Vec<ContractId>, EngineError> {
+        Ok(self
+            .store
+            .deployments()?
+            .iter()
+            .map(|d| d.contract_id)
+            .collect())
+    }
+
+    pub fn statistics(&self) -> Result<Statistics, EngineError> {
+        let mut s = Statistics {
+            total: self.total,
+            reserved: Capacity::default(),
+            used: Capacity::default(),
+            deployments: 0,
+            workloads: 0,
+        };
+        for d in self.store.deployments()? {
+            let results = self.store.results(d.contract_id)?;
+            s.deployments += 1;
+            for w in &d.workloads {
+                s.workloads += 1;
+                let c = w.data.capacity();
+                s.reserved = s.reserved.checked_add(&c).unwrap_or(s.reserved);
+                if results.get(&w.name).map(|r| r.state) == Some(ResultState::Ok) {
+                    s.used = s.used.checked_add(&c).unwrap_or(s.used);
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    pub fn logs(
+        &self,
+        src: TwinId,
+        id: ContractId,
+        name: &str,
+        tail: Option<u64>,
+    ) -> Result<String, EngineError> {
+        let d = self.owned(Some(src), id)?;
+        let w = d.workloads.iter().find(|w| w.name == name).ok_or_else(|| {
+            EngineError::NotFound(format!("contract {id} has no workload {name:?}"))
+        })?;
+        if !matches!(w.data, WorkloadData::Container(_)) {
+            return Err(EngineError::Malformed(format!(
+                "{name} is a {} workload; only containers have logs",
+                w.data.kind()
+            )));
+        }
+        Ok(self.kinds.container.logs(&WorkloadId::new(id, name), tail))
+    }
+
+    /// After an agent restart: every persisted workload is adopted or remade, in order.
+    pub async fn recover(&self) -> Result<(), EngineError> {
+        let _g = self.lock.lock().await;
+        for d in self.store.deployments()? {
+            for w in ordered(&d) {
+                let r = self.bring_up(&d, w, true).await?;
+                tracing::info!(
+                    contract = d.contract_id,
+                    workload = %w.name,
+                    state = ?r.state,
+                    "recovered"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a state change a kind noticed by itself.
+    pub fn report(&self, r: Report) -> Result<(), EngineError> {
+        let Some(d) = self.store.deployment(r.id.contract)? else {
+            return Ok(());
+        };
+        if !d.workloads.iter().any(|w| w.name == r.id.name) {
+            return Ok(());
+        }
+        let prev = self.store.results(r.id.contract)?.remove(&r.id.name);
+        let data = prev.map(|p| p.data).unwrap_or_default();
+        self.store.set_results(
+            r.id.contract,
+            &[(r.id.name.clone(), result(r.state, r.message, data))],
+        )?;
+        Ok(())
+    }
+}
+
+pub type SharedEngine = Arc<Engine>;

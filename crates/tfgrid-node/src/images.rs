@@ -1,0 +1,259 @@
+//! OCI images: pulled with oci-client, each layer unpacked once into a directory named by its digest
+//! and shared (read-only, as an overlay lower layer) by every container that uses it.
+
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// What a container takes from its image besides the layers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    #[serde(default)]
+    pub entrypoint: Vec<String>,
+    #[serde(default)]
+    pub cmd: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub workdir: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Image {
+    pub reference: String,
+    pub digest: String,
+    /// Unpacked layer directories, bottom layer first.
+    pub layers: Vec<PathBuf>,
+    pub config: ImageConfig,
+}
+
+/// The `config` part of an OCI image configuration, as registries serve it.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase")]
+struct RawConfig {
+    #[serde(default)]
+    entrypoint: Option<Vec<String>>,
+    #[serde(default)]
+    cmd: Option<Vec<String>>,
+    #[serde(default)]
+    env: Option<Vec<String>>,
+    #[serde(default)]
+    working_dir: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawImageConfig {
+    #[serde(default)]
+    config: Option<RawConfig>,
+}
+
+pub struct Images {
+    dir: PathBuf,
+    client: Client,
+    logins: HashMap<String, (String, String)>,
+    /// One pull per reference at a time; others wait and then find it cached.
+    pulling: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+pub fn install_crypto() {
+    // oci-client is built without a bundled TLS crypto provider; ring is already in the tree.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl Images {
+    /// `insecure` lists registries (host:port) spoken to over plain HTTP; `logins` maps a
+    /// registry to basic-auth credentials. All others are HTTPS and anonymous.
+    pub fn new(
+        dir: PathBuf,
+        insecure: Vec<String>,
+        logins: HashMap<String, (String, String)>,
+    ) -> Self {
+        install_crypto();
+        let client = Client::new(ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(insecure),
+            ..Default::default()
+        });
+        Self {
+            dir,
+            client,
+            logins,
+            pulling: Default::default(),
+        }
+    }
+
+    fn layer_dir(&self, digest: &str) -> PathBuf {
+        self.dir.join("layers").join(digest.replace(':', "-"))
+    }
+
+    fn ref_file(&self, reference: &str) -> PathBuf {
+        self.dir.join("refs").join(format!(
+            "{}.json",
+            blake3::hash(reference.as_bytes()).to_hex()
+        ))
+    }
+
+    /// The image, from the cache when this node has pulled the reference before (as a container
+    /// engine's "if not present" policy), else from its registry.
+    pub async fn ensure(&self, reference: &str) -> Result<Image, String> {
+        if let Some(img) = self.cached(reference) {
+            return Ok(img);
+        }
+        let gate = self
+            .pulling
+            .lock()
+            .await
+            .entry(reference.to_string())
+            .or_default()
+            .clone();
+        let _g = gate.lock().await;
+        if let Some(img) = self.cached(reference) {
+            return Ok(img);
+        }
+        self.pull(reference).await
+    }
+
+    fn cached(&self, reference: &str) -> Option<Image> {
+        let text = std::fs::read(self.ref_file(reference)).ok()?;
+        let img: Image = serde_json::from_slice(&text).ok()?;
+        img.layers.iter().all(|l| l.is_dir()).then_some(img)
+    }
+
+    pub async fn pull(&self, reference: &str) -> Result<Image, String> {
+        let r: Reference = reference
+            .parse()
+            .map_err(|e| format!("image reference {reference:?}: {e}"))?;
+        let auth = match self.logins.get(r.resolve_registry()) {
+            Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
+            None => RegistryAuth::Anonymous,
+        };
+        let (manifest, digest, config) = self
+            .client
+            .pull_manifest_and_config(&r, &auth)
+            .await
+            .map_err(|e| format!("pulling {reference}: {e}"))?;
+        let raw: RawImageConfig = serde_json::from_str(&config)
+            .map_err(|e| format!("image {reference} has a bad config: {e}"))?;
+        let c = raw.config.unwrap_or_default();
+        let config = ImageConfig {
+            entrypoint: c.entrypoint.unwrap_or_default(),
+            cmd: c.cmd.unwrap_or_default(),
+            env: c.env.unwrap_or_default(),
+            workdir: c.working_dir.unwrap_or_default(),
+        };
+        let mut layers = Vec::new();
+        for l in &manifest.layers {
+            let dir = self.layer_dir(&l.digest);
+            if !dir.is_dir() {
+                self.fetch_layer(&r, l, &dir).await?;
+            }
+            layers.push(dir);
+        }
+        let img = Image {
+            reference: reference.to_string(),
+            digest,
+            layers,
+            config,
+        };
+        let f = self.ref_file(reference);
+        write_atomic(&f, &serde_json::to_vec(&img).expect("image serializes"))
+            .map_err(|e| format!("saving {}: {e}", f.display()))?;
+        tracing::info!(image = reference, digest = %img.digest, "pulled");
+        Ok(img)
+    }
+
+    async fn fetch_layer(
+        &self,
+        r: &Reference,
+        l: &oci_client::manifest::OciDescriptor,
+        dir: &Path,
+    ) -> Result<(), String> {
+        let blobs = self.dir.join("blobs");
+        std::fs::create_dir_all(&blobs).map_err(|e| format!("{}: {e}", blobs.display()))?;
+        let blob = blobs.join(l.digest.replace(':', "-"));
+        let file = tokio::fs::File::create(&blob)
+            .await
+            .map_err(|e| format!("{}: {e}", blob.display()))?;
+        // oci-client checks the blob against its digest while it streams it.
+        self.client
+            .pull_blob(r, l, file)
+            .await
+            .map_err(|e| format!("pulling layer {}: {e}", l.digest))?;
+        let gz = l.media_type.ends_with("gzip") || l.media_type.ends_with(".tar.gzip");
+        let (blob2, dir2) = (blob.clone(), dir.to_path_buf());
+        let unpacked = tokio::task::spawn_blocking(move || unpack(&blob2, gz, &dir2))
+            .await
+            .map_err(|e| format!("unpacking: {e}"))?;
+        let _ = std::fs::remove_file(&blob);
+        unpacked.map_err(|e| format!("unpacking layer {}: {}", l.digest, chain(&e)))
+    }
+}
+
+/// An error with its causes: tar hides the reason (e.g. EPERM) in its source.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(tmp, path)
+}
+
+/// Unpacks a layer tar into `dir` (via a temporary sibling, so a half-unpacked layer is never
+/// taken for a cached one), turning OCI whiteouts into overlayfs ones.
+fn unpack(blob: &Path, gz: bool, dir: &Path) -> std::io::Result<()> {
+    let tmp = dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    let f = std::fs::File::open(blob)?;
+    let reader: Box<dyn Read> = if gz {
+        Box::new(flate2::read::GzDecoder::new(f))
+    } else {
+        Box::new(f)
+    };
+    let mut ar = tar::Archive::new(reader);
+    ar.set_preserve_permissions(true);
+    ar.set_preserve_ownerships(true);
+    ar.set_unpack_xattrs(true);
+    for entry in ar.entries()? {
+        let mut entry = entry?;
+        let path = entry.path()?.into_owned();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let parent = tmp.join(path.parent().unwrap_or(Path::new("")));
+        if name == ".wh..wh..opq" {
+            std::fs::create_dir_all(&parent)?;
+            xattr::set(&parent, "trusted.overlay.opaque", b"y")?;
+        } else if let Some(hidden) = name.strip_prefix(".wh.") {
+            std::fs::create_dir_all(&parent)?;
+            // overlayfs marks a deleted lower file with a 0:0 character device of its name.
+            nix::sys::stat::mknod(
+                &parent.join(hidden),
+                nix::sys::stat::SFlag::S_IFCHR,
+                nix::sys::stat::Mode::empty(),
+                0,
+            )
+            .map_err(std::io::Error::from)?;
+        } else {
+            entry.unpack_in(&tmp)?;
+        }
+    }
+    std::fs::rename(&tmp, dir)
+}

@@ -1,0 +1,579 @@
+//! Containers: an OCI image's layers under an overlay rootfs, run by an OCI runtime from Debian
+//! (runc by default; crun 1.8 refuses hosts with cgroup v1 and v2 controllers mixed) from a
+//! config built with oci-spec: pid, mount, ipc, uts and net namespaces, cgroup
+//! limits for cpu and memory, the node bridge for networking, stdout/stderr into a bounded log.
+//! A supervisor task per container restarts it with backoff when it exits.
+
+use super::{is_mounted, run, Ctx, Kind, Output, Report, Reporter, WorkloadId};
+use crate::images::{Image, Images};
+use crate::net::Net;
+use oci_spec::runtime::{
+    LinuxBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceType,
+    LinuxPidsBuilder, LinuxResourcesBuilder, Mount, MountBuilder, ProcessBuilder, RootBuilder,
+    Spec,
+};
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tfgrid_core::deployment::{ContainerSpec, ResultState, WorkloadData};
+
+/// Restarts in a row (each run shorter than [`STABLE`]) before the container is left in error.
+const MAX_RESTARTS: u32 = 5;
+/// A run this long resets the restart count.
+const STABLE: Duration = Duration::from_secs(10);
+const CPU_PERIOD: u64 = 100_000;
+
+pub struct Container {
+    /// The OCI runtime binary (runc or crun), driven through its standard command line.
+    runtime: String,
+    dir: PathBuf,
+    runtime_root: PathBuf,
+    volumes: PathBuf,
+    images: Arc<Images>,
+    net: Net,
+    reporter: Reporter,
+    log_limit: u64,
+    supervisors: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+}
+
+enum RunState {
+    Running,
+    Stopped,
+    Missing,
+}
+
+impl Container {
+    pub fn new(
+        runtime: String,
+        dir: PathBuf,
+        runtime_root: PathBuf,
+        volumes: PathBuf,
+        images: Arc<Images>,
+        net: Net,
+        reporter: Reporter,
+    ) -> Self {
+        Self {
+            runtime,
+            dir,
+            runtime_root,
+            volumes,
+            images,
+            net,
+            reporter,
+            log_limit: 1 << 20,
+            supervisors: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn images(&self) -> &Images {
+        &self.images
+    }
+
+    fn cdir(&self, id: &WorkloadId) -> PathBuf {
+        self.dir.join(id.key())
+    }
+
+    fn log_path(&self, id: &WorkloadId) -> PathBuf {
+        self.cdir(id).join("log")
+    }
+
+    /// The bounded log's last `tail` bytes (all of it by default).
+    pub fn logs(&self, id: &WorkloadId, tail: Option<u64>) -> String {
+        let Ok(mut f) = std::fs::File::open(self.log_path(id)) else {
+            return String::new();
+        };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let start = tail.map(|t| len.saturating_sub(t)).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(start));
+        let mut buf = Vec::new();
+        let _ = f.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    /// The lowest subnet address no other container of this node holds.
+    fn allocate_ip(&self) -> Result<Ipv4Addr, String> {
+        let mut used = std::collections::HashSet::new();
+        if let Ok(rd) = std::fs::read_dir(&self.dir) {
+            for e in rd.flatten() {
+                if let Ok(s) = std::fs::read_to_string(e.path().join("ip")) {
+                    if let Ok(ip) = s.trim().parse::<Ipv4Addr>() {
+                        used.insert(ip);
+                    }
+                }
+            }
+        }
+        self.net
+            .hosts()
+            .find(|ip| !used.contains(ip))
+            .ok_or_else(|| "the node's workload subnet is full".to_string())
+    }
+
+    async fn runtime_cmd(&self, args: &[&str]) -> Result<String, String> {
+        let root = self.runtime_root.to_string_lossy().into_owned();
+        let mut all = vec!["--root", root.as_str()];
+        all.extend_from_slice(args);
+        run(&self.runtime, &all).await
+    }
+
+    async fn state(&self, key: &str) -> RunState {
+        match self.runtime_cmd(&["state", key]).await {
+            Err(_) => RunState::Missing,
+            Ok(json) => {
+                let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+                match (v["status"].as_str(), v["pid"].as_i64()) {
+                    (Some("running"), Some(pid)) if pid > 0 => RunState::Running,
+                    _ => RunState::Stopped,
+                }
+            }
+        }
+    }
+
+    fn config(&self, id: &WorkloadId, spec: &ContainerSpec, image: &Image) -> Result<Spec, String> {
+        let (entrypoint, cmd) = match &spec.entrypoint {
+            // As docker run --entrypoint: a new entrypoint drops the image's cmd.
+            Some(ep) => (ep.clone(), spec.cmd.clone().unwrap_or_default()),
+            None => (
+                image.config.entrypoint.clone(),
+                spec.cmd.clone().unwrap_or_else(|| image.config.cmd.clone()),
+            ),
+        };
+        let args: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
+        if args.is_empty() {
+            return Err(format!(
+                "image {} has no entrypoint or cmd; give one in the workload",
+                spec.image
+            ));
+        }
+        let mut env: BTreeMap<String, String> = BTreeMap::new();
+        env.insert(
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        );
+        for kv in &image.config.env {
+            if let Some((k, v)) = kv.split_once('=') {
+                env.insert(k.into(), v.into());
+            }
+        }
+        env.extend(spec.env.clone());
+        let e = |e: oci_spec::OciSpecError| format!("building the OCI config: {e}");
+        let cwd = if image.config.workdir.is_empty() {
+            "/".to_string()
+        } else {
+            image.config.workdir.clone()
+        };
+        let process = ProcessBuilder::default()
+            .terminal(false)
+            .args(args)
+            .env(
+                env.iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>(),
+            )
+            .cwd(cwd)
+            .no_new_privileges(true)
+            .build()
+            .map_err(e)?;
+        let mut namespaces: Vec<LinuxNamespace> = oci_spec::runtime::get_default_namespaces()
+            .into_iter()
+            .filter(|n| n.typ() != LinuxNamespaceType::Network)
+            .collect();
+        let mut netns = LinuxNamespace::default();
+        netns.set_typ(LinuxNamespaceType::Network);
+        netns.set_path(Some(self.net.netns_path(&id.key())));
+        namespaces.push(netns);
+        let resources = LinuxResourcesBuilder::default()
+            .memory(
+                LinuxMemoryBuilder::default()
+                    .limit(spec.memory as i64)
+                    // No swap beyond the limit: memory.memsw would let it spill to swap instead.
+                    .swappiness(0u64)
+                    .build()
+                    .map_err(e)?,
+            )
+            .cpu(
+                LinuxCpuBuilder::default()
+                    .quota(spec.cpu as i64 * CPU_PERIOD as i64)
+                    .period(CPU_PERIOD)
+                    .build()
+                    .map_err(e)?,
+            )
+            .pids(LinuxPidsBuilder::default().limit(4096).build().map_err(e)?)
+            .build()
+            .map_err(e)?;
+        let linux = LinuxBuilder::default()
+            .namespaces(namespaces)
+            .resources(resources)
+            .cgroups_path(PathBuf::from(self.net.cgroup(&id.key())))
+            .build()
+            .map_err(e)?;
+        let mut mounts: Vec<Mount> = oci_spec::runtime::get_default_mounts();
+        for m in &spec.mounts {
+            let src = self
+                .volumes
+                .join(WorkloadId::new(id.contract, &m.volume).key());
+            mounts.push(
+                MountBuilder::default()
+                    .destination(&m.path)
+                    .typ("bind")
+                    .source(src)
+                    .options(vec!["rbind".to_string(), "rw".to_string()])
+                    .build()
+                    .map_err(e)?,
+            );
+        }
+        let mut s = Spec::default();
+        s.set_hostname(Some(id.name.replace('_', "-")));
+        s.set_process(Some(process));
+        s.set_root(Some(
+            RootBuilder::default()
+                .path("rootfs")
+                .readonly(false)
+                .build()
+                .map_err(e)?,
+        ));
+        s.set_linux(Some(linux));
+        s.set_mounts(Some(mounts));
+        Ok(s)
+    }
+
+    fn mount_rootfs(&self, id: &WorkloadId, image: &Image) -> Result<(), String> {
+        let c = self.cdir(id);
+        let (rootfs, upper, work) = (c.join("rootfs"), c.join("upper"), c.join("work"));
+        for d in [&rootfs, &upper, &work] {
+            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        if is_mounted(&rootfs) {
+            return Ok(());
+        }
+        let lower: Vec<String> = image
+            .layers
+            .iter()
+            .rev()
+            .map(|l| l.to_string_lossy().into_owned())
+            .collect();
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.join(":"),
+            upper.display(),
+            work.display()
+        );
+        nix::mount::mount(
+            Some("overlay"),
+            &rootfs,
+            Some("overlay"),
+            nix::mount::MsFlags::empty(),
+            Some(opts.as_str()),
+        )
+        .map_err(|e| format!("mounting the overlay rootfs: {e}"))
+    }
+
+    /// Starts the container detached, its stdout and stderr appended to its log.
+    async fn start(&self, id: &WorkloadId) -> Result<(), String> {
+        let key = id.key();
+        let c = self.cdir(id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(c.join("log"))
+            .map_err(|e| format!("opening the log: {e}"))?;
+        let out = tokio::process::Command::new(&self.runtime)
+            .arg("--root")
+            .arg(&self.runtime_root)
+            .args(["run", "--detach", "--bundle"])
+            .arg(&c)
+            .arg(&key)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .status()
+            .await
+            .map_err(|e| format!("cannot run {}: {e}", self.runtime))?;
+        if !out.success() {
+            let tail = self.logs(id, Some(400));
+            let _ = self.runtime_cmd(&["delete", "--force", &key]).await;
+            return Err(format!(
+                "{} could not start the container: {}",
+                self.runtime,
+                tail.lines().last().unwrap_or("no output").trim()
+            ));
+        }
+        Ok(())
+    }
+
+    fn supervise(&self, id: WorkloadId, memory: u64) {
+        let key = id.key();
+        let sup = Supervisor {
+            runtime: self.runtime.clone(),
+            id: id.clone(),
+            runtime_root: self.runtime_root.clone(),
+            cdir: self.cdir(&id),
+            reporter: self.reporter.clone(),
+            log_limit: self.log_limit,
+            memory,
+            cgroup: self.net.cgroup(&id.key()),
+        };
+        let task = tokio::spawn(sup.run());
+        if let Some(old) = self
+            .supervisors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, task)
+        {
+            old.abort();
+        }
+    }
+
+    async fn make(&self, ctx: &Ctx<'_>) -> Result<Output, String> {
+        let WorkloadData::Container(spec) = &ctx.workload.data else {
+            return Err("not a container workload".into());
+        };
+        let id = &ctx.id;
+        let image = self.images.ensure(&spec.image).await?;
+        let c = self.cdir(id);
+        std::fs::create_dir_all(&c).map_err(|e| format!("{}: {e}", c.display()))?;
+        let ip = match std::fs::read_to_string(c.join("ip"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            Some(ip) if self.net.contains(ip) => ip,
+            _ => {
+                let ip = self.allocate_ip()?;
+                std::fs::write(c.join("ip"), ip.to_string()).map_err(|e| e.to_string())?;
+                ip
+            }
+        };
+        let config = self.config(id, spec, &image)?;
+        config
+            .save(c.join("config.json"))
+            .map_err(|e| format!("writing config.json: {e}"))?;
+        self.mount_rootfs(id, &image)?;
+        let key = id.key();
+        match self.state(&key).await {
+            RunState::Running => {}
+            state => {
+                if matches!(state, RunState::Stopped) {
+                    let _ = self.runtime_cmd(&["delete", "--force", &key]).await;
+                }
+                if !self.net.attached(&key) {
+                    self.net.attach(&key, ip).await?;
+                }
+                self.start(id).await?;
+            }
+        }
+        self.supervise(id.clone(), spec.memory);
+        Ok([
+            ("ip".to_string(), ip.to_string()),
+            ("image_digest".to_string(), image.digest),
+        ]
+        .into())
+    }
+
+    async fn remove(&self, id: &WorkloadId) -> Result<(), String> {
+        let key = id.key();
+        if let Some(t) = self
+            .supervisors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key)
+        {
+            t.abort();
+        }
+        let st = self.state(&key).await;
+        tracing::debug!(workload = %key, missing = matches!(st, RunState::Missing), mounted = is_mounted(&self.cdir(id).join("rootfs")), "removing");
+        if !matches!(st, RunState::Missing) {
+            let _ = self.runtime_cmd(&["kill", &key, "KILL"]).await;
+            self.runtime_cmd(&["delete", "--force", &key]).await?;
+        }
+        let c = self.cdir(id);
+        let rootfs = c.join("rootfs");
+        if is_mounted(&rootfs) {
+            nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH)
+                .map_err(|e| format!("unmounting {}: {e}", rootfs.display()))?;
+        }
+        self.net.detach(&key).await?;
+        match std::fs::remove_dir_all(&c) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("removing {}: {e}", c.display())),
+        }
+    }
+}
+
+impl Kind for Container {
+    async fn provision(&self, ctx: &Ctx<'_>) -> Result<Output, String> {
+        match self.make(ctx).await {
+            Ok(o) => Ok(o),
+            Err(e) => {
+                if let Err(e2) = self.remove(&ctx.id).await {
+                    tracing::warn!(workload = %ctx.id.key(), "cleaning up after a failed start: {e2}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn deprovision(&self, id: &WorkloadId) -> Result<(), String> {
+        self.remove(id).await
+    }
+
+    async fn inspect(&self, id: &WorkloadId) -> (ResultState, String) {
+        match self.state(&id.key()).await {
+            RunState::Running => (ResultState::Ok, String::new()),
+            RunState::Stopped => (ResultState::Error, "container is not running".into()),
+            RunState::Missing => (ResultState::Error, "container does not exist".into()),
+        }
+    }
+
+    async fn recover(&self, ctx: &Ctx<'_>) -> Result<Output, String> {
+        // make() adopts a running container (it only (re)starts what is not running), so a
+        // restarted agent never runs a second copy.
+        self.make(ctx).await
+    }
+}
+
+/// Watches one container: on exit it records why (out of memory, or exited), and restarts it
+/// with exponential backoff; too many quick deaths in a row leave it in error.
+struct Supervisor {
+    runtime: String,
+    id: WorkloadId,
+    runtime_root: PathBuf,
+    cdir: PathBuf,
+    reporter: Reporter,
+    log_limit: u64,
+    memory: u64,
+    cgroup: String,
+}
+
+impl Supervisor {
+    async fn runtime_cmd(&self, args: &[&str]) -> Result<String, String> {
+        let root = self.runtime_root.to_string_lossy().into_owned();
+        let mut all = vec!["--root", root.as_str()];
+        all.extend_from_slice(args);
+        run(&self.runtime, &all).await
+    }
+
+    fn report(&self, state: ResultState, message: String) {
+        let _ = self.reporter.send(Report {
+            id: self.id.clone(),
+            state,
+            message,
+        });
+    }
+
+    fn oom_kills(&self) -> u64 {
+        let v1 = std::fs::read_to_string(format!(
+            "/sys/fs/cgroup/memory{}/memory.oom_control",
+            self.cgroup
+        ))
+        .unwrap_or_default();
+        let v2 = std::fs::read_to_string(format!("/sys/fs/cgroup{}/memory.events", self.cgroup))
+            .unwrap_or_default();
+        v1.lines()
+            .chain(v2.lines())
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn trim_log(&self) {
+        let path = self.cdir.join("log");
+        let Ok(len) = std::fs::metadata(&path).map(|m| m.len()) else {
+            return;
+        };
+        if len <= self.log_limit {
+            return;
+        }
+        // The container appends (O_APPEND), so truncating and writing back the newest half keeps
+        // its descriptor valid; lines written in between are lost, which a bounded log allows.
+        let keep = self.log_limit / 2;
+        let Ok(mut f) = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&path)
+        else {
+            return;
+        };
+        let mut tail = Vec::new();
+        if f.seek(SeekFrom::Start(len - keep)).is_ok() && f.read_to_end(&mut tail).is_ok() {
+            let _ = f.set_len(0);
+            let _ = f.write_all(&tail);
+        }
+    }
+
+    async fn run(self) {
+        let key = self.id.key();
+        let mut started = Instant::now();
+        let mut failures = 0u32;
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            self.trim_log();
+            let state = self.runtime_cmd(&["state", &key]).await;
+            let running = state
+                .as_ref()
+                .ok()
+                .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok())
+                .is_some_and(|v| v["status"] == "running");
+            if running {
+                if failures > 0 && started.elapsed() > STABLE {
+                    failures = 0;
+                }
+                continue;
+            }
+            let reason = if self.oom_kills() > 0 {
+                format!(
+                    "killed: out of memory (limit {})",
+                    tfgrid_core::capacity::human_bytes(self.memory)
+                )
+            } else {
+                "the container's process exited".to_string()
+            };
+            let _ = self.runtime_cmd(&["delete", "--force", &key]).await;
+            failures += 1;
+            if failures > MAX_RESTARTS {
+                self.report(
+                    ResultState::Error,
+                    format!("{reason}; gave up after {MAX_RESTARTS} restarts"),
+                );
+                return;
+            }
+            let backoff = Duration::from_millis(500 * (1 << (failures - 1).min(6)));
+            tracing::warn!(workload = %key, "{reason}; restarting in {backoff:?}");
+            self.report(
+                ResultState::Error,
+                format!("{reason}; restart {failures} in {backoff:?}"),
+            );
+            tokio::time::sleep(backoff).await;
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.cdir.join("log"));
+            let Ok(log) = log else {
+                continue;
+            };
+            let Ok(log2) = log.try_clone() else { continue };
+            let ok = tokio::process::Command::new(&self.runtime)
+                .arg("--root")
+                .arg(&self.runtime_root)
+                .args(["run", "--detach", "--bundle"])
+                .arg(&self.cdir)
+                .arg(&key)
+                .stdin(std::process::Stdio::null())
+                .stdout(log)
+                .stderr(log2)
+                .status()
+                .await
+                .map(|s| s.success())
+                .unwrap_or(false);
+            started = Instant::now();
+            if ok {
+                self.report(
+                    ResultState::Ok,
+                    format!("restarted after: {reason} (restart {failures})"),
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! One module per workload kind, each behind [`Kind`]: the engine decides what must exist, a kind
+//! knows how to make it exist on this host, take it away, look at it and pick it up after a restart.
+
+pub mod container;
+pub mod gateway;
+pub mod volume;
+pub mod zdb;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use tfgrid_core::deployment::{Deployment, ResultState, Workload};
+use tfgrid_core::ContractId;
+
+/// A workload's identity on this node; `key()` names everything made for it (files, cgroups,
+/// links, namespaces), so deleting by key finds it all.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkloadId {
+    pub contract: ContractId,
+    pub name: String,
+}
+
+impl WorkloadId {
+    pub fn new(contract: ContractId, name: &str) -> Self {
+        Self {
+            contract,
+            name: name.to_string(),
+        }
+    }
+
+    pub fn key(&self) -> String {
+        format!("c{}-{}", self.contract, self.name)
+    }
+}
+
+/// Kind-specific output a result carries: addresses, endpoints, URLs.
+pub type Output = BTreeMap<String, String>;
+
+pub struct Ctx<'a> {
+    pub id: WorkloadId,
+    pub deployment: &'a Deployment,
+    pub workload: &'a Workload,
+}
+
+/// A state change a kind notices on its own (a container exited, was OOM-killed, came back).
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub id: WorkloadId,
+    pub state: ResultState,
+    pub message: String,
+}
+
+pub type Reporter = tokio::sync::mpsc::UnboundedSender<Report>;
+
+pub trait Kind: Send + Sync {
+    /// Makes the workload exist. An error leaves nothing behind.
+    fn provision(&self, ctx: &Ctx<'_>) -> impl Future<Output = Result<Output, String>> + Send;
+    /// Removes everything `provision` made; succeeds when there is nothing left to remove.
+    fn deprovision(&self, id: &WorkloadId) -> impl Future<Output = Result<(), String>> + Send;
+    /// The workload's state as the host shows it now.
+    fn inspect(&self, id: &WorkloadId) -> impl Future<Output = (ResultState, String)> + Send;
+    /// After an agent restart: adopt what still runs, remake what is gone.
+    fn recover(&self, ctx: &Ctx<'_>) -> impl Future<Output = Result<Output, String>> + Send;
+}
+
+/// Runs an external tool (mkfs, mount, crun, ip) and turns a failure into its stderr.
+pub(crate) async fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
+    let out = tokio::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| format!("cannot run {cmd}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// True when `path` is a mount point in this mount namespace.
+pub(crate) fn is_mounted(path: &std::path::Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let p = path.to_string_lossy();
+    info.lines()
+        .any(|l| l.split_whitespace().nth(4) == Some(p.as_ref()))
+}

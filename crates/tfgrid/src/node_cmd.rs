@@ -1,0 +1,177 @@
+//! `tfgrid node`: run the node agent, or print the capacity it would offer.
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tfgrid_core::capacity::human_bytes;
+use tfgrid_node::agent::{self, NodeConfig};
+use tfgrid_node::capacity::{self, parse_size};
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct NodeArgs {
+    #[command(subcommand)]
+    cmd: Option<NodeSub>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum NodeSub {
+    /// Print the capacity this host would offer (cores, memory, disk, GPUs) and exit.
+    Capacity {
+        #[arg(long, default_value = "/var/lib/tfgrid/node")]
+        data: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[arg(long, env = "TFGRID_REGISTRY", default_value = "http://127.0.0.1:8080")]
+    registry: String,
+    #[arg(long, env = "TFGRID_RELAY", default_value = "ws://127.0.0.1:9000/")]
+    relay: String,
+    /// The farm this node belongs to.
+    #[arg(long, default_value_t = 1)]
+    farm: u32,
+    /// Key, database, images, containers, volumes and zdb data live here.
+    #[arg(long, default_value = "/var/lib/tfgrid/node")]
+    data: PathBuf,
+    /// Makes this a gateway node serving `name.<domain>`.
+    #[arg(long)]
+    domain: Option<String>,
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    gateway_listen: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:9900")]
+    zdb_listen: SocketAddr,
+    /// Linux bridge for this node's workloads (at most 15 characters).
+    #[arg(long, default_value = "tfgrid0")]
+    bridge: String,
+    /// OCI runtime that runs containers (runc or crun), by name or path.
+    #[arg(long, default_value = "runc")]
+    oci_runtime: String,
+    /// Workload subnet; the bridge takes its first address.
+    #[arg(long, default_value = "10.42.0.0/24")]
+    subnet: String,
+    /// Registry (host:port) to pull images from over plain HTTP; repeatable.
+    #[arg(long = "insecure-registry")]
+    insecure_registries: Vec<String>,
+    /// Basic-auth login for an image registry: host:port=user:password; repeatable.
+    #[arg(
+        long = "registry-login",
+        env = "TFGRID_REGISTRY_LOGIN",
+        value_delimiter = ','
+    )]
+    registry_logins: Vec<String>,
+    /// SSD capacity to offer instead of what discovery found (e.g. 20G).
+    #[arg(long, value_parser = parse_size)]
+    sru: Option<u64>,
+    /// HDD capacity to offer instead of what discovery found.
+    #[arg(long, value_parser = parse_size)]
+    hru: Option<u64>,
+    /// Memory to offer (at most what the host has).
+    #[arg(long, value_parser = parse_size)]
+    mru: Option<u64>,
+    #[arg(long, default_value = "")]
+    country: String,
+    #[arg(long, default_value = "")]
+    city: String,
+}
+
+fn logins(v: &[String]) -> Result<HashMap<String, (String, String)>> {
+    v.iter()
+        .map(|s| {
+            let (host, cred) = s.split_once('=').with_context(|| {
+                format!("--registry-login {s:?}: expected host:port=user:password")
+            })?;
+            let (u, p) = cred.split_once(':').with_context(|| {
+                format!("--registry-login {s:?}: expected host:port=user:password")
+            })?;
+            Ok((host.to_string(), (u.to_string(), p.to_string())))
+        })
+        .collect()
+}
+
+pub async fn run(a: NodeArgs) -> Result<()> {
+    if let Some(NodeSub::Capacity { data, json }) = a.cmd {
+        let d = capacity::discover(&data)?;
+        let o = d.offered();
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({"discovered": d, "offered": o}))?
+            );
+            return Ok(());
+        }
+        println!("cores:   {}", d.cores);
+        println!(
+            "memory:  {} ({} kept for the host, {} offered)",
+            human_bytes(d.memory),
+            human_bytes(d.memory_reserved),
+            human_bytes(o.mru)
+        );
+        println!(
+            "disk:    {} {:?} on {} (under {})",
+            human_bytes(d.disk.size),
+            d.disk.kind,
+            d.disk.device,
+            d.disk.mount.display()
+        );
+        if d.gpus.is_empty() {
+            println!("gpus:    none");
+        }
+        for g in &d.gpus {
+            println!(
+                "gpu:     {} {} ({})",
+                g.vendor,
+                g.model,
+                human_bytes(g.memory)
+            );
+        }
+        println!(
+            "offered: cru {} mru {} sru {} hru {} gpu {}",
+            o.cru,
+            human_bytes(o.mru),
+            human_bytes(o.sru),
+            human_bytes(o.hru),
+            o.gpu
+        );
+        return Ok(());
+    }
+    let r = a.run;
+    let cfg = NodeConfig {
+        registry: r.registry,
+        relay: r.relay,
+        farm: r.farm,
+        data: r.data,
+        domain: r.domain,
+        gateway_listen: r.gateway_listen,
+        zdb_listen: r.zdb_listen,
+        bridge: r.bridge,
+        oci_runtime: r.oci_runtime,
+        subnet: r.subnet,
+        insecure_registries: r.insecure_registries,
+        registry_logins: logins(&r.registry_logins)?,
+        sru: r.sru,
+        hru: r.hru,
+        mru: r.mru,
+        country: r.country,
+        city: r.city,
+    };
+    let node = agent::start(cfg).await.context("starting the node agent")?;
+    println!(
+        "node {} (twin {}) up; zdb on {}{}",
+        node.node_id,
+        node.twin_id,
+        node.zdb,
+        node.gateway
+            .map(|g| format!("; gateway proxy on {g}"))
+            .unwrap_or_default()
+    );
+    crate::shutdown_signal().await;
+    Ok(())
+}

@@ -1,0 +1,1047 @@
+//! The node agent as operators run it: real registry, relay and node processes, a user twin
+//! talking to the node over the bus, images from a real OCI registry (Debian's docker-registry),
+//! containers run by runc. Tests that need root or those tools say why they skip.
+
+use sha2::Digest;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use tfgrid_bus::peer::ensure_registered;
+use tfgrid_bus::{Peer, PeerConfig};
+use tfgrid_core::capacity::{GIB, MIB};
+use tfgrid_core::deployment::{
+    ContainerSpec, Deployment, GatewayNameProxySpec, ResultState, Workload, WorkloadData, ZdbMode,
+    ZdbSpec,
+};
+use tfgrid_core::tx::{Call, Outcome};
+use tfgrid_core::{ContractId, Identity, TwinId};
+use tfgrid_node::api::{self, ContractRef, DeploymentInfo, Statistics};
+use tfgrid_registry_client::{RegistryClient, TwinSigner};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tfgrid");
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+struct Proc {
+    child: Child,
+    first_line: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn kill9(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-9", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `tfgrid args...` and waits for its first stdout line (each command prints one when
+/// it is ready). Its stderr goes to `log`.
+fn spawn(args: &[&str], log: &Path) -> Proc {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("spawn tfgrid");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        !line.is_empty(),
+        "tfgrid {args:?} exited before it was ready: {}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    Proc {
+        child,
+        first_line: line.trim().to_string(),
+    }
+}
+
+fn is_root() -> bool {
+    nix_euid() == 0
+}
+
+fn nix_euid() -> u32 {
+    // SAFETY-free: read it from /proc rather than pull a libc binding into the tests.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
+        })
+        .and_then(|u| u.parse().ok())
+        .unwrap_or(u32::MAX)
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Why a container test cannot run here, if it cannot.
+fn container_skip() -> Option<String> {
+    if !is_root() {
+        return Some("containers need root (namespaces, mounts, cgroups)".into());
+    }
+    for c in ["runc", "docker-registry", "busybox", "ip", "mkfs.ext4"] {
+        if !have(c) {
+            return Some(format!(
+                "{c} is not installed (apt-get install runc docker-registry busybox-static)"
+            ));
+        }
+    }
+    None
+}
+
+struct Grid {
+    dir: tempfile::TempDir,
+    _registry: Proc,
+    _relay: Proc,
+    registry_url: String,
+    relay_url: String,
+    client: RegistryClient,
+    farm: u32,
+    user: Identity,
+    user_twin: TwinId,
+    peer: Peer,
+    bridges: std::sync::Mutex<Vec<String>>,
+}
+
+struct Node {
+    proc: Proc,
+    args: Vec<String>,
+    log: PathBuf,
+    node_id: u32,
+    twin: TwinId,
+    gateway: Option<SocketAddr>,
+}
+
+impl Grid {
+    async fn start() -> Grid {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let reg_data = d.join("registry");
+        let registry = spawn(
+            &[
+                "registry",
+                "--data",
+                reg_data.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+                "--report-interval-ms",
+                "500",
+                "--down-after-ms",
+                "5000",
+            ],
+            &d.join("registry.log"),
+        );
+        let registry_url = registry
+            .first_line
+            .strip_prefix("registry listening on ")
+            .unwrap()
+            .to_string();
+        let relay_key = d.join("relay.key");
+        let relay = spawn(
+            &[
+                "relay",
+                "--listen",
+                "127.0.0.1:0",
+                "--registry",
+                &registry_url,
+                "--key",
+                relay_key.to_str().unwrap(),
+            ],
+            &d.join("relay.log"),
+        );
+        let relay_url = relay
+            .first_line
+            .strip_prefix("relay listening on ")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string();
+        let client = RegistryClient::new(&registry_url);
+        let farmer = TwinSigner::new(Identity::generate(), client.clone());
+        farmer.ensure_twin("").await.unwrap();
+        let farm = match farmer
+            .submit(Call::CreateFarm {
+                name: format!("farm{}", SEQ.fetch_add(1, Ordering::Relaxed)),
+                dedicated: false,
+            })
+            .await
+            .unwrap()
+            .outcome
+        {
+            Outcome::FarmCreated { farm_id } => farm_id,
+            o => panic!("{o:?}"),
+        };
+        let user = Identity::generate();
+        let signer = TwinSigner::new(user.clone(), client.clone());
+        let user_twin = ensure_registered(&signer, &relay_url).await.unwrap();
+        let peer = Peer::start(PeerConfig {
+            identity: user.clone(),
+            twin: user_twin,
+            relay_url: relay_url.clone(),
+            registry: client.clone(),
+        });
+        peer.connected(Duration::from_secs(10)).await.unwrap();
+        Grid {
+            dir,
+            _registry: registry,
+            _relay: relay,
+            registry_url,
+            relay_url,
+            client,
+            farm,
+            user,
+            user_twin,
+            peer,
+            bridges: Default::default(),
+        }
+    }
+
+    fn node_args(&self, name: &str, domain: Option<&str>) -> Vec<String> {
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let mut a: Vec<String> = [
+            "node",
+            "--registry",
+            &self.registry_url,
+            "--relay",
+            &self.relay_url,
+            "--farm",
+            &self.farm.to_string(),
+            "--data",
+            self.dir.path().join(name).to_str().unwrap(),
+            "--zdb-listen",
+            "127.0.0.1:0",
+            "--gateway-listen",
+            "127.0.0.1:0",
+            "--bridge",
+            &format!("tfgt{}x{n}", pid % 10000),
+            "--subnet",
+            &format!("10.{}.{}.0/24", 100 + n % 100, pid % 250),
+            "--sru",
+            "8G",
+            "--hru",
+            "8G",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(d) = domain {
+            a.extend(["--domain".to_string(), d.to_string()]);
+        }
+        self.bridges
+            .lock()
+            .unwrap()
+            .push(a[a.iter().position(|x| x == "--bridge").unwrap() + 1].clone());
+        a
+    }
+
+    fn start_node_with(&self, args: Vec<String>, name: &str) -> Node {
+        let log = self.dir.path().join(format!("{name}.log"));
+        let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let proc = spawn(&refs, &log);
+        // "node N (twin T) up; zdb on ADDR[; gateway proxy on ADDR]"
+        let l = proc.first_line.clone();
+        let words: Vec<&str> = l.split_whitespace().collect();
+        assert_eq!(words[0], "node", "{l}");
+        let node_id = words[1].parse().unwrap();
+        let twin = words[3].trim_end_matches(')').parse().unwrap();
+        let gateway = l
+            .split("gateway proxy on ")
+            .nth(1)
+            .map(|a| a.trim().parse().unwrap());
+        Node {
+            proc,
+            args,
+            log,
+            node_id,
+            twin,
+            gateway,
+        }
+    }
+
+    fn start_node(&self, name: &str, domain: Option<&str>) -> Node {
+        let args = self.node_args(name, domain);
+        self.start_node_with(args, name)
+    }
+
+    fn signer(&self) -> TwinSigner {
+        TwinSigner::new(self.user.clone(), self.client.clone())
+    }
+
+    /// Creates the node contract for `d` and sends it signed by the user.
+    async fn deploy(&self, node: &Node, mut d: Deployment) -> Result<DeploymentInfo, String> {
+        let id = self.contract(node, &d).await;
+        d.contract_id = id;
+        d.sign(&self.user);
+        self.send(node, api::DEPLOY, &d).await
+    }
+
+    async fn contract(&self, node: &Node, d: &Deployment) -> ContractId {
+        match self
+            .signer()
+            .submit(Call::CreateNodeContract {
+                node_id: node.node_id,
+                deployment_hash: d.hash(),
+                capacity: d.capacity().unwrap(),
+            })
+            .await
+            .unwrap()
+            .outcome
+        {
+            Outcome::ContractCreated { contract_id, .. } => contract_id,
+            o => panic!("{o:?}"),
+        }
+    }
+
+    async fn send<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
+        &self,
+        node: &Node,
+        cmd: &str,
+        req: &Req,
+    ) -> Result<Resp, String> {
+        self.peer
+            .call_json(node.twin, cmd, req, Duration::from_secs(120))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn get(&self, node: &Node, id: ContractId) -> Result<DeploymentInfo, String> {
+        self.send(node, api::GET, &ContractRef { contract_id: id })
+            .await
+    }
+
+    /// Polls until workload `name` reaches `state`, returning its result message.
+    async fn wait_state(
+        &self,
+        node: &Node,
+        id: ContractId,
+        name: &str,
+        want: impl Fn(ResultState, &str) -> bool,
+        timeout: Duration,
+    ) -> String {
+        let t0 = Instant::now();
+        loop {
+            let info = self.get(node, id).await.unwrap();
+            let r = &info.results[name];
+            if want(r.state, &r.message) {
+                return r.message.clone();
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "{name} stayed {:?}: {}",
+                r.state,
+                r.message
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn deployment(twin: TwinId, workloads: Vec<(&str, WorkloadData)>) -> Deployment {
+    Deployment {
+        version: 0,
+        twin_id: twin,
+        contract_id: 0,
+        metadata: String::new(),
+        description: String::new(),
+        workloads: workloads
+            .into_iter()
+            .map(|(n, data)| Workload {
+                version: 0,
+                name: n.into(),
+                data,
+                metadata: String::new(),
+                description: String::new(),
+            })
+            .collect(),
+        signature: None,
+    }
+}
+
+fn zdb_workload(size: u64, password: &str) -> WorkloadData {
+    WorkloadData::Zdb(ZdbSpec {
+        size,
+        mode: ZdbMode::User,
+        password: password.into(),
+        public: false,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zdb_namespaces_are_deployed_checked_and_removed() {
+    let g = Grid::start().await;
+    let node = g.start_node("n1", None);
+
+    // A zdb namespace, reachable with its password.
+    let d = deployment(g.user_twin, vec![("store", zdb_workload(GIB, "s3cret"))]);
+    let info = g.deploy(&node, d).await.unwrap();
+    let r = &info.results["store"];
+    assert_eq!(r.state, ResultState::Ok, "{}", r.message);
+    let (endpoint, ns) = (r.data["endpoint"].clone(), r.data["namespace"].clone());
+    let mut c = redis::Client::open(format!("redis://{endpoint}/"))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let denied: redis::RedisResult<()> = redis::cmd("SELECT").arg(&ns).arg("wrong").query(&mut c);
+    assert!(denied.is_err(), "a wrong password opens the namespace");
+    let _: () = redis::cmd("SELECT")
+        .arg(&ns)
+        .arg("s3cret")
+        .query(&mut c)
+        .unwrap();
+    let _: () = redis::cmd("SET").arg("k").arg("v").query(&mut c).unwrap();
+    let v: String = redis::cmd("GET").arg("k").query(&mut c).unwrap();
+    assert_eq!(v, "v");
+    let id = info.deployment.contract_id;
+
+    let stats: Statistics = g
+        .send(&node, api::STATISTICS, &serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(stats.reserved.hru, GIB);
+    assert_eq!(stats.used.hru, GIB);
+    assert_eq!(stats.deployments, 1);
+    let list: Vec<DeploymentInfo> = g
+        .send(&node, api::LIST, &serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(list.len(), 1);
+    let changes: api::Changes = g
+        .send(&node, api::CHANGES, &ContractRef { contract_id: id })
+        .await
+        .unwrap();
+    let states: Vec<_> = changes.changes.iter().map(|c| c.result.state).collect();
+    assert_eq!(states, vec![ResultState::Init, ResultState::Ok]);
+
+    // Bad deployments are refused and change nothing.
+    let before = g.get(&node, id).await.unwrap();
+    // Signed by someone else.
+    let mut d2 = deployment(g.user_twin, vec![("other", zdb_workload(MIB, ""))]);
+    d2.contract_id = g.contract(&node, &d2).await;
+    let intruder = Identity::generate();
+    d2.sign(&intruder);
+    let e = g
+        .send::<_, DeploymentInfo>(&node, api::DEPLOY, &d2)
+        .await
+        .unwrap_err();
+    assert!(e.contains("forbidden") && e.contains("not signed"), "{e}");
+    // A hash that is not the contract's.
+    let mut d3 = d2.clone();
+    d3.workloads[0].data = zdb_workload(2 * MIB, "");
+    d3.sign(&g.user);
+    let e = g
+        .send::<_, DeploymentInfo>(&node, api::DEPLOY, &d3)
+        .await
+        .unwrap_err();
+    assert!(e.contains("hash"), "{e}");
+    // A contract that does not exist.
+    let mut d4 = d2.clone();
+    d4.contract_id = 999_999;
+    d4.sign(&g.user);
+    let e = g
+        .send::<_, DeploymentInfo>(&node, api::DEPLOY, &d4)
+        .await
+        .unwrap_err();
+    assert!(e.contains("not found"), "{e}");
+    // Malformed: not a deployment at all, and a bad workload name.
+    let e = g
+        .peer
+        .call(
+            node.twin,
+            api::DEPLOY,
+            b"{not json",
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bad request"), "{e}");
+    let mut d5 = deployment(g.user_twin, vec![("bad name!", zdb_workload(MIB, ""))]);
+    d5.contract_id = 1;
+    d5.sign(&g.user);
+    let e = g
+        .send::<_, DeploymentInfo>(&node, api::DEPLOY, &d5)
+        .await
+        .unwrap_err();
+    assert!(e.contains("malformed") && e.contains("bad name!"), "{e}");
+    // The same contract twice.
+    let mut again = before.deployment.clone();
+    again.sign(&g.user);
+    let e = g
+        .send::<_, DeploymentInfo>(&node, api::DEPLOY, &again)
+        .await
+        .unwrap_err();
+    assert!(e.contains("already deployed"), "{e}");
+    // Another twin cannot read or delete it.
+    assert_eq!(g.get(&node, id).await.unwrap(), before);
+
+    // Cancelling the contract on the registry removes the namespace.
+    g.signer()
+        .submit(Call::CancelContract { contract_id: id })
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        if let Err(e) = g.get(&node, id).await {
+            assert!(e.contains("not found"), "{e}");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(15), "not removed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut admin = redis::Client::open(format!("redis://{endpoint}/"))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let gone: redis::RedisResult<String> = redis::cmd("NSINFO").arg(&ns).query(&mut admin);
+    assert!(gone.is_err(), "namespace {ns} still exists");
+    drop(node);
+}
+
+/// A one-layer image: busybox (static) with its applets linked, a web page, and `cmd`.
+async fn push_image(registry: &str, name: &str, cmd: &[&str]) -> String {
+    let mut tar = tar::Builder::new(Vec::new());
+    let busybox = std::fs::read("/bin/busybox").unwrap();
+    let mut h = header();
+    h.set_size(busybox.len() as u64);
+    h.set_mode(0o755);
+    h.set_entry_type(tar::EntryType::Regular);
+    tar.append_data(&mut h, "bin/busybox", busybox.as_slice())
+        .unwrap();
+    for applet in ["sh", "httpd", "head", "tail", "cat", "sleep", "echo"] {
+        let mut h = header();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        tar.append_link(&mut h, format!("bin/{applet}"), "busybox")
+            .unwrap();
+    }
+    for dir in ["tmp", "proc", "sys", "dev", "www"] {
+        let mut h = header();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_size(0);
+        h.set_mode(0o755);
+        tar.append_data(&mut h, dir, std::io::empty()).unwrap();
+    }
+    let page = b"hello from tfgrid\n";
+    let mut h = header();
+    h.set_size(page.len() as u64);
+    h.set_mode(0o644);
+    tar.append_data(&mut h, "www/index.html", &page[..])
+        .unwrap();
+    let layer = tar.into_inner().unwrap();
+    let diff_id = format!("sha256:{}", hex_lower(&sha2::Sha256::digest(&layer)));
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": cmd, "Env": ["GREETING=hi"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+    });
+    let _ = rustls_provider();
+    let client = oci_client::Client::new(oci_client::client::ClientConfig {
+        protocol: oci_client::client::ClientProtocol::Http,
+        ..Default::default()
+    });
+    let reference = format!("{registry}/{name}:latest");
+    let r: oci_client::Reference = reference.parse().unwrap();
+    client
+        .push(
+            &r,
+            &[oci_client::client::ImageLayer::new(
+                layer,
+                "application/vnd.oci.image.layer.v1.tar".into(),
+                None,
+            )],
+            oci_client::client::Config::new(
+                serde_json::to_vec(&config).unwrap(),
+                "application/vnd.oci.image.config.v1+json".into(),
+                None,
+            ),
+            &oci_client::secrets::RegistryAuth::Anonymous,
+            None,
+        )
+        .await
+        .unwrap();
+    reference
+}
+
+fn header() -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_700_000_000);
+    h
+}
+
+fn rustls_provider() -> bool {
+    tfgrid_node::images::install_crypto();
+    true
+}
+
+fn hex_lower(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+struct OciRegistry {
+    _proc: Child,
+    addr: String,
+}
+
+impl Drop for OciRegistry {
+    fn drop(&mut self) {
+        let _ = self._proc.kill();
+        let _ = self._proc.wait();
+    }
+}
+
+fn start_oci_registry(dir: &Path) -> OciRegistry {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let cfg = dir.join("registry.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.join("oci").display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("docker-registry");
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "docker-registry did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    OciRegistry { _proc: child, addr }
+}
+
+fn container(image: &str, cmd: Option<Vec<&str>>, cpu: u32, memory: u64) -> WorkloadData {
+    WorkloadData::Container(ContainerSpec {
+        image: image.into(),
+        entrypoint: None,
+        cmd: cmd.map(|c| c.into_iter().map(String::from).collect()),
+        env: [("NAME".to_string(), "tfgrid".to_string())].into(),
+        cpu,
+        memory,
+        rootfs_size: 0,
+        mounts: vec![],
+    })
+}
+
+async fn http_get(addr: SocketAddr, host: &str) -> Result<(u16, String), String> {
+    let r = reqwest::Client::new()
+        .get(format!("http://{addr}/"))
+        .header("host", host)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = r.status().as_u16();
+    Ok((status, r.text().await.map_err(|e| e.to_string())?))
+}
+
+/// What a workload may have left on the host: mounts, cgroups, its network namespace, processes.
+fn leftovers(bridge: &str, key: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for l in mounts.lines().filter(|l| l.contains(&format!("/{key}/"))) {
+        found.push(format!("mount: {l}"));
+    }
+    let cgroup = format!("tfgrid/{bridge}/{key}");
+    for c in ["memory", "cpu", "cpuacct", "pids"] {
+        let p = format!("/sys/fs/cgroup/{c}/{cgroup}");
+        if Path::new(&p).exists() {
+            found.push(format!("cgroup {p}"));
+        }
+    }
+    if Path::new(&format!("/var/run/netns/tfgrid-{bridge}-{key}")).exists() {
+        found.push("netns".into());
+    }
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cg) = std::fs::read_to_string(e.path().join("cgroup")) {
+            // A zombie waiting for pid 1 to reap it holds nothing but its pid.
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let zombie = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z');
+            if cg.contains(&cgroup) && !zombie {
+                found.push(format!("process {:?}", e.file_name()));
+            }
+        }
+    }
+    found
+}
+
+impl Node {
+    fn bridge(&self) -> String {
+        self.args[self.args.iter().position(|a| a == "--bridge").unwrap() + 1].clone()
+    }
+}
+
+/// Whatever a failed test left running on the host (containers outlive their agent by design).
+impl Drop for Grid {
+    fn drop(&mut self) {
+        let Ok(rd) = std::fs::read_dir(self.dir.path()) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let root = e.path().join("runtime");
+            if !root.is_dir() {
+                continue;
+            }
+            let out = Command::new("runc")
+                .arg("--root")
+                .arg(&root)
+                .args(["list", "-q"])
+                .output();
+            for id in out
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+                .lines()
+            {
+                let _ = Command::new("runc")
+                    .arg("--root")
+                    .arg(&root)
+                    .args(["delete", "--force", id])
+                    .status();
+            }
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let base = self.dir.path().to_string_lossy().into_owned();
+        for m in mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(4))
+            .filter(|m| m.starts_with(&base))
+        {
+            let _ = Command::new("umount").args(["-l", m]).status();
+        }
+        for b in self.bridges.lock().unwrap().iter() {
+            let ns = Command::new("ip").args(["netns", "list"]).output();
+            for l in ns
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+                .lines()
+            {
+                let name = l.split_whitespace().next().unwrap_or_default();
+                if name.starts_with(&format!("tfgrid-{b}-")) {
+                    let _ = Command::new("ip").args(["netns", "del", name]).status();
+                }
+            }
+            let _ = Command::new("ip")
+                .args(["link", "del", b])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_served_through_the_gateway_survives_an_agent_kill_and_is_removed_cleanly() {
+    if let Some(why) = container_skip() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let g = Grid::start().await;
+    let oci = start_oci_registry(g.dir.path());
+    let image = push_image(
+        &oci.addr,
+        "web",
+        &["/bin/httpd", "-f", "-p", "8080", "-h", "/www"],
+    )
+    .await;
+    let mut args = g.node_args("n1", None);
+    args.extend(["--insecure-registry".to_string(), oci.addr.clone()]);
+    let mut node = g.start_node_with(args.clone(), "n1");
+    let gw = g.start_node("gw", Some("gw.test"));
+
+    // An unknown image is refused with the registry's reason, and leaves nothing behind.
+    let bad = deployment(
+        g.user_twin,
+        vec![(
+            "web",
+            container(&format!("{}/nope:1", oci.addr), None, 1, 64 * MIB),
+        )],
+    );
+    let info = g.deploy(&node, bad).await.unwrap();
+    let r = &info.results["web"];
+    assert_eq!(r.state, ResultState::Error);
+    assert!(r.message.contains("nope"), "{}", r.message);
+    assert_eq!(
+        leftovers(
+            &node.bridge(),
+            &format!("c{}-web", info.deployment.contract_id)
+        ),
+        Vec::<String>::new()
+    );
+
+    let d = deployment(
+        g.user_twin,
+        vec![("web", container(&image, None, 1, 64 * MIB))],
+    );
+    let info = g.deploy(&node, d).await.unwrap();
+    let id = info.deployment.contract_id;
+    let r = &info.results["web"];
+    assert_eq!(r.state, ResultState::Ok, "{}", r.message);
+    let ip = r.data["ip"].clone();
+
+    // The gateway serves it by name, for the twin holding the name contract only.
+    let route = deployment(
+        g.user_twin,
+        vec![(
+            "web_gw",
+            WorkloadData::GatewayNameProxy(GatewayNameProxySpec {
+                name: "web".into(),
+                backends: vec![format!("http://{ip}:8080")],
+            }),
+        )],
+    );
+    let info = g.deploy(&gw, route.clone()).await.unwrap();
+    let r = &info.results["web_gw"];
+    assert_eq!(
+        r.state,
+        ResultState::Error,
+        "served without a name contract"
+    );
+    assert!(r.message.contains("name contract"), "{}", r.message);
+    g.signer()
+        .submit(Call::CreateNameContract { name: "web".into() })
+        .await
+        .unwrap();
+    let mut route2 = route.clone();
+    route2.description = "with name".into();
+    let info = g.deploy(&gw, route2).await.unwrap();
+    let r = &info.results["web_gw"];
+    assert_eq!(r.state, ResultState::Ok, "{}", r.message);
+    assert!(
+        r.data["url"].starts_with("http://web.gw.test:"),
+        "{:?}",
+        r.data
+    );
+    let gw_addr = gw.gateway.unwrap();
+    let t0 = Instant::now();
+    let body = loop {
+        match http_get(gw_addr, "web.gw.test").await {
+            Ok((200, b)) => break b,
+            other => {
+                assert!(t0.elapsed() < Duration::from_secs(10), "{other:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(body, "hello from tfgrid\n");
+    let (status, _) = http_get(gw_addr, "other.gw.test").await.unwrap();
+    assert_eq!(status, 404);
+
+    // kill -9 the agent: the container keeps serving; the restarted agent adopts it (one copy).
+    node.proc.kill9();
+    assert_eq!(http_get(gw_addr, "web.gw.test").await.unwrap().0, 200);
+    let runtime_root = g.dir.path().join("n1/runtime");
+    let count = || {
+        let out = Command::new("runc")
+            .arg("--root")
+            .arg(&runtime_root)
+            .arg("list")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(&format!("c{id}-web")))
+            .count()
+    };
+    assert_eq!(count(), 1);
+    let pid_before = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/pids/tfgrid/{}/c{id}-web/cgroup.procs",
+        node.bridge()
+    ))
+    .unwrap();
+    node = g.start_node_with(args.clone(), "n1");
+    let info = g.get(&node, id).await.unwrap();
+    assert_eq!(info.results["web"].state, ResultState::Ok);
+    assert_eq!(count(), 1);
+    let pid_after = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/pids/tfgrid/{}/c{id}-web/cgroup.procs",
+        node.bridge()
+    ))
+    .unwrap();
+    assert_eq!(
+        pid_before, pid_after,
+        "the container was restarted, not adopted"
+    );
+    assert_eq!(http_get(gw_addr, "web.gw.test").await.unwrap().0, 200);
+
+    // Logs are there; delete leaves nothing behind.
+    let key = format!("c{id}-web");
+    let _: api::Logs = g
+        .send(
+            &node,
+            api::LOGS,
+            &api::LogsRequest {
+                contract_id: id,
+                name: "web".into(),
+                tail: None,
+            },
+        )
+        .await
+        .unwrap();
+    let _: serde_json::Value = g
+        .send(&node, api::DELETE, &ContractRef { contract_id: id })
+        .await
+        .unwrap();
+    assert_eq!(
+        leftovers(&node.bridge(), &key),
+        Vec::<String>::new(),
+        "{}",
+        std::fs::read_to_string(&node.log).unwrap()
+    );
+    assert!(!g.dir.path().join("n1/containers").join(&key).exists());
+    assert_eq!(count(), 0);
+    let veth_prefix = "tv";
+    let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+    let links = String::from_utf8_lossy(&links.stdout);
+    let bridge = &args[args.iter().position(|a| a == "--bridge").unwrap() + 1];
+    assert!(
+        !links
+            .lines()
+            .any(|l| l.contains(veth_prefix) && l.contains(&format!("master {bridge}"))),
+        "a veth is left on {bridge}: {links}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_and_cpu_limits_are_enforced() {
+    if let Some(why) = container_skip() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let g = Grid::start().await;
+    let oci = start_oci_registry(g.dir.path());
+    let image = push_image(&oci.addr, "tools", &["/bin/sleep", "1000"]).await;
+    let mut args = g.node_args("n1", None);
+    args.extend(["--insecure-registry".to_string(), oci.addr.clone()]);
+    let node = g.start_node_with(args, "n1");
+    let d = deployment(
+        g.user_twin,
+        vec![
+            (
+                // tail keeps one endless line in memory: it grows past the limit.
+                "hog",
+                container(
+                    &image,
+                    Some(vec!["/bin/sh", "-c", "head -c 400000000 /dev/zero | tail"]),
+                    1,
+                    32 * MIB,
+                ),
+            ),
+            (
+                "spin",
+                container(
+                    &image,
+                    Some(vec![
+                        "/bin/sh",
+                        "-c",
+                        "while :; do :; done & while :; do :; done",
+                    ]),
+                    1,
+                    32 * MIB,
+                ),
+            ),
+        ],
+    );
+    let info = g.deploy(&node, d).await.unwrap();
+    let id = info.deployment.contract_id;
+    for w in ["hog", "spin"] {
+        assert_eq!(
+            info.results[w].state,
+            ResultState::Ok,
+            "{}",
+            info.results[w].message
+        );
+    }
+    let msg = g
+        .wait_state(
+            &node,
+            id,
+            "hog",
+            |s, m| s == ResultState::Error && m.contains("out of memory"),
+            Duration::from_secs(30),
+        )
+        .await;
+    assert!(msg.contains("32.0 MiB"), "{msg}");
+
+    // One core's quota: two busy loops get one core's worth of time between them.
+    let quota = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/cpu/tfgrid/{}/c{id}-spin/cpu.cfs_quota_us",
+        node.bridge()
+    ))
+    .unwrap();
+    assert_eq!(quota.trim(), "100000");
+    let usage = || -> u64 {
+        std::fs::read_to_string(format!(
+            "/sys/fs/cgroup/cpuacct/tfgrid/{}/c{id}-spin/cpuacct.usage",
+            node.bridge()
+        ))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+    };
+    let (u0, t0) = (usage(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let used = (usage() - u0) as f64 / 1e9;
+    let wall = t0.elapsed().as_secs_f64();
+    assert!(
+        used < wall * 1.25,
+        "two loops used {used:.2}s of cpu in {wall:.2}s under a one-core quota"
+    );
+    assert!(
+        used > wall * 0.5,
+        "the loops hardly ran: {used:.2}s in {wall:.2}s"
+    );
+    let _: serde_json::Value = g
+        .send(&node, api::DELETE, &ContractRef { contract_id: id })
+        .await
+        .unwrap();
+    assert_eq!(
+        leftovers(&node.bridge(), &format!("c{id}-spin")),
+        Vec::<String>::new(),
+        "{}",
+        std::fs::read_to_string(&node.log).unwrap()
+    );
+}
