@@ -13,8 +13,8 @@ use tfgrid_bus::peer::ensure_registered;
 use tfgrid_bus::{Peer, PeerConfig};
 use tfgrid_core::capacity::{GIB, MIB};
 use tfgrid_core::deployment::{
-    ContainerSpec, Deployment, GatewayNameProxySpec, ResultState, Workload, WorkloadData, ZdbMode,
-    ZdbSpec,
+    ContainerSpec, Deployment, GatewayNameProxySpec, Mount, ResultState, VolumeSpec, Workload,
+    WorkloadData, ZdbMode, ZdbSpec,
 };
 use tfgrid_core::tx::{Call, Outcome};
 use tfgrid_core::{ContractId, Identity, TwinId};
@@ -649,6 +649,16 @@ fn start_oci_registry(dir: &Path) -> OciRegistry {
     OciRegistry { _proc: child, addr }
 }
 
+fn with_mount(mut w: WorkloadData, volume: &str, path: &str) -> WorkloadData {
+    if let WorkloadData::Container(c) = &mut w {
+        c.mounts.push(Mount {
+            volume: volume.into(),
+            path: path.into(),
+        });
+    }
+    w
+}
+
 fn container(image: &str, cmd: Option<Vec<&str>>, cpu: u32, memory: u64) -> WorkloadData {
     WorkloadData::Container(ContainerSpec {
         image: image.into(),
@@ -969,24 +979,29 @@ async fn memory_and_cpu_limits_are_enforced() {
                     32 * MIB,
                 ),
             ),
+            ("vol", WorkloadData::Volume(VolumeSpec { size: 64 * MIB })),
             (
                 "spin",
-                container(
-                    &image,
-                    Some(vec![
-                        "/bin/sh",
-                        "-c",
-                        "while :; do :; done & while :; do :; done",
-                    ]),
-                    1,
-                    32 * MIB,
+                with_mount(
+                    container(
+                        &image,
+                        Some(vec![
+                            "/bin/sh",
+                            "-c",
+                            "echo kept > /data/file; while :; do :; done & while :; do :; done",
+                        ]),
+                        1,
+                        32 * MIB,
+                    ),
+                    "vol",
+                    "/data",
                 ),
             ),
         ],
     );
     let info = g.deploy(&node, d).await.unwrap();
     let id = info.deployment.contract_id;
-    for w in ["hog", "spin"] {
+    for w in ["hog", "vol", "spin"] {
         assert_eq!(
             info.results[w].state,
             ResultState::Ok,
@@ -1004,6 +1019,34 @@ async fn memory_and_cpu_limits_are_enforced() {
         )
         .await;
     assert!(msg.contains("32.0 MiB"), "{msg}");
+
+    // The volume is an ext4 filesystem of its size, mounted into the container.
+    let vol = g.dir.path().join(format!("n1/volumes/c{id}-vol"));
+    let t0 = Instant::now();
+    while std::fs::read_to_string(vol.join("file")).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the container did not write to its volume"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(std::fs::read_to_string(vol.join("file")).unwrap(), "kept\n");
+    let df = Command::new("df")
+        .args(["-B1", "--output=size,fstype"])
+        .arg(&vol)
+        .output()
+        .unwrap();
+    let df = String::from_utf8_lossy(&df.stdout).into_owned();
+    let size: u64 = df
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(size > 40 * MIB && size <= 64 * MIB, "{df}");
 
     // One core's quota: two busy loops get one core's worth of time between them.
     let quota = std::fs::read_to_string(format!(
@@ -1038,6 +1081,12 @@ async fn memory_and_cpu_limits_are_enforced() {
         .send(&node, api::DELETE, &ContractRef { contract_id: id })
         .await
         .unwrap();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&format!("/c{id}-vol ")),
+        "the volume is still mounted"
+    );
+    assert!(!vol.exists() && !vol.with_extension("img").exists());
     assert_eq!(
         leftovers(&node.bridge(), &format!("c{id}-spin")),
         Vec::<String>::new(),
