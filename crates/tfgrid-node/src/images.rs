@@ -257,3 +257,136 @@ fn unpack(blob: &Path, gz: bool, dir: &Path) -> std::io::Result<()> {
     }
     std::fs::rename(&tmp, dir)
 }
+
+/// A minimal image for local grids, examples, tests and benchmarks, made from the host's static
+/// busybox (Debian's busybox-static): busybox with its common applets linked, `/www/index.html`
+/// holding `page`, and `cmd` as the image's command. Pushed to `registry` (plain HTTP, anonymous)
+/// as `<registry>/<name>:latest`, which is returned.
+pub async fn push_busybox_image(
+    registry: &str,
+    name: &str,
+    cmd: &[&str],
+    page: &str,
+) -> Result<String, String> {
+    use sha2::Digest;
+    let busybox = std::fs::read("/bin/busybox")
+        .map_err(|e| format!("/bin/busybox: {e} (apt-get install busybox-static)"))?;
+    let header = |kind: tar::EntryType, size: u64, mode: u32| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(size);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h
+    };
+    let io = |e: std::io::Error| format!("building the layer: {e}");
+    let mut tar = tar::Builder::new(Vec::new());
+    for dir in ["bin", "tmp", "proc", "sys", "dev", "etc", "www"] {
+        let mut h = header(tar::EntryType::Directory, 0, 0o755);
+        tar.append_data(&mut h, dir, std::io::empty()).map_err(io)?;
+    }
+    let mut h = header(tar::EntryType::Regular, busybox.len() as u64, 0o755);
+    tar.append_data(&mut h, "bin/busybox", busybox.as_slice())
+        .map_err(io)?;
+    for applet in [
+        "sh", "httpd", "head", "tail", "cat", "sleep", "echo", "ls", "wget", "nc", "env",
+    ] {
+        let mut h = header(tar::EntryType::Symlink, 0, 0o777);
+        tar.append_link(&mut h, format!("bin/{applet}"), "busybox")
+            .map_err(io)?;
+    }
+    let mut h = header(tar::EntryType::Regular, page.len() as u64, 0o644);
+    tar.append_data(&mut h, "www/index.html", page.as_bytes())
+        .map_err(io)?;
+    let layer = tar.into_inner().map_err(io)?;
+    let diff_id = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&layer)));
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": cmd, "Env": ["PATH=/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+    });
+    install_crypto();
+    let client = Client::new(ClientConfig {
+        protocol: ClientProtocol::Http,
+        ..Default::default()
+    });
+    let reference = format!("{registry}/{name}:latest");
+    let r: Reference = reference.parse().map_err(|e| format!("{reference}: {e}"))?;
+    client
+        .push(
+            &r,
+            &[oci_client::client::ImageLayer::new(
+                layer,
+                "application/vnd.oci.image.layer.v1.tar".into(),
+                None,
+            )],
+            oci_client::client::Config::new(
+                serde_json::to_vec(&config).expect("config serializes"),
+                "application/vnd.oci.image.config.v1+json".into(),
+                None,
+            ),
+            &RegistryAuth::Anonymous,
+            None,
+        )
+        .await
+        .map_err(|e| format!("pushing {reference}: {e}"))?;
+    Ok(reference)
+}
+
+/// A local OCI registry: Debian's docker-registry (the CNCF distribution registry) on a free
+/// loopback port, storing under `dir`. For local grids, tests and benchmarks; stopped on drop.
+pub struct LocalRegistry {
+    child: std::process::Child,
+    /// `127.0.0.1:<port>`, as image references and `--insecure-registry` name it.
+    pub addr: String,
+}
+
+impl LocalRegistry {
+    pub fn start(dir: &Path) -> Result<Self, String> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("finding a free port: {e}"))?
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let cfg = dir.join("registry.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                dir.join("data").display()
+            ),
+        )
+        .map_err(|e| format!("{}: {e}", cfg.display()))?;
+        let child = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("docker-registry: {e} (apt-get install docker-registry)"))?;
+        let mut me = Self { child, addr };
+        let t0 = std::time::Instant::now();
+        while std::net::TcpStream::connect(&me.addr).is_err() {
+            if let Ok(Some(status)) = me.child.try_wait() {
+                return Err(format!("docker-registry exited: {status}"));
+            }
+            if t0.elapsed() > std::time::Duration::from_secs(10) {
+                return Err("docker-registry did not listen within 10 s".into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        me.child.try_wait().ok();
+        Ok(me)
+    }
+}
+
+impl Drop for LocalRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

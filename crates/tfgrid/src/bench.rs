@@ -27,6 +27,8 @@ pub enum BenchCmd {
     Bus(BusBench),
     /// redis-benchmark SET/GET against tfgrid zdb and redis-server, and zdb's idle RSS.
     Zdb(crate::bench_zdb::ZdbBench),
+    /// Deploy latency of a container with a cached image, and the node agent's idle RSS (root).
+    Node(crate::bench_node::NodeBench),
 }
 
 #[derive(Args)]
@@ -66,6 +68,7 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Registry(b) => registry(b).await,
         BenchCmd::Bus(b) => bus(b).await,
         BenchCmd::Zdb(b) => tokio::task::spawn_blocking(move || crate::bench_zdb::run(b)).await?,
+        BenchCmd::Node(b) => crate::bench_node::run(b).await,
     }
 }
 

@@ -2,7 +2,6 @@
 //! talking to the node over the bus, images from a real OCI registry (Debian's docker-registry),
 //! containers run by runc. Tests that need root or those tools say why they skip.
 
-use sha2::Digest;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -519,134 +518,14 @@ async fn zdb_namespaces_are_deployed_checked_and_removed() {
     drop(node);
 }
 
-/// A one-layer image: busybox (static) with its applets linked, a web page, and `cmd`.
 async fn push_image(registry: &str, name: &str, cmd: &[&str]) -> String {
-    let mut tar = tar::Builder::new(Vec::new());
-    let busybox = std::fs::read("/bin/busybox").unwrap();
-    let mut h = header();
-    h.set_size(busybox.len() as u64);
-    h.set_mode(0o755);
-    h.set_entry_type(tar::EntryType::Regular);
-    tar.append_data(&mut h, "bin/busybox", busybox.as_slice())
-        .unwrap();
-    for applet in ["sh", "httpd", "head", "tail", "cat", "sleep", "echo"] {
-        let mut h = header();
-        h.set_entry_type(tar::EntryType::Symlink);
-        h.set_size(0);
-        h.set_mode(0o777);
-        tar.append_link(&mut h, format!("bin/{applet}"), "busybox")
-            .unwrap();
-    }
-    for dir in ["tmp", "proc", "sys", "dev", "www"] {
-        let mut h = header();
-        h.set_entry_type(tar::EntryType::Directory);
-        h.set_size(0);
-        h.set_mode(0o755);
-        tar.append_data(&mut h, dir, std::io::empty()).unwrap();
-    }
-    let page = b"hello from tfgrid\n";
-    let mut h = header();
-    h.set_size(page.len() as u64);
-    h.set_mode(0o644);
-    tar.append_data(&mut h, "www/index.html", &page[..])
-        .unwrap();
-    let layer = tar.into_inner().unwrap();
-    let diff_id = format!("sha256:{}", hex_lower(&sha2::Sha256::digest(&layer)));
-    let config = serde_json::json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Cmd": cmd, "Env": ["GREETING=hi"]},
-        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-    });
-    let _ = rustls_provider();
-    let client = oci_client::Client::new(oci_client::client::ClientConfig {
-        protocol: oci_client::client::ClientProtocol::Http,
-        ..Default::default()
-    });
-    let reference = format!("{registry}/{name}:latest");
-    let r: oci_client::Reference = reference.parse().unwrap();
-    client
-        .push(
-            &r,
-            &[oci_client::client::ImageLayer::new(
-                layer,
-                "application/vnd.oci.image.layer.v1.tar".into(),
-                None,
-            )],
-            oci_client::client::Config::new(
-                serde_json::to_vec(&config).unwrap(),
-                "application/vnd.oci.image.config.v1+json".into(),
-                None,
-            ),
-            &oci_client::secrets::RegistryAuth::Anonymous,
-            None,
-        )
+    tfgrid_node::images::push_busybox_image(registry, name, cmd, "hello from tfgrid\n")
         .await
-        .unwrap();
-    reference
-}
-
-fn header() -> tar::Header {
-    let mut h = tar::Header::new_gnu();
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(1_700_000_000);
-    h
-}
-
-fn rustls_provider() -> bool {
-    tfgrid_node::images::install_crypto();
-    true
-}
-
-fn hex_lower(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-struct OciRegistry {
-    _proc: Child,
-    addr: String,
-}
-
-impl Drop for OciRegistry {
-    fn drop(&mut self) {
-        let _ = self._proc.kill();
-        let _ = self._proc.wait();
-    }
-}
-
-fn start_oci_registry(dir: &Path) -> OciRegistry {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let cfg = dir.join("registry.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-            dir.join("oci").display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new("docker-registry")
-        .arg("serve")
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("docker-registry");
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "docker-registry did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    OciRegistry { _proc: child, addr }
+}
+
+fn start_oci_registry(dir: &Path) -> tfgrid_node::images::LocalRegistry {
+    tfgrid_node::images::LocalRegistry::start(&dir.join("oci")).unwrap()
 }
 
 fn with_mount(mut w: WorkloadData, volume: &str, path: &str) -> WorkloadData {
