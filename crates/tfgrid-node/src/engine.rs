@@ -369,6 +369,29 @@ impl Engine {
         Ok(r)
     }
 
+    /// Applies a changed spec to an existing workload and records its result.
+    async fn change(&self, d: &Deployment, w: &Workload) -> Result<WorkloadResult, EngineError> {
+        let ctx = Ctx {
+            id: WorkloadId::new(d.contract_id, &w.name),
+            deployment: d,
+            workload: w,
+        };
+        let k = &self.kinds;
+        let out = match &w.data {
+            WorkloadData::Volume(_) => k.volume.update(&ctx).await,
+            WorkloadData::Zdb(_) => k.zdb.update(&ctx).await,
+            WorkloadData::Container(_) => k.container.update(&ctx).await,
+            WorkloadData::GatewayNameProxy(_) => k.gateway.update(&ctx).await,
+        };
+        let r = match out {
+            Ok(data) => result(ResultState::Ok, String::new(), data),
+            Err(msg) => result(ResultState::Error, msg, Output::new()),
+        };
+        self.store
+            .set_results(d.contract_id, &[(w.name.clone(), r.clone())])?;
+        Ok(r)
+    }
+
     async fn take_down(&self, contract: ContractId, w: &Workload) -> Result<(), String> {
         let id = WorkloadId::new(contract, &w.name);
         let k = &self.kinds;
@@ -405,30 +428,30 @@ impl Engine {
         let old_by_name: BTreeMap<&str, &Workload> =
             old.workloads.iter().map(|w| (w.name.as_str(), w)).collect();
         let new_names: HashSet<&str> = d.workloads.iter().map(|w| w.name.as_str()).collect();
-        // Removed and changed workloads go first (in reverse order) so their capacity is free.
+        // Removed workloads go first (in reverse order) so their capacity is free.
         let mut gone: Vec<&Workload> = old
             .workloads
             .iter()
-            .filter(|w| {
-                !new_names.contains(w.name.as_str())
-                    || d.workloads.iter().any(|n| n.name == w.name && n != *w)
-            })
+            .filter(|w| !new_names.contains(w.name.as_str()))
             .collect();
         gone.sort_by_key(|w| std::cmp::Reverse(rank(w)));
         for w in &gone {
             self.take_down(old.contract_id, w)
                 .await
                 .map_err(|e| EngineError::Conflict(format!("removing {}: {e}", w.name)))?;
-            if !new_names.contains(w.name.as_str()) {
-                self.store.forget_result(old.contract_id, &w.name)?;
-            }
+            self.store.forget_result(old.contract_id, &w.name)?;
         }
         self.store.put_deployment(&d, &[])?;
         for w in ordered(&d) {
-            if old_by_name.get(w.name.as_str()) == Some(&w) {
-                continue;
+            match old_by_name.get(w.name.as_str()) {
+                Some(o) if *o == w => {}
+                Some(_) => {
+                    self.change(&d, w).await?;
+                }
+                None => {
+                    self.bring_up(&d, w, false).await?;
+                }
             }
-            self.bring_up(&d, w, false).await?;
         }
         self.info(d.contract_id)
     }

@@ -90,7 +90,12 @@ pub async fn run(b: NodeBench) -> Result<()> {
         .args(["--farm", &farm.to_string(), "--data"])
         .arg(&node_data)
         .args(["--zdb-listen", "127.0.0.1:0", "--bridge", "tfgbench0"])
-        .args(["--subnet", "10.250.0.0/24", "--insecure-registry", &oci.addr])
+        .args([
+            "--subnet",
+            "10.250.0.0/24",
+            "--insecure-registry",
+            &oci.addr,
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
@@ -208,7 +213,9 @@ pub async fn run(b: NodeBench) -> Result<()> {
         rss_after as f64 / 1024.0
     );
     drop(node);
-    let _ = Command::new("ip").args(["link", "del", "tfgbench0"]).status();
+    let _ = Command::new("ip")
+        .args(["link", "del", "tfgbench0"])
+        .status();
     Ok(())
 }
 

@@ -495,6 +495,47 @@ async fn zdb_namespaces_are_deployed_checked_and_removed() {
     // Another twin cannot read or delete it.
     assert_eq!(g.get(&node, id).await.unwrap(), before);
 
+    // An update changes the namespace in place: bigger, same data.
+    let mut up = before.deployment.clone();
+    up.version = 1;
+    up.workloads[0].data = zdb_workload(2 * GIB, "s3cret");
+    let stale = up.clone();
+    let e = g
+        .send::<_, DeploymentInfo>(&node, api::UPDATE, &{
+            let mut s = stale.clone();
+            s.sign(&g.user);
+            s
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("hash"),
+        "an update the contract does not carry: {e}"
+    );
+    g.signer()
+        .submit(Call::UpdateNodeContract {
+            contract_id: id,
+            deployment_hash: up.hash(),
+            capacity: up.capacity().unwrap(),
+        })
+        .await
+        .unwrap();
+    up.sign(&g.user);
+    let updated: DeploymentInfo = g.send(&node, api::UPDATE, &up).await.unwrap();
+    assert_eq!(updated.results["store"].state, ResultState::Ok);
+    let v: String = redis::cmd("GET").arg("k").query(&mut c).unwrap();
+    assert_eq!(v, "v", "the update lost the namespace's data");
+    let nsinfo: String = redis::cmd("NSINFO").arg(&ns).query(&mut c).unwrap();
+    assert!(
+        nsinfo.contains(&format!("data_limits_bytes: {}", 2 * GIB)),
+        "{nsinfo}"
+    );
+    let e = g
+        .send::<_, DeploymentInfo>(&node, api::UPDATE, &up)
+        .await
+        .unwrap_err();
+    assert!(e.contains("raise the version"), "{e}");
+
     // Cancelling the contract on the registry removes the namespace.
     g.signer()
         .submit(Call::CancelContract { contract_id: id })

@@ -139,6 +139,11 @@ impl Kind for Gateway {
         }
     }
 
+    /// New backends replace the route at once; requests in flight finish on the old one.
+    async fn update(&self, ctx: &Ctx<'_>) -> Result<Output, String> {
+        self.make(ctx).await
+    }
+
     async fn recover(&self, ctx: &Ctx<'_>) -> Result<Output, String> {
         self.make(ctx).await
     }

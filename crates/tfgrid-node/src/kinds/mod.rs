@@ -60,6 +60,14 @@ pub trait Kind: Send + Sync {
     fn inspect(&self, id: &WorkloadId) -> impl Future<Output = (ResultState, String)> + Send;
     /// After an agent restart: adopt what still runs, remake what is gone.
     fn recover(&self, ctx: &Ctx<'_>) -> impl Future<Output = Result<Output, String>> + Send;
+    /// The workload's spec changed in a deployment update. By default it is remade; kinds that
+    /// can change in place (keeping data) say so.
+    fn update(&self, ctx: &Ctx<'_>) -> impl Future<Output = Result<Output, String>> + Send {
+        async move {
+            self.deprovision(&ctx.id).await?;
+            self.provision(ctx).await
+        }
+    }
 }
 
 /// Runs an external tool (mkfs, mount, crun, ip) and turns a failure into its stderr.

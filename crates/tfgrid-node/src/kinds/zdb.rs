@@ -118,6 +118,11 @@ impl Kind for Zdb {
         }
     }
 
+    /// Size, password, mode and public change in place: the namespace keeps its data.
+    async fn update(&self, ctx: &Ctx<'_>) -> Result<Output, String> {
+        self.make(ctx, false).await
+    }
+
     async fn recover(&self, ctx: &Ctx<'_>) -> Result<Output, String> {
         // The namespace lives in the zdb data directory and survives the agent; re-applying the
         // settings is idempotent and repairs a namespace whose NSSET was cut short by a crash.
