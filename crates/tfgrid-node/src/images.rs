@@ -2,7 +2,7 @@
 //! and shared (read-only, as an overlay lower layer) by every container that uses it.
 
 use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::secrets::RegistryAuth;
+pub use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -268,6 +268,17 @@ pub async fn push_busybox_image(
     cmd: &[&str],
     page: &str,
 ) -> Result<String, String> {
+    push_busybox_image_as(registry, name, cmd, page, &RegistryAuth::Anonymous).await
+}
+
+/// [`push_busybox_image`] with credentials.
+pub async fn push_busybox_image_as(
+    registry: &str,
+    name: &str,
+    cmd: &[&str],
+    page: &str,
+    auth: &RegistryAuth,
+) -> Result<String, String> {
     use sha2::Digest;
     let busybox = std::fs::read("/bin/busybox")
         .map_err(|e| format!("/bin/busybox: {e} (apt-get install busybox-static)"))?;
@@ -328,7 +339,7 @@ pub async fn push_busybox_image(
                 "application/vnd.oci.image.config.v1+json".into(),
                 None,
             ),
-            &RegistryAuth::Anonymous,
+            auth,
             None,
         )
         .await
@@ -346,6 +357,11 @@ pub struct LocalRegistry {
 
 impl LocalRegistry {
     pub fn start(dir: &Path) -> Result<Self, String> {
+        Self::start_with(dir, None)
+    }
+
+    /// With `htpasswd` (a bcrypt htpasswd file), every request needs basic auth.
+    pub fn start_with(dir: &Path, htpasswd: Option<&Path>) -> Result<Self, String> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| format!("finding a free port: {e}"))?
@@ -353,10 +369,18 @@ impl LocalRegistry {
         let addr = format!("127.0.0.1:{port}");
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let cfg = dir.join("registry.yml");
+        let auth = htpasswd
+            .map(|p| {
+                format!(
+                    "auth:\n  htpasswd:\n    realm: tfgrid\n    path: {}\n",
+                    p.display()
+                )
+            })
+            .unwrap_or_default();
         std::fs::write(
             &cfg,
             format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n{auth}",
                 dir.join("data").display()
             ),
         )

@@ -1014,3 +1014,80 @@ async fn memory_and_cpu_limits_are_enforced() {
         std::fs::read_to_string(&node.log).unwrap()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_from_a_registry_with_basic_auth() {
+    if let Some(why) = container_skip() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let g = Grid::start().await;
+    let htpasswd = g.dir.path().join("htpasswd");
+    let hash = bcrypt::hash("pull-secret", 4).unwrap();
+    std::fs::write(&htpasswd, format!("puller:{hash}\n")).unwrap();
+    let oci =
+        tfgrid_node::images::LocalRegistry::start_with(&g.dir.path().join("oci"), Some(&htpasswd))
+            .unwrap();
+    let auth = tfgrid_node::images::RegistryAuth::Basic("puller".into(), "pull-secret".into());
+    let image = tfgrid_node::images::push_busybox_image_as(
+        &oci.addr,
+        "private",
+        &["/bin/sleep", "1000"],
+        "",
+        &auth,
+    )
+    .await
+    .unwrap();
+    // Anonymous pulls are refused by the registry, and the workload says so.
+    let mut anon = g.node_args("anon", None);
+    anon.extend(["--insecure-registry".to_string(), oci.addr.clone()]);
+    let anon = g.start_node_with(anon, "anon");
+    let info = g
+        .deploy(
+            &anon,
+            deployment(
+                g.user_twin,
+                vec![("app", container(&image, None, 1, 32 * MIB))],
+            ),
+        )
+        .await
+        .unwrap();
+    let r = &info.results["app"];
+    assert_eq!(r.state, ResultState::Error);
+    assert!(
+        r.message.to_lowercase().contains("authorized"),
+        "{}",
+        r.message
+    );
+    // With the login, the same image runs.
+    let mut args = g.node_args("authed", None);
+    args.extend([
+        "--insecure-registry".to_string(),
+        oci.addr.clone(),
+        "--registry-login".to_string(),
+        format!("{}=puller:pull-secret", oci.addr),
+    ]);
+    let node = g.start_node_with(args, "authed");
+    let info = g
+        .deploy(
+            &node,
+            deployment(
+                g.user_twin,
+                vec![("app", container(&image, None, 1, 32 * MIB))],
+            ),
+        )
+        .await
+        .unwrap();
+    let r = &info.results["app"];
+    assert_eq!(r.state, ResultState::Ok, "{}", r.message);
+    let _: serde_json::Value = g
+        .send(
+            &node,
+            api::DELETE,
+            &ContractRef {
+                contract_id: info.deployment.contract_id,
+            },
+        )
+        .await
+        .unwrap();
+}
