@@ -51,6 +51,8 @@ pub struct NodeConfig {
     pub subnet: String,
     /// Registries spoken to over plain HTTP (host:port).
     pub insecure_registries: Vec<String>,
+    /// PEM files of CAs trusted for HTTPS image registries, besides the system's.
+    pub registry_cas: Vec<PathBuf>,
     /// Basic-auth logins per registry host:port.
     pub registry_logins: HashMap<String, (String, String)>,
     /// Overrides for what discovery found (e.g. to offer part of a disk).
@@ -228,10 +230,15 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
     };
     let gateway_addr = gateway_listener.as_ref().and_then(|l| l.local_addr().ok());
     let (report_tx, mut report_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut cas = Vec::new();
+    for p in &cfg.registry_cas {
+        cas.push(std::fs::read(p).map_err(|e| setup(&format!("registry CA {}", p.display()), &e))?);
+    }
     let images = Arc::new(Images::new(
         cfg.data.join("images"),
         cfg.insecure_registries.clone(),
         cfg.registry_logins.clone(),
+        cas,
     ));
     let gateway = Gateway::new(
         cfg.domain.clone(),

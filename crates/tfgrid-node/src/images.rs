@@ -68,14 +68,17 @@ pub fn install_crypto() {
 impl Images {
     /// `insecure` lists registries (host:port) spoken to over plain HTTP; `logins` maps a
     /// registry to basic-auth credentials. All others are HTTPS and anonymous.
+    /// `cas` are PEM certificates trusted for HTTPS registries besides the system's roots.
     pub fn new(
         dir: PathBuf,
         insecure: Vec<String>,
         logins: HashMap<String, (String, String)>,
+        cas: Vec<Vec<u8>>,
     ) -> Self {
         install_crypto();
         let client = Client::new(ClientConfig {
             protocol: ClientProtocol::HttpsExcept(insecure),
+            extra_root_certificates: pem_certs(cas),
             ..Default::default()
         });
         Self {
@@ -268,16 +271,26 @@ pub async fn push_busybox_image(
     cmd: &[&str],
     page: &str,
 ) -> Result<String, String> {
-    push_busybox_image_as(registry, name, cmd, page, &RegistryAuth::Anonymous).await
+    push_busybox_image_as(registry, name, cmd, page, &RegistryAuth::Anonymous, None).await
 }
 
-/// [`push_busybox_image`] with credentials.
+fn pem_certs(cas: Vec<Vec<u8>>) -> Vec<oci_client::client::Certificate> {
+    cas.into_iter()
+        .map(|data| oci_client::client::Certificate {
+            encoding: oci_client::client::CertificateEncoding::Pem,
+            data,
+        })
+        .collect()
+}
+
+/// [`push_busybox_image`] with credentials, and over HTTPS trusting `ca` (PEM) when given.
 pub async fn push_busybox_image_as(
     registry: &str,
     name: &str,
     cmd: &[&str],
     page: &str,
     auth: &RegistryAuth,
+    ca: Option<&[u8]>,
 ) -> Result<String, String> {
     use sha2::Digest;
     let busybox = std::fs::read("/bin/busybox")
@@ -321,7 +334,11 @@ pub async fn push_busybox_image_as(
     });
     install_crypto();
     let client = Client::new(ClientConfig {
-        protocol: ClientProtocol::Http,
+        protocol: match ca {
+            Some(_) => ClientProtocol::Https,
+            None => ClientProtocol::Http,
+        },
+        extra_root_certificates: pem_certs(ca.map(|c| c.to_vec()).into_iter().collect()),
         ..Default::default()
     });
     let reference = format!("{registry}/{name}:latest");
@@ -357,11 +374,16 @@ pub struct LocalRegistry {
 
 impl LocalRegistry {
     pub fn start(dir: &Path) -> Result<Self, String> {
-        Self::start_with(dir, None)
+        Self::start_with(dir, None, None)
     }
 
-    /// With `htpasswd` (a bcrypt htpasswd file), every request needs basic auth.
-    pub fn start_with(dir: &Path, htpasswd: Option<&Path>) -> Result<Self, String> {
+    /// With `htpasswd` (a bcrypt htpasswd file), every request needs basic auth; with `tls`
+    /// (certificate and key PEM files) it speaks HTTPS.
+    pub fn start_with(
+        dir: &Path,
+        htpasswd: Option<&Path>,
+        tls: Option<(&Path, &Path)>,
+    ) -> Result<Self, String> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| format!("finding a free port: {e}"))?
@@ -377,10 +399,19 @@ impl LocalRegistry {
                 )
             })
             .unwrap_or_default();
+        let tls = tls
+            .map(|(cert, key)| {
+                format!(
+                    "  tls:\n    certificate: {}\n    key: {}\n",
+                    cert.display(),
+                    key.display()
+                )
+            })
+            .unwrap_or_default();
         std::fs::write(
             &cfg,
             format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n{auth}",
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n{tls}{auth}",
                 dir.join("data").display()
             ),
         )
@@ -395,6 +426,7 @@ impl LocalRegistry {
         let mut me = Self { child, addr };
         let t0 = std::time::Instant::now();
         while std::net::TcpStream::connect(&me.addr).is_err() {
+            // (a TCP connect: ready for HTTP and HTTPS alike)
             if let Ok(Some(status)) = me.child.try_wait() {
                 return Err(format!("docker-registry exited: {status}"));
             }

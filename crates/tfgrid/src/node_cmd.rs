@@ -60,6 +60,9 @@ struct RunArgs {
     /// Registry (host:port) to pull images from over plain HTTP; repeatable.
     #[arg(long = "insecure-registry")]
     insecure_registries: Vec<String>,
+    /// PEM file of a CA to trust for HTTPS image registries (besides the system's); repeatable.
+    #[arg(long = "registry-ca")]
+    registry_cas: Vec<PathBuf>,
     /// Basic-auth login for an image registry: host:port=user:password; repeatable.
     #[arg(
         long = "registry-login",
@@ -156,6 +159,7 @@ pub async fn run(a: NodeArgs) -> Result<()> {
         subnet: r.subnet,
         insecure_registries: r.insecure_registries,
         registry_logins: logins(&r.registry_logins)?,
+        registry_cas: r.registry_cas,
         sru: r.sru,
         hru: r.hru,
         mru: r.mru,

@@ -1025,9 +1025,12 @@ async fn images_from_a_registry_with_basic_auth() {
     let htpasswd = g.dir.path().join("htpasswd");
     let hash = bcrypt::hash("pull-secret", 4).unwrap();
     std::fs::write(&htpasswd, format!("puller:{hash}\n")).unwrap();
-    let oci =
-        tfgrid_node::images::LocalRegistry::start_with(&g.dir.path().join("oci"), Some(&htpasswd))
-            .unwrap();
+    let oci = tfgrid_node::images::LocalRegistry::start_with(
+        &g.dir.path().join("oci"),
+        Some(&htpasswd),
+        None,
+    )
+    .unwrap();
     let auth = tfgrid_node::images::RegistryAuth::Basic("puller".into(), "pull-secret".into());
     let image = tfgrid_node::images::push_busybox_image_as(
         &oci.addr,
@@ -1035,6 +1038,7 @@ async fn images_from_a_registry_with_basic_auth() {
         &["/bin/sleep", "1000"],
         "",
         &auth,
+        None,
     )
     .await
     .unwrap();
@@ -1078,6 +1082,67 @@ async fn images_from_a_registry_with_basic_auth() {
         )
         .await
         .unwrap();
+    let r = &info.results["app"];
+    assert_eq!(r.state, ResultState::Ok, "{}", r.message);
+    let _: serde_json::Value = g
+        .send(
+            &node,
+            api::DELETE,
+            &ContractRef {
+                contract_id: info.deployment.contract_id,
+            },
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_from_an_https_registry_with_a_private_ca() {
+    if let Some(why) = container_skip() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let g = Grid::start().await;
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (cert_pem, key_pem) = (cert.cert.pem(), cert.signing_key.serialize_pem());
+    let (cert_file, key_file) = (g.dir.path().join("tls.crt"), g.dir.path().join("tls.key"));
+    std::fs::write(&cert_file, &cert_pem).unwrap();
+    std::fs::write(&key_file, &key_pem).unwrap();
+    let oci = tfgrid_node::images::LocalRegistry::start_with(
+        &g.dir.path().join("oci"),
+        None,
+        Some((&cert_file, &key_file)),
+    )
+    .unwrap();
+    let image = tfgrid_node::images::push_busybox_image_as(
+        &oci.addr,
+        "tls",
+        &["/bin/sleep", "1000"],
+        "",
+        &tfgrid_node::images::RegistryAuth::Anonymous,
+        Some(cert_pem.as_bytes()),
+    )
+    .await
+    .unwrap();
+    // Without the CA the certificate is not trusted; with --registry-ca the image runs.
+    let plain = g.start_node("untrusting", None);
+    let d = || {
+        deployment(
+            g.user_twin,
+            vec![("app", container(&image, None, 1, 32 * MIB))],
+        )
+    };
+    let info = g.deploy(&plain, d()).await.unwrap();
+    let r = &info.results["app"];
+    assert_eq!(r.state, ResultState::Error);
+    assert!(r.message.contains("pulling"), "{}", r.message);
+    let mut args = g.node_args("trusting", None);
+    args.extend([
+        "--registry-ca".to_string(),
+        cert_file.to_string_lossy().into_owned(),
+    ]);
+    let node = g.start_node_with(args, "trusting");
+    let info = g.deploy(&node, d()).await.unwrap();
     let r = &info.results["app"];
     assert_eq!(r.state, ResultState::Ok, "{}", r.message);
     let _: serde_json::Value = g
