@@ -325,6 +325,13 @@ impl Grid {
             .map_err(|e| e.to_string())
     }
 
+    async fn delete(&self, node: &Node, id: ContractId) {
+        let _: serde_json::Value = self
+            .send(node, api::DELETE, &ContractRef { contract_id: id })
+            .await
+            .unwrap();
+    }
+
     async fn get(&self, node: &Node, id: ContractId) -> Result<DeploymentInfo, String> {
         self.send(node, api::GET, &ContractRef { contract_id: id })
             .await
@@ -850,10 +857,7 @@ async fn container_served_through_the_gateway_survives_an_agent_kill_and_is_remo
         )
         .await
         .unwrap();
-    let _: serde_json::Value = g
-        .send(&node, api::DELETE, &ContractRef { contract_id: id })
-        .await
-        .unwrap();
+    g.delete(&node, id).await;
     assert_eq!(
         leftovers(&node.bridge(), &key),
         Vec::<String>::new(),
@@ -997,10 +1001,7 @@ async fn memory_and_cpu_limits_are_enforced() {
         used > wall * 0.5,
         "the loops hardly ran: {used:.2}s in {wall:.2}s"
     );
-    let _: serde_json::Value = g
-        .send(&node, api::DELETE, &ContractRef { contract_id: id })
-        .await
-        .unwrap();
+    g.delete(&node, id).await;
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(
         !mounts.contains(&format!("/c{id}-vol ")),
@@ -1084,16 +1085,7 @@ async fn images_from_a_registry_with_basic_auth() {
         .unwrap();
     let r = &info.results["app"];
     assert_eq!(r.state, ResultState::Ok, "{}", r.message);
-    let _: serde_json::Value = g
-        .send(
-            &node,
-            api::DELETE,
-            &ContractRef {
-                contract_id: info.deployment.contract_id,
-            },
-        )
-        .await
-        .unwrap();
+    g.delete(&node, info.deployment.contract_id).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1145,14 +1137,5 @@ async fn images_from_an_https_registry_with_a_private_ca() {
     let info = g.deploy(&node, d()).await.unwrap();
     let r = &info.results["app"];
     assert_eq!(r.state, ResultState::Ok, "{}", r.message);
-    let _: serde_json::Value = g
-        .send(
-            &node,
-            api::DELETE,
-            &ContractRef {
-                contract_id: info.deployment.contract_id,
-            },
-        )
-        .await
-        .unwrap();
+    g.delete(&node, info.deployment.contract_id).await;
 }
