@@ -419,3 +419,48 @@ fn serve_bus(peer: &Peer, engine: Arc<Engine>, domain: Option<String>) {
         }
     });
 }
+
+/// Stops everything a node agent left running on the host, keeping its persisted state: the
+/// runtime's containers, mounts under `data`, the bridge's network namespaces and the bridge.
+/// For a local grid shutting down; the next agent start remakes the workloads from its store.
+pub async fn stop_workloads(data: &std::path::Path, runtime: &str, bridge: &str) {
+    use crate::kinds::run;
+    let root = data.join("runtime");
+    let root_s = root.to_string_lossy().into_owned();
+    if root.is_dir() {
+        let ids = run(runtime, &["--root", &root_s, "list", "-q"])
+            .await
+            .unwrap_or_default();
+        for id in ids.lines().filter(|l| !l.trim().is_empty()) {
+            let _ = run(
+                runtime,
+                &["--root", &root_s, "delete", "--force", id.trim()],
+            )
+            .await;
+        }
+    }
+    let data_s = data.to_string_lossy().into_owned();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .filter(|m| m.starts_with(&data_s))
+        .collect();
+    // Deepest first, so nothing is unmounted from under another mount.
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
+    }
+    let prefix = format!("tfgrid-{bridge}-");
+    if let Ok(rd) = std::fs::read_dir("/var/run/netns") {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&prefix) {
+                let _ = run("ip", &["netns", "del", &name]).await;
+            }
+        }
+    }
+    if std::path::Path::new(&format!("/sys/class/net/{bridge}")).exists() {
+        let _ = run("ip", &["link", "del", bridge]).await;
+    }
+}

@@ -374,21 +374,33 @@ pub struct LocalRegistry {
 
 impl LocalRegistry {
     pub fn start(dir: &Path) -> Result<Self, String> {
-        Self::start_with(dir, None, None)
+        Self::start_with(dir, None, None, None)
     }
 
     /// With `htpasswd` (a bcrypt htpasswd file), every request needs basic auth; with `tls`
     /// (certificate and key PEM files) it speaks HTTPS.
+    /// `listen` picks the address (a free loopback port when `None`).
     pub fn start_with(
         dir: &Path,
+        listen: Option<std::net::SocketAddr>,
         htpasswd: Option<&Path>,
         tls: Option<(&Path, &Path)>,
     ) -> Result<Self, String> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("finding a free port: {e}"))?
-            .port();
-        let addr = format!("127.0.0.1:{port}");
+        let addr = match listen {
+            Some(a) => a.to_string(),
+            None => {
+                let port = std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .map_err(|e| format!("finding a free port: {e}"))?
+                    .port();
+                format!("127.0.0.1:{port}")
+            }
+        };
+        if std::net::TcpStream::connect(&addr).is_ok() {
+            return Err(format!(
+                "{addr} is in use (another image registry or grid running?)"
+            ));
+        }
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let cfg = dir.join("registry.yml");
         let auth = htpasswd

@@ -3,8 +3,10 @@
 mod bench;
 mod bench_node;
 mod bench_zdb;
+mod bot_cmd;
 mod bus_cmd;
 mod node_cmd;
+mod up;
 mod zdb_cmd;
 
 use anyhow::{bail, Context, Result};
@@ -30,13 +32,68 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Start a local grid on this machine (for now: a registry and a relay) and keep it up until Ctrl-C.
-    Up(UpArgs),
+    Up(up::UpArgs),
     /// Run the registry: the grid's source of truth for twins, farms, nodes and contracts.
     Registry(RegistryArgs),
     /// Run a relay of the message bus.
     Relay(bus_cmd::RelayArgs),
     /// Run a 0-db compatible key-value server (RESP; redis-cli and redis clients work).
     Zdb(zdb_cmd::ZdbArgs),
+    /// Run your bot: the agent that deploys your specs and keeps them running.
+    Bot(bot_cmd::BotArgs),
+    /// Deploy a spec (YAML) through your bot, printing progress.
+    Deploy {
+        file: PathBuf,
+        #[command(flatten)]
+        opt: bot_cmd::BotOpt,
+    },
+    /// List your deployments.
+    Ps {
+        #[command(flatten)]
+        opt: bot_cmd::BotOpt,
+    },
+    /// Show one deployment: replicas, nodes, addresses, URLs and its spec.
+    Inspect {
+        name: String,
+        #[command(flatten)]
+        opt: bot_cmd::BotOpt,
+    },
+    /// Print a replica's container log.
+    Logs {
+        name: String,
+        /// Which service (the first replica of any service when absent).
+        #[arg(long)]
+        service: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        replica: u32,
+        /// Keep printing as the log grows.
+        #[arg(short, long)]
+        follow: bool,
+        #[command(flatten)]
+        opt: bot_cmd::BotOpt,
+    },
+    /// Remove a deployment: its workloads on every node and its contracts.
+    Rm {
+        name: String,
+        #[command(flatten)]
+        opt: bot_cmd::BotOpt,
+    },
+    /// What your bot did and why: deploys, healing, removals.
+    Events {
+        #[arg(long)]
+        deployment: Option<String>,
+        #[arg(short, long)]
+        follow: bool,
+        #[command(flatten)]
+        opt: bot_cmd::BotOpt,
+    },
+    /// Search the grid's nodes (the registry's /nodes filters).
+    Nodes {
+        #[command(flatten)]
+        query: bot_cmd::NodeQuery,
+        #[command(flatten)]
+        opt: bot_cmd::BotOpt,
+    },
     /// Run the node agent: this host becomes capacity on the grid.
     Node(Box<node_cmd::NodeArgs>),
     /// Talk to twins over the bus.
@@ -168,19 +225,6 @@ struct RegistryArgs {
     tuning: RegistryTuning,
 }
 
-#[derive(Args)]
-struct UpArgs {
-    /// Where the grid keeps its data and keys.
-    #[arg(long, default_value = "tfgrid-data")]
-    data: PathBuf,
-    /// Registry address.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    registry_listen: SocketAddr,
-    /// Relay address.
-    #[arg(long, default_value = "127.0.0.1:9000")]
-    relay_listen: SocketAddr,
-}
-
 fn default_key_dir() -> PathBuf {
     std::env::var_os("HOME")
         .map(PathBuf::from)
@@ -226,7 +270,7 @@ async fn run(cli: Cli) -> Result<()> {
             registry.serve(listener, shutdown_signal()).await?;
             Ok(())
         }
-        Cmd::Up(a) => up(a).await,
+        Cmd::Up(a) => up::up(a).await,
         Cmd::Key {
             cmd: KeyCmd::New(k),
         } => {
@@ -309,6 +353,24 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Relay(a) => bus_cmd::relay(a).await,
         Cmd::Zdb(a) => zdb_cmd::run(a).await,
         Cmd::Node(a) => node_cmd::run(*a).await,
+        Cmd::Bot(a) => bot_cmd::bot(a).await,
+        Cmd::Deploy { file, opt } => bot_cmd::deploy(opt, file).await,
+        Cmd::Ps { opt } => bot_cmd::ps(opt).await,
+        Cmd::Inspect { name, opt } => bot_cmd::inspect(opt, name).await,
+        Cmd::Logs {
+            name,
+            service,
+            replica,
+            follow,
+            opt,
+        } => bot_cmd::logs(opt, name, service, replica, follow).await,
+        Cmd::Rm { name, opt } => bot_cmd::rm(opt, name).await,
+        Cmd::Events {
+            deployment,
+            follow,
+            opt,
+        } => bot_cmd::events(opt, deployment, follow).await,
+        Cmd::Nodes { query, opt } => bot_cmd::nodes(opt, query).await,
         Cmd::Bus { cmd } => bus_cmd::bus(cmd).await,
     }
 }
@@ -334,68 +396,4 @@ pub(crate) async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-}
-
-async fn up(a: UpArgs) -> Result<()> {
-    std::fs::create_dir_all(&a.data).with_context(|| format!("creating {}", a.data.display()))?;
-    let registry = Registry::open(&a.data.join("registry"), RegistryConfig::default())?;
-    let listener = tokio::net::TcpListener::bind(a.registry_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "binding the registry to {} (is another grid running?)",
-                a.registry_listen
-            )
-        })?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(registry.serve(listener, async {
-        let _ = stop_rx.await;
-    }));
-
-    let (relay_url, relay_twin, relay_server, relay_stop) =
-        bus_cmd::start_relay(a.relay_listen, None, &a.data.join("relay.key"), &url).await?;
-
-    let key_path = a.data.join("user.key");
-    let (id, created) = Identity::load_or_generate(&key_path)?;
-    let signer = TwinSigner::new(id, RegistryClient::new(&url));
-    let twin = tfgrid_bus::peer::ensure_registered(&signer, &relay_url)
-        .await
-        .context("registering your twin")?;
-    let stats = signer.client().stats().await?;
-
-    println!("tfgrid local grid is up");
-    println!(
-        "  registry   {url}   ({} twins, {} farms, {} nodes)",
-        stats.twins, stats.farms, stats.nodes
-    );
-    println!("  relay      {relay_url}   (twin {relay_twin})");
-    println!(
-        "  your key   {} ({})",
-        key_path.display(),
-        if created { "new" } else { "existing" }
-    );
-    println!("  your twin  {twin}");
-    println!();
-    println!("Try:");
-    println!("  curl {url}/stats");
-    println!(
-        "  TFGRID_KEY={} tfgrid farm create my_farm --registry {url}",
-        key_path.display()
-    );
-    println!("  tfgrid key new && tfgrid bus ping --to {twin} --registry {url} --relay {relay_url}   (after `tfgrid bus listen` with the user key)");
-    println!();
-    println!(
-        "Ctrl-C stops the grid; its data stays in {}.",
-        a.data.display()
-    );
-
-    shutdown_signal().await;
-    println!("stopping...");
-    relay_stop.stop();
-    relay_server.abort();
-    let _ = stop_tx.send(());
-    server.await??;
-    println!("stopped");
-    Ok(())
 }

@@ -1028,6 +1028,7 @@ async fn images_from_a_registry_with_basic_auth() {
     std::fs::write(&htpasswd, format!("puller:{hash}\n")).unwrap();
     let oci = tfgrid_node::images::LocalRegistry::start_with(
         &g.dir.path().join("oci"),
+        None,
         Some(&htpasswd),
         None,
     )
@@ -1102,6 +1103,7 @@ async fn images_from_an_https_registry_with_a_private_ca() {
     std::fs::write(&key_file, &key_pem).unwrap();
     let oci = tfgrid_node::images::LocalRegistry::start_with(
         &g.dir.path().join("oci"),
+        None,
         None,
         Some((&cert_file, &key_file)),
     )

@@ -1,0 +1,8 @@
+//! tfgrid-bot: the user's agent (ThreeFold's 3Bot). It turns a declared deployment into contracts
+//! on the registry and workloads on nodes, and from then on keeps the declared state true.
+
+pub mod api;
+pub mod bot;
+pub mod scheduler;
+pub mod spec;
+pub mod store;

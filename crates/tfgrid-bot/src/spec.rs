@@ -1,0 +1,333 @@
+//! Deployment specs: what a user declares, in YAML. Parse errors carry the YAML parser's line and
+//! column and the field path; checks after parsing name the field they are about.
+
+use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::BTreeMap;
+use tfgrid_core::deployment::ZdbMode;
+use tfgrid_core::FarmId;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SpecError {
+    /// YAML that does not parse into a spec (the message has the line and column).
+    #[error("{0}")]
+    Parse(String),
+    /// A value that parses but is not allowed: `field` is its path, e.g. `services.web.memory`.
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+/// Bytes, written as `256M`, `1G`, or a plain number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Size(pub u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // A visitor, not an untagged enum: buffering would lose the value's line in errors.
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Size;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a size such as 256M, 1G or a number of bytes")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Size, E> {
+                Ok(Size(n))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Size, E> {
+                u64::try_from(n)
+                    .map(Size)
+                    .map_err(|_| E::custom("a size cannot be negative"))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Size, E> {
+                tfgrid_node::capacity::parse_size(s)
+                    .map(Size)
+                    .map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// The deployment's name: `tfgrid ps`, `rm` and the dashboard use it.
+    pub name: String,
+    pub services: BTreeMap<String, Service>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn default_memory() -> Size {
+    Size(256 << 20)
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub image: String,
+    /// Replaces the image's command (as `docker run IMAGE command...`).
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    #[serde(default)]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default = "one")]
+    pub cpu: u32,
+    #[serde(default = "default_memory")]
+    pub memory: Size,
+    #[serde(default)]
+    pub volumes: Vec<VolumeDecl>,
+    #[serde(default = "one")]
+    pub replicas: u32,
+    #[serde(default)]
+    pub zdbs: Vec<ZdbDecl>,
+    #[serde(default)]
+    pub expose: Option<Expose>,
+    #[serde(default)]
+    pub placement: Placement,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeDecl {
+    pub name: String,
+    pub size: Size,
+    /// Where it is mounted in the container.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZdbDecl {
+    pub name: String,
+    pub size: Size,
+    #[serde(default = "user_mode")]
+    pub mode: ZdbMode,
+    #[serde(default)]
+    pub password: String,
+}
+
+fn user_mode() -> ZdbMode {
+    ZdbMode::User
+}
+
+/// A public name through a gateway: `name.<gateway domain>` -> the replicas' `port`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expose {
+    pub name: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    #[serde(default)]
+    pub country: Option<String>,
+    #[serde(default)]
+    pub farms: Option<Vec<FarmId>>,
+    /// Each replica on its own node (default true).
+    #[serde(default = "yes")]
+    pub distinct_nodes: bool,
+    #[serde(default)]
+    pub gpu: bool,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Self {
+            country: None,
+            farms: None,
+            distinct_nodes: true,
+            gpu: false,
+        }
+    }
+}
+
+fn valid_name(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+}
+
+impl Spec {
+    pub fn parse(yaml: &str) -> Result<Spec, SpecError> {
+        let spec: Spec =
+            serde_yaml_ng::from_str(yaml).map_err(|e| SpecError::Parse(e.to_string()))?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let bad = |field: String, message: &str| {
+            Err(SpecError::Invalid {
+                field,
+                message: message.to_string(),
+            })
+        };
+        if !valid_name(&self.name, 32) {
+            return bad(
+                "name".into(),
+                "use 1 to 32 lowercase letters, digits or - (not first)",
+            );
+        }
+        if self.services.is_empty() {
+            return bad("services".into(), "declare at least one service");
+        }
+        let mut exposed = std::collections::HashSet::new();
+        for (sname, s) in &self.services {
+            let f = |x: &str| format!("services.{sname}.{x}");
+            // Workload names on nodes are `<service>_<volume>` etc. within 36 characters.
+            if !valid_name(sname, 16) {
+                return bad(
+                    format!("services.{sname}"),
+                    "service names: 1 to 16 lowercase letters, digits or -",
+                );
+            }
+            if s.image.trim().is_empty() {
+                return bad(f("image"), "is empty");
+            }
+            if s.cpu == 0 || s.cpu > 64 {
+                return bad(f("cpu"), "must be 1 to 64 cores");
+            }
+            if s.memory.0 < 16 << 20 {
+                return bad(f("memory"), "must be at least 16M");
+            }
+            if s.replicas == 0 || s.replicas > 100 {
+                return bad(f("replicas"), "must be 1 to 100");
+            }
+            let mut names = std::collections::HashSet::new();
+            for (i, v) in s.volumes.iter().enumerate() {
+                if !valid_name(&v.name, 16) || !names.insert(v.name.clone()) {
+                    return bad(
+                        f(&format!("volumes[{i}].name")),
+                        "1 to 16 lowercase letters, digits or -, unique in the service",
+                    );
+                }
+                if v.size.0 < 1 << 20 {
+                    return bad(f(&format!("volumes[{i}].size")), "must be at least 1M");
+                }
+                if !v.path.starts_with('/') || v.path.split('/').any(|p| p == "..") {
+                    return bad(
+                        f(&format!("volumes[{i}].path")),
+                        "must be an absolute path without ..",
+                    );
+                }
+            }
+            for (i, z) in s.zdbs.iter().enumerate() {
+                if !valid_name(&z.name, 16) || !names.insert(z.name.clone()) {
+                    return bad(
+                        f(&format!("zdbs[{i}].name")),
+                        "1 to 16 lowercase letters, digits or -, unique in the service",
+                    );
+                }
+                if z.size.0 == 0 {
+                    return bad(f(&format!("zdbs[{i}].size")), "must not be 0");
+                }
+            }
+            if let Some(e) = &s.expose {
+                if !valid_name(&e.name, 63) {
+                    return bad(
+                        f("expose.name"),
+                        "a DNS label: 1 to 63 lowercase letters, digits or -",
+                    );
+                }
+                if !exposed.insert(e.name.clone()) {
+                    return bad(f("expose.name"), "is exposed by another service too");
+                }
+                if e.port == 0 {
+                    return bad(f("expose.port"), "must not be 0");
+                }
+            }
+            for k in s.env.keys() {
+                if k.is_empty() || k.contains('=') {
+                    return bad(f(&format!("env.{k}")), "is not a valid variable name");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "
+name: shop
+services:
+  web:
+    image: 127.0.0.1:5000/web:latest
+    command: [/bin/httpd, -f, -p, '8080', -h, /www]
+    env: {MODE: prod}
+    cpu: 1
+    memory: 128M
+    replicas: 2
+    volumes:
+      - {name: data, size: 1G, path: /data}
+    zdbs:
+      - {name: cache, size: 512M, mode: seq, password: s3cret}
+    expose: {name: shop, port: 8080}
+    placement: {farms: [1, 2], distinct_nodes: true}
+";
+
+    #[test]
+    fn parses_a_full_spec() {
+        let s = Spec::parse(GOOD).unwrap();
+        let web = &s.services["web"];
+        assert_eq!(web.memory, Size(128 << 20));
+        assert_eq!(web.volumes[0].size, Size(1 << 30));
+        assert_eq!(web.zdbs[0].mode, ZdbMode::Seq);
+        assert_eq!(web.replicas, 2);
+        assert_eq!(web.expose.as_ref().unwrap().port, 8080);
+        assert_eq!(web.placement.farms, Some(vec![1, 2]));
+    }
+
+    #[test]
+    fn defaults() {
+        let s = Spec::parse("name: a\nservices:\n  s:\n    image: x\n").unwrap();
+        let s = &s.services["s"];
+        assert_eq!((s.cpu, s.memory, s.replicas), (1, Size(256 << 20), 1));
+        assert!(s.placement.distinct_nodes);
+    }
+
+    #[test]
+    fn errors_point_at_the_line_or_field() {
+        let typo = GOOD.replace("    cpu: 1", "    cpus: 1");
+        let e = Spec::parse(&typo).unwrap_err().to_string();
+        assert!(e.contains("cpus") && e.contains("line 8"), "{e}");
+        let bad_size = GOOD.replace("128M", "128Q");
+        let e = Spec::parse(&bad_size).unwrap_err().to_string();
+        assert!(e.contains("unit") && e.contains("line 9"), "{e}");
+        let small = GOOD.replace("128M", "1M");
+        assert_eq!(
+            Spec::parse(&small).unwrap_err().to_string(),
+            "services.web.memory: must be at least 16M"
+        );
+        let no_name = GOOD.replace("name: shop\n", "");
+        assert!(Spec::parse(&no_name)
+            .unwrap_err()
+            .to_string()
+            .contains("missing field `name`"));
+        let rel = GOOD.replace("path: /data", "path: data");
+        assert!(Spec::parse(&rel)
+            .unwrap_err()
+            .to_string()
+            .starts_with("services.web.volumes[0].path"));
+        assert!(Spec::parse("{{{").is_err());
+        assert!(Spec::parse("name: x\nservices: {}\n")
+            .unwrap_err()
+            .to_string()
+            .starts_with("services:"));
+    }
+}

@@ -1,0 +1,203 @@
+//! The bot's persisted state: each declared deployment with where its replicas and gateway routes
+//! are, and the event log. A restarted bot reads it and carries on.
+
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tfgrid_core::{ContractId, Millis, NodeId, TwinId};
+
+const DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("deployments");
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("bot database: {0}")]
+    Db(String),
+    #[error("bot database holds a corrupt record in {table}: {reason}")]
+    Corrupt { table: &'static str, reason: String },
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.to_string())
+            }
+        }
+    )*};
+}
+db_err!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Being made; a bot that restarts in this state rolls it back.
+    Deploying,
+    Running,
+    /// Some replica could not be healed yet.
+    Degraded,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Replica {
+    pub service: String,
+    pub index: u32,
+    pub node_id: NodeId,
+    pub node_twin: TwinId,
+    pub contract_id: ContractId,
+    /// The container's address on its node's workload network.
+    #[serde(default)]
+    pub ip: String,
+    /// ok / error / init, as the node last reported it.
+    #[serde(default)]
+    pub state: String,
+    #[serde(default)]
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Route {
+    pub service: String,
+    pub name: String,
+    pub node_id: NodeId,
+    pub node_twin: TwinId,
+    pub name_contract: ContractId,
+    pub contract_id: ContractId,
+    pub version: u32,
+    pub backends: Vec<String>,
+    pub url: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub name: String,
+    /// The spec as the user wrote it.
+    pub yaml: String,
+    pub state: State,
+    pub replicas: Vec<Replica>,
+    pub routes: Vec<Route>,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    pub at: Millis,
+    pub deployment: String,
+    /// deploying, deployed, failed, healing, healed, heal-failed, removed, ...
+    pub kind: String,
+    pub message: String,
+}
+
+pub struct Store {
+    db: Database,
+}
+
+fn decode<T: serde::de::DeserializeOwned>(table: &'static str, b: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(b).map_err(|e| StoreError::Corrupt {
+        table,
+        reason: e.to_string(),
+    })
+}
+
+impl Store {
+    pub fn open(path: &std::path::Path) -> Result<Self, StoreError> {
+        let db = Database::create(path)?;
+        let tx = db.begin_write()?;
+        tx.open_table(DEPLOYMENTS)?;
+        tx.open_table(EVENTS)?;
+        tx.commit()?;
+        Ok(Self { db })
+    }
+
+    pub fn put(&self, r: &Record) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(DEPLOYMENTS)?.insert(
+            r.name.as_str(),
+            serde_json::to_vec(r).expect("record serializes").as_slice(),
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn get(&self, name: &str) -> Result<Option<Record>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(DEPLOYMENTS)?;
+        t.get(name)?
+            .map(|v| decode("deployments", v.value()))
+            .transpose()
+    }
+
+    pub fn all(&self) -> Result<Vec<Record>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(DEPLOYMENTS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            out.push(decode("deployments", row?.1.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn remove(&self, name: &str) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(DEPLOYMENTS)?.remove(name)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn event(
+        &self,
+        deployment: &str,
+        kind: &str,
+        message: String,
+    ) -> Result<Event, StoreError> {
+        let tx = self.db.begin_write()?;
+        let e;
+        {
+            let mut t = tx.open_table(EVENTS)?;
+            let seq = t.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+            e = Event {
+                seq,
+                at: tfgrid_core::now_millis(),
+                deployment: deployment.to_string(),
+                kind: kind.to_string(),
+                message,
+            };
+            t.insert(
+                seq,
+                serde_json::to_vec(&e).expect("event serializes").as_slice(),
+            )?;
+        }
+        tx.commit()?;
+        tracing::info!(deployment, kind, "{}", e.message);
+        Ok(e)
+    }
+
+    /// Events after `since` (a sequence number), oldest first, at most `limit`.
+    pub fn events(
+        &self,
+        since: u64,
+        deployment: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(EVENTS)?;
+        let mut out = Vec::new();
+        for row in t.range(since + 1..)? {
+            let e: Event = decode("events", row?.1.value())?;
+            if deployment.is_none_or(|d| d == e.deployment) {
+                out.push(e);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,441 @@
+//! `tfgrid bot` (the user's agent) and the commands that talk to it: deploy, ps, inspect, logs,
+//! rm, events, nodes. They speak the bot's HTTP API; `--json` prints what it answered.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tfgrid_bot::bot::{Bot, BotConfig};
+use tfgrid_bot::store::{Event, Record};
+use tfgrid_core::capacity::human_bytes;
+use tfgrid_core::records::NodeView;
+
+#[derive(Args)]
+pub struct BotArgs {
+    #[arg(long, env = "TFGRID_REGISTRY", default_value = "http://127.0.0.1:8080")]
+    registry: String,
+    #[arg(long, env = "TFGRID_RELAY", default_value = "ws://127.0.0.1:9000/")]
+    relay: String,
+    /// Your key: it signs contracts and deployments and never leaves this process.
+    #[arg(long, env = "TFGRID_KEY", default_value_os_t = crate::default_key_path())]
+    key: PathBuf,
+    #[arg(long, default_value_os_t = crate::default_key_dir().join("bot"))]
+    data: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    listen: SocketAddr,
+    /// How often the reconciler checks nodes and workloads.
+    #[arg(long, default_value_t = 1000)]
+    reconcile_ms: u64,
+}
+
+pub async fn bot(a: BotArgs) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("binding the bot to {}", a.listen))?;
+    let bot = Bot::start(BotConfig {
+        registry: a.registry.clone(),
+        relay: a.relay,
+        key: a.key,
+        data: a.data,
+    })
+    .await
+    .context("starting the bot")?;
+    let app = tfgrid_bot::api::router(bot.clone(), &a.registry);
+    println!(
+        "bot listening on http://{} (twin {})",
+        listener.local_addr()?,
+        bot.twin()
+    );
+    let reconciler = tokio::spawn(
+        bot.clone()
+            .run_reconciler(Duration::from_millis(a.reconcile_ms)),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(crate::shutdown_signal())
+        .await?;
+    reconciler.abort();
+    Ok(())
+}
+
+#[derive(Args, Clone)]
+pub struct BotOpt {
+    /// Your bot's address.
+    #[arg(long, env = "TFGRID_BOT", default_value = "http://127.0.0.1:8090")]
+    bot: String,
+    /// Print the bot's JSON answer instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    fn new(o: &BotOpt) -> Self {
+        Self {
+            base: o.bot.trim_end_matches('/').to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn check(&self, r: reqwest::Result<reqwest::Response>) -> Result<reqwest::Response> {
+        let r = r.with_context(|| {
+            format!(
+                "cannot reach your bot at {} (is `tfgrid up` or `tfgrid bot` running?)",
+                self.base
+            )
+        })?;
+        if r.status().is_success() {
+            return Ok(r);
+        }
+        let status = r.status();
+        let body: Value = r.json().await.unwrap_or_default();
+        match body["message"].as_str() {
+            Some(m) => bail!("{m}"),
+            None => bail!("the bot answered {status}"),
+        }
+    }
+
+    async fn get(&self, path: &str) -> Result<reqwest::Response> {
+        self.check(self.http.get(format!("{}{path}", self.base)).send().await)
+            .await
+    }
+}
+
+fn ago(ms: u64) -> String {
+    let s = tfgrid_core::now_millis().saturating_sub(ms) / 1000;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m", s / 60),
+        _ => format!("{}h", s / 3600),
+    }
+}
+
+fn time_of(ms: u64) -> String {
+    let secs = ms / 1000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60,
+        ms % 1000
+    )
+}
+
+fn print_event(e: &Event) {
+    println!(
+        "{}  {:<12} {:<11} {}",
+        time_of(e.at),
+        e.deployment,
+        e.kind,
+        e.message
+    );
+}
+
+async fn last_seq(c: &Client, deployment: &str) -> u64 {
+    match c.get(&format!("/api/events?deployment={deployment}")).await {
+        Ok(r) => r
+            .json::<Vec<Event>>()
+            .await
+            .ok()
+            .and_then(|v| v.last().map(|e| e.seq))
+            .unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+pub async fn deploy(o: BotOpt, file: PathBuf) -> Result<()> {
+    let yaml =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    // Checked here first, so a mistake is reported with its line before anything is sent.
+    let spec = tfgrid_bot::spec::Spec::parse(&yaml)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let c = Client::new(&o);
+    let since = last_seq(&c, &spec.name).await;
+    let progress = {
+        let (base, name, quiet) = (c.base.clone(), spec.name.clone(), o.json);
+        tokio::spawn(async move {
+            let c = Client {
+                base,
+                http: reqwest::Client::new(),
+            };
+            let mut since = since;
+            loop {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                let Ok(r) = c
+                    .get(&format!("/api/events?deployment={name}&since={since}"))
+                    .await
+                else {
+                    continue;
+                };
+                for e in r.json::<Vec<Event>>().await.unwrap_or_default() {
+                    since = e.seq;
+                    if !quiet {
+                        println!("  {:<9} {}", e.kind, e.message);
+                    }
+                }
+            }
+        })
+    };
+    if !o.json {
+        println!("deploying {} from {}", spec.name, file.display());
+    }
+    let r = c
+        .check(
+            c.http
+                .post(format!("{}/api/deployments", c.base))
+                .body(yaml)
+                .timeout(Duration::from_secs(600))
+                .send()
+                .await,
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    progress.abort();
+    let rec: Record = r?.json().await?;
+    if o.json {
+        println!("{}", serde_json::to_string_pretty(&rec)?);
+        return Ok(());
+    }
+    println!("deployed {}", rec.name);
+    for route in &rec.routes {
+        println!("  {} -> {}", route.service, route.url);
+    }
+    Ok(())
+}
+
+pub async fn ps(o: BotOpt) -> Result<()> {
+    let c = Client::new(&o);
+    let list: Vec<Record> = c.get("/api/deployments").await?.json().await?;
+    if o.json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    if list.is_empty() {
+        println!("no deployments (try: tfgrid deploy examples/web.yaml)");
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<9} {:<9} {:<6} URL",
+        "NAME", "STATE", "REPLICAS", "AGE"
+    );
+    for r in list {
+        let ok = r.replicas.iter().filter(|x| x.state == "ok").count();
+        println!(
+            "{:<16} {:<9} {:<9} {:<6} {}",
+            r.name,
+            format!("{:?}", r.state).to_lowercase(),
+            format!("{ok}/{}", r.replicas.len()),
+            ago(r.created_at),
+            r.routes
+                .iter()
+                .map(|x| x.url.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    Ok(())
+}
+
+pub async fn inspect(o: BotOpt, name: String) -> Result<()> {
+    let c = Client::new(&o);
+    let r: Record = c
+        .get(&format!("/api/deployments/{name}"))
+        .await?
+        .json()
+        .await?;
+    if o.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!("name:    {}", r.name);
+    println!("state:   {}", format!("{:?}", r.state).to_lowercase());
+    println!("created: {} ago", ago(r.created_at));
+    for route in &r.routes {
+        println!(
+            "url:     {} (gateway node {}, -> {})",
+            route.url,
+            route.node_id,
+            route.backends.join(", ")
+        );
+    }
+    println!();
+    println!(
+        "{:<14} {:<6} {:<10} {:<15} {:<7} MESSAGE",
+        "REPLICA", "NODE", "CONTRACT", "ADDRESS", "STATE"
+    );
+    for x in &r.replicas {
+        println!(
+            "{:<14} {:<6} {:<10} {:<15} {:<7} {}",
+            format!("{}/{}", x.service, x.index),
+            x.node_id,
+            x.contract_id,
+            x.ip,
+            x.state,
+            x.message
+        );
+    }
+    println!();
+    println!("spec:");
+    for l in r.yaml.lines() {
+        println!("  {l}");
+    }
+    Ok(())
+}
+
+pub async fn logs(
+    o: BotOpt,
+    name: String,
+    service: Option<String>,
+    replica: u32,
+    follow: bool,
+) -> Result<()> {
+    let c = Client::new(&o);
+    let q = |tail: Option<u64>| {
+        let mut s = format!("/api/deployments/{name}/logs?replica={replica}");
+        if let Some(sv) = &service {
+            s.push_str(&format!("&service={sv}"));
+        }
+        if let Some(t) = tail {
+            s.push_str(&format!("&tail={t}"));
+        }
+        s
+    };
+    let mut last = c.get(&q(None)).await?.text().await?;
+    print!("{last}");
+    if !follow {
+        return Ok(());
+    }
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = c.get(&q(None)).await?.text().await?;
+        // The node keeps a bounded log: when it was trimmed, print what is new after the overlap.
+        let new = match now.strip_prefix(&last) {
+            Some(rest) => rest.to_string(),
+            None => match now.find(last.lines().last().unwrap_or("\u{0}")) {
+                Some(i) => now[i + last.lines().last().unwrap_or("").len()..].to_string(),
+                None => now.clone(),
+            },
+        };
+        print!("{new}");
+        last = now;
+    }
+}
+
+pub async fn rm(o: BotOpt, name: String) -> Result<()> {
+    let c = Client::new(&o);
+    c.check(
+        c.http
+            .delete(format!("{}/api/deployments/{name}", c.base))
+            .send()
+            .await,
+    )
+    .await?;
+    if !o.json {
+        println!("removed {name}: its workloads and contracts are gone");
+    }
+    Ok(())
+}
+
+pub async fn events(o: BotOpt, deployment: Option<String>, follow: bool) -> Result<()> {
+    let c = Client::new(&o);
+    let mut since = 0;
+    loop {
+        let mut path = format!("/api/events?since={since}");
+        if let Some(d) = &deployment {
+            path.push_str(&format!("&deployment={d}"));
+        }
+        let list: Vec<Event> = c.get(&path).await?.json().await?;
+        for e in &list {
+            if o.json {
+                println!("{}", serde_json::to_string(e)?);
+            } else {
+                print_event(e);
+            }
+            since = e.seq;
+        }
+        if !follow {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[derive(Args)]
+pub struct NodeQuery {
+    /// up or down
+    #[arg(long)]
+    status: Option<String>,
+    #[arg(long)]
+    country: Option<String>,
+    /// Comma-separated farm ids.
+    #[arg(long)]
+    farm_ids: Option<String>,
+    /// Minimum free memory, e.g. 2G.
+    #[arg(long, value_parser = tfgrid_node::capacity::parse_size)]
+    free_mru: Option<u64>,
+    #[arg(long)]
+    has_gpu: Option<bool>,
+    /// Only gateway nodes (true) or only others (false).
+    #[arg(long)]
+    domain: Option<bool>,
+    #[arg(long, default_value_t = 50)]
+    size: u32,
+}
+
+pub async fn nodes(o: BotOpt, q: NodeQuery) -> Result<()> {
+    let c = Client::new(&o);
+    let mut params = vec![format!("size={}", q.size)];
+    let mut add = |k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            params.push(format!("{k}={v}"));
+        }
+    };
+    add("status", q.status);
+    add("country", q.country);
+    add("farm_ids", q.farm_ids);
+    add("free_mru", q.free_mru.map(|v| v.to_string()));
+    add("has_gpu", q.has_gpu.map(|v| v.to_string()));
+    add("domain", q.domain.map(|v| v.to_string()));
+    let page: Value = c
+        .get(&format!("/api/nodes?{}", params.join("&")))
+        .await?
+        .json()
+        .await?;
+    if o.json {
+        println!("{}", serde_json::to_string_pretty(&page)?);
+        return Ok(());
+    }
+    let nodes: Vec<NodeView> = serde_json::from_value(page)?;
+    println!(
+        "{:<5} {:<5} {:<8} {:<6} {:<9} {:<22} {:<20} DOMAIN",
+        "ID", "FARM", "COUNTRY", "STATUS", "CORES", "MEMORY free/total", "DISK free/total"
+    );
+    for n in nodes {
+        let (t, f) = (n.node.total, n.free);
+        println!(
+            "{:<5} {:<5} {:<8} {:<6} {:<9} {:<22} {:<20} {}",
+            n.node.id,
+            n.node.farm_id,
+            if n.node.location.country.is_empty() {
+                "-"
+            } else {
+                &n.node.location.country
+            },
+            format!("{:?}", n.status).to_lowercase(),
+            format!("{}/{}", f.cru, t.cru),
+            format!("{}/{}", human_bytes(f.mru), human_bytes(t.mru)),
+            format!(
+                "{}/{}",
+                human_bytes(f.sru + f.hru),
+                human_bytes(t.sru + t.hru)
+            ),
+            n.node.public_config.domain.unwrap_or_default()
+        );
+    }
+    Ok(())
+}

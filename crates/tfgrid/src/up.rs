@@ -1,0 +1,367 @@
+//! `tfgrid up`: a whole grid on this machine. The registry and relay run in this process; a local
+//! image registry (Debian's docker-registry, with an example image), the node agents (one of them a
+//! gateway) and your bot run as child processes with their logs in `<data>/logs`. Ctrl-C stops
+//! them all and the workloads the nodes ran; the data stays, and the next `up` brings it back.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tfgrid_core::tx::{Call, Outcome};
+use tfgrid_core::Identity;
+use tfgrid_registry::{Registry, RegistryConfig};
+use tfgrid_registry_client::{RegistryClient, TwinSigner};
+
+#[derive(Args)]
+pub struct UpArgs {
+    /// Where the grid keeps its data, keys and logs.
+    #[arg(long, default_value = "tfgrid-data")]
+    data: PathBuf,
+    /// Node agents to run (the last one is the gateway). They need root; 0 runs the rest.
+    #[arg(long, default_value_t = 3)]
+    nodes: u32,
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    registry_listen: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    relay_listen: SocketAddr,
+    /// Your bot's API and dashboard.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    bot_listen: SocketAddr,
+    /// The local image registry (the example image is pushed there).
+    #[arg(long, default_value = "127.0.0.1:5000")]
+    images_listen: SocketAddr,
+    /// The gateway node's HTTP proxy.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    gateway_listen: SocketAddr,
+    /// Names are served as <name>.<domain> by the gateway.
+    #[arg(long, default_value = "gw.local")]
+    domain: String,
+    /// How long a node may miss uptime reports before the registry calls it down.
+    #[arg(long, default_value_t = 3000)]
+    down_after_ms: u64,
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+/// Starts `tfgrid args...` with stderr to `<logs>/<name>.log` and returns it with its first
+/// stdout line (each command prints one when it is ready).
+fn spawn(name: &str, args: &[String], logs: &Path) -> Result<(Proc, String)> {
+    let log = logs.join(format!("{name}.log"));
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped"))
+        .read_line(&mut line)
+        .ok();
+    if line.trim().is_empty() {
+        let _ = child.wait();
+        let err = std::fs::read_to_string(&log).unwrap_or_default();
+        let last = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("no output");
+        bail!("{name} did not start: {last} (log: {})", log.display());
+    }
+    Ok((
+        Proc {
+            name: name.to_string(),
+            child,
+        },
+        line.trim().to_string(),
+    ))
+}
+
+fn terminate(procs: &mut Vec<Proc>) {
+    for p in procs.iter() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let t0 = Instant::now();
+    for p in procs.iter_mut() {
+        while p.child.try_wait().ok().flatten().is_none() && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if p.child.try_wait().ok().flatten().is_none() {
+            tracing::warn!("{} did not stop on SIGTERM; killing it", p.name);
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+    procs.clear();
+}
+
+pub async fn up(a: UpArgs) -> Result<()> {
+    let root = nix::unistd::geteuid().is_root();
+    if a.nodes > 0 && !root {
+        bail!(
+            "tfgrid up runs node agents, and a node needs root: it makes network namespaces, \
+             mounts overlay and ext4 filesystems and sets cgroup limits. Run it as root \
+             (sudo), or with --nodes 0 for the registry, relay and bot alone."
+        );
+    }
+    let data = std::path::absolute(&a.data)?;
+    let logs = data.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let config = RegistryConfig {
+        down_after_ms: a.down_after_ms,
+        ..Default::default()
+    };
+    let registry = Registry::open(&data.join("registry"), config)?;
+    let listener = tokio::net::TcpListener::bind(a.registry_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "binding the registry to {} (is another grid running?)",
+                a.registry_listen
+            )
+        })?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(registry.serve(listener, async {
+        let _ = stop_rx.await;
+    }));
+    let (relay_url, relay_twin, relay_server, relay_stop) =
+        crate::bus_cmd::start_relay(a.relay_listen, None, &data.join("relay.key"), &url).await?;
+
+    let key_path = data.join("user.key");
+    let (id, created) = Identity::load_or_generate(&key_path)?;
+    let client = RegistryClient::new(&url);
+    let signer = TwinSigner::new(id, client.clone());
+    let twin = tfgrid_bus::peer::ensure_registered(&signer, &relay_url)
+        .await
+        .context("registering your twin")?;
+
+    let mut procs: Vec<Proc> = Vec::new();
+    // Held until the grid stops: dropping it stops docker-registry.
+    let mut oci = None;
+    let result = start_children(
+        &a, &data, &logs, &url, &relay_url, &signer, twin, &mut procs, &mut oci,
+    )
+    .await;
+    let (images, node_lines, bot_url) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            terminate(&mut procs);
+            stop_nodes(&a, &data).await;
+            return Err(e);
+        }
+    };
+
+    println!("tfgrid local grid is up");
+    println!("  registry   {url}");
+    println!("  relay      {relay_url}   (twin {relay_twin})");
+    if let Some(img) = &images {
+        println!("  images     {}   (example image {img})", a.images_listen);
+    }
+    for l in &node_lines {
+        println!("  {l}");
+    }
+    println!(
+        "  your key   {} ({})",
+        key_path.display(),
+        if created { "new" } else { "existing" }
+    );
+    println!("  your twin  {twin}");
+    println!("  dashboard  {bot_url}/");
+    println!("  logs       {}", logs.display());
+    println!();
+    println!("Try:");
+    if a.nodes > 0 {
+        println!("  tfgrid deploy examples/web.yaml");
+        println!(
+            "  curl -H 'Host: web.{}' http://{}/",
+            a.domain, a.gateway_listen
+        );
+        println!("  tfgrid ps; tfgrid events; tfgrid nodes");
+    } else {
+        println!("  tfgrid nodes   (no nodes: run `tfgrid up` as root to get some)");
+    }
+    println!();
+    println!(
+        "Ctrl-C stops the grid; its data stays in {}.",
+        data.display()
+    );
+
+    tokio::select! {
+        _ = crate::shutdown_signal() => {}
+        _ = watch_children(&mut procs) => {}
+    }
+    println!("stopping...");
+    terminate(&mut procs);
+    stop_nodes(&a, &data).await;
+    drop(oci);
+    relay_stop.stop();
+    relay_server.abort();
+    let _ = stop_tx.send(());
+    server.await??;
+    println!("stopped");
+    Ok(())
+}
+
+/// Returns when the bot exits by itself (nodes may be killed on purpose: the grid heals).
+async fn watch_children(procs: &mut [Proc]) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for p in procs.iter_mut() {
+            if p.name == "bot" {
+                if let Ok(Some(status)) = p.child.try_wait() {
+                    eprintln!("the bot exited ({status}); see its log");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn node_dir(data: &Path, i: u32) -> PathBuf {
+    data.join("nodes").join(format!("node{i}"))
+}
+
+fn bridge(i: u32) -> String {
+    format!("tfgup{i}")
+}
+
+async fn stop_nodes(a: &UpArgs, data: &Path) {
+    for i in 1..=a.nodes {
+        tfgrid_node::agent::stop_workloads(&node_dir(data, i), "runc", &bridge(i)).await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn start_children(
+    a: &UpArgs,
+    data: &Path,
+    logs: &Path,
+    url: &str,
+    relay_url: &str,
+    signer: &TwinSigner,
+    twin: u32,
+    procs: &mut Vec<Proc>,
+    oci: &mut Option<tfgrid_node::images::LocalRegistry>,
+) -> Result<(Option<String>, Vec<String>, String)> {
+    let mut node_lines = Vec::new();
+    let mut images = None;
+    if a.nodes > 0 {
+        // The example image, so `tfgrid deploy examples/web.yaml` works without the internet.
+        match tfgrid_node::images::LocalRegistry::start_with(
+            &data.join("images"),
+            Some(a.images_listen),
+            None,
+            None,
+        ) {
+            Ok(reg) => {
+                let img = tfgrid_node::images::push_busybox_image(
+                    &reg.addr,
+                    "web",
+                    &["/bin/httpd", "-f", "-p", "8080", "-h", "/www"],
+                    "hello from tfgrid\n",
+                )
+                .await
+                .map_err(anyhow::Error::msg)?;
+                images = Some(img);
+                *oci = Some(reg);
+            }
+            Err(e) => eprintln!("no local image registry ({e}); images must come from elsewhere"),
+        }
+        let farms = signer.client().farms_of(twin).await?;
+        let farm = match farms.iter().find(|f| f.name == "local") {
+            Some(f) => f.id,
+            None => match signer
+                .submit(Call::CreateFarm {
+                    name: "local".into(),
+                    dedicated: false,
+                })
+                .await?
+                .outcome
+            {
+                Outcome::FarmCreated { farm_id } => farm_id,
+                o => bail!("create_farm answered {o:?}"),
+            },
+        };
+        // Nodes share this host: each offers its share of memory, so the grid's total is true.
+        let host = tfgrid_node::capacity::discover(data)?;
+        let mru = host.offered().mru / u64::from(a.nodes);
+        for i in 1..=a.nodes {
+            let gateway = i == a.nodes;
+            let mut args: Vec<String> = [
+                "node",
+                "--registry",
+                url,
+                "--relay",
+                relay_url,
+                "--farm",
+                &farm.to_string(),
+                "--data",
+                &node_dir(data, i).to_string_lossy(),
+                "--zdb-listen",
+                "127.0.0.1:0",
+                "--bridge",
+                &bridge(i),
+                "--subnet",
+                &format!("10.77.{i}.0/24"),
+                "--mru",
+                &mru.to_string(),
+                "--sru",
+                "20G",
+                "--hru",
+                "20G",
+                "--insecure-registry",
+                &a.images_listen.to_string(),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            if gateway {
+                args.extend([
+                    "--domain".into(),
+                    a.domain.clone(),
+                    "--gateway-listen".into(),
+                    a.gateway_listen.to_string(),
+                ]);
+            }
+            let name = format!("node{i}");
+            let (p, line) = spawn(&name, &args, logs)?;
+            node_lines.push(format!("{:<10} pid {:<7} {}", name, p.child.id(), line));
+            procs.push(p);
+        }
+    }
+    let bot_args: Vec<String> = [
+        "bot",
+        "--registry",
+        url,
+        "--relay",
+        relay_url,
+        "--key",
+        &data.join("user.key").to_string_lossy(),
+        "--data",
+        &data.join("bot").to_string_lossy(),
+        "--listen",
+        &a.bot_listen.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (p, line) = spawn("bot", &bot_args, logs)?;
+    let bot_url = line
+        .strip_prefix("bot listening on ")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_default()
+        .to_string();
+    node_lines.push(format!("{:<10} pid {:<7} {line}", "bot", p.child.id()));
+    procs.push(p);
+    Ok((images, node_lines, bot_url))
+}
