@@ -4,7 +4,7 @@
 
 use crate::scheduler::{Candidate, Scheduler, Want};
 use crate::spec::{Service, Spec, SpecError};
-use crate::store::{Event, Record, Replica, Route, State, Store, StoreError};
+use crate::store::{Event, Record, Replica, Route, State, Store, StoreError, WorkloadView};
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -278,6 +278,20 @@ impl Bot {
                     .map(|(n, r)| format!("{n}: {}", r.message))
                     .collect();
                 if bad.is_empty() {
+                    let workloads = d
+                        .workloads
+                        .iter()
+                        .filter_map(|w| {
+                            let r = info.results.get(&w.name)?;
+                            Some(WorkloadView {
+                                name: w.name.clone(),
+                                kind: w.data.kind().to_string(),
+                                state: format!("{:?}", r.state).to_lowercase(),
+                                message: r.message.clone(),
+                                data: r.data.clone(),
+                            })
+                        })
+                        .collect();
                     let ip = info
                         .results
                         .get(&wname(service))
@@ -292,6 +306,7 @@ impl Bot {
                         ip,
                         state: "ok".into(),
                         message: String::new(),
+                        workloads,
                     });
                 }
                 Some(format!("node {}: {}", node.id, bad.join("; ")))

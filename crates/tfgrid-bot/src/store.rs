@@ -58,6 +58,21 @@ pub struct Replica {
     pub state: String,
     #[serde(default)]
     pub message: String,
+    /// Every workload of the replica's node deployment: its container, volumes and zdbs.
+    #[serde(default)]
+    pub workloads: Vec<WorkloadView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadView {
+    pub name: String,
+    pub kind: String,
+    pub state: String,
+    #[serde(default)]
+    pub message: String,
+    /// What the node reported: addresses, zdb endpoint and namespace, sizes.
+    #[serde(default)]
+    pub data: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -278,6 +278,10 @@ pub async fn inspect(o: BotOpt, name: String) -> Result<()> {
             x.state,
             x.message
         );
+        for w in x.workloads.iter().filter(|w| w.kind != "container") {
+            let data: Vec<String> = w.data.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            println!("  {:<12} {:<8} {}", w.kind, w.state, data.join(", "));
+        }
     }
     println!();
     println!("spec:");

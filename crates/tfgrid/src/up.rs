@@ -57,7 +57,12 @@ fn spawn(name: &str, args: &[String], logs: &Path) -> Result<(Proc, String)> {
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log)?)
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)?,
+        )
         .spawn()
         .with_context(|| format!("starting {name}"))?;
     let mut line = String::new();
@@ -152,7 +157,7 @@ pub async fn up(a: UpArgs) -> Result<()> {
         &a, &data, &logs, &url, &relay_url, &signer, twin, &mut procs, &mut oci,
     )
     .await;
-    let (images, node_lines, bot_url) = match result {
+    let (images, node_lines, bot_url, bot_args) = match result {
         Ok(v) => v,
         Err(e) => {
             terminate(&mut procs);
@@ -198,7 +203,7 @@ pub async fn up(a: UpArgs) -> Result<()> {
 
     tokio::select! {
         _ = crate::shutdown_signal() => {}
-        _ = watch_children(&mut procs) => {}
+        _ = watch_children(&mut procs, &bot_args, &logs) => {}
     }
     println!("stopping...");
     terminate(&mut procs);
@@ -212,15 +217,20 @@ pub async fn up(a: UpArgs) -> Result<()> {
     Ok(())
 }
 
-/// Returns when the bot exits by itself (nodes may be killed on purpose: the grid heals).
-async fn watch_children(procs: &mut [Proc]) {
+/// Keeps the bot running: a bot that exits (or is killed) is started again, and carries on from
+/// its persisted state. Nodes are not restarted: a dead node is what the bot heals around.
+async fn watch_children(procs: &mut [Proc], bot_args: &[String], logs: &Path) {
     loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        for p in procs.iter_mut() {
-            if p.name == "bot" {
-                if let Ok(Some(status)) = p.child.try_wait() {
-                    eprintln!("the bot exited ({status}); see its log");
-                    return;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for p in procs.iter_mut().filter(|p| p.name == "bot") {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                eprintln!("the bot exited ({status}); starting it again");
+                match spawn("bot", bot_args, logs) {
+                    Ok((np, line)) => {
+                        eprintln!("bot pid {} {line}", np.child.id());
+                        *p = np;
+                    }
+                    Err(e) => eprintln!("could not restart the bot: {e:#}"),
                 }
             }
         }
@@ -231,13 +241,24 @@ fn node_dir(data: &Path, i: u32) -> PathBuf {
     data.join("nodes").join(format!("node{i}"))
 }
 
-fn bridge(i: u32) -> String {
-    format!("tfgup{i}")
+/// Bridges and subnets are host-wide: derived from the data directory, so two grids on one host
+/// (say, a test next to a demo) do not collide.
+fn net_id(data: &Path) -> u32 {
+    let h = blake3::hash(data.to_string_lossy().as_bytes());
+    u32::from_le_bytes(h.as_bytes()[..4].try_into().expect("4 bytes"))
+}
+
+fn bridge(data: &Path, i: u32) -> String {
+    format!("tfg{:06x}n{i}", net_id(data) & 0xff_ffff)
+}
+
+fn subnet(data: &Path, i: u32) -> String {
+    format!("10.{}.{i}.0/24", 64 + net_id(data) % 128)
 }
 
 async fn stop_nodes(a: &UpArgs, data: &Path) {
     for i in 1..=a.nodes {
-        tfgrid_node::agent::stop_workloads(&node_dir(data, i), "runc", &bridge(i)).await;
+        tfgrid_node::agent::stop_workloads(&node_dir(data, i), "runc", &bridge(data, i)).await;
     }
 }
 
@@ -252,7 +273,7 @@ async fn start_children(
     twin: u32,
     procs: &mut Vec<Proc>,
     oci: &mut Option<tfgrid_node::images::LocalRegistry>,
-) -> Result<(Option<String>, Vec<String>, String)> {
+) -> Result<(Option<String>, Vec<String>, String, Vec<String>)> {
     let mut node_lines = Vec::new();
     let mut images = None;
     if a.nodes > 0 {
@@ -310,9 +331,9 @@ async fn start_children(
                 "--zdb-listen",
                 "127.0.0.1:0",
                 "--bridge",
-                &bridge(i),
+                &bridge(data, i),
                 "--subnet",
-                &format!("10.77.{i}.0/24"),
+                &subnet(data, i),
                 "--mru",
                 &mru.to_string(),
                 "--sru",
@@ -363,5 +384,5 @@ async fn start_children(
         .to_string();
     node_lines.push(format!("{:<10} pid {:<7} {line}", "bot", p.child.id()));
     procs.push(p);
-    Ok((images, node_lines, bot_url))
+    Ok((images, node_lines, bot_url, bot_args))
 }

@@ -1,103 +1,481 @@
-//! `tfgrid up`, the README's main command: comes up, registers the user's twin, stops on Ctrl-C.
+//! `tfgrid up`, the README's main command, end to end: a grid of three nodes (one a gateway) and
+//! the user's bot; the example deployed with `tfgrid deploy` and fetched through its gateway name;
+//! the node running it killed and the service answering again from another node; the bot killed
+//! and carrying on; bad specs refused with clear errors; `tfgrid rm` leaving nothing; the
+//! dashboard rendered in headless Chromium; Ctrl-C stopping everything.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
-#[tokio::test]
-async fn up_serves_a_registry_and_stops_cleanly_on_ctrl_c() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("grid");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tfgrid"))
+const BIN: &str = env!("CARGO_BIN_EXE_tfgrid");
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+struct Grid {
+    child: Child,
+    data: PathBuf,
+    bot: String,
+    gateway: SocketAddr,
+    image: String,
+    /// node id -> agent pid
+    node_pids: Vec<(u32, u32)>,
+    bot_pid: u32,
+    lines: Vec<String>,
+}
+
+impl Drop for Grid {
+    fn drop(&mut self) {
+        // SIGINT, as Ctrl-C: up stops its children and their workloads.
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let t0 = Instant::now();
+        while self.child.try_wait().ok().flatten().is_none()
+            && t0.elapsed() < Duration::from_secs(15)
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn up(dir: &Path) -> Grid {
+    let data = dir.join("grid");
+    let (bot, gw, images) = (free_port(), free_port(), free_port());
+    let mut child = Command::new(BIN)
+        .args(["up", "--data"])
+        .arg(&data)
         .args([
-            "up",
             "--registry-listen",
             "127.0.0.1:0",
             "--relay-listen",
             "127.0.0.1:0",
-            "--data",
         ])
-        .arg(&data)
+        .args([
+            "--bot-listen",
+            &bot.to_string(),
+            "--gateway-listen",
+            &gw.to_string(),
+        ])
+        .args(["--images-listen", &images.to_string()])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("up.stderr")).unwrap())
         .spawn()
         .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut url = None;
-    let mut twin = None;
-    let mut relay = None;
+    let mut lines = Vec::new();
     let mut line = String::new();
     while out.read_line(&mut line).unwrap() > 0 {
-        let l = line.trim().to_string();
+        lines.push(line.trim().to_string());
         line.clear();
-        if let Some(rest) = l.strip_prefix("registry") {
-            url = rest.split_whitespace().next().map(str::to_string);
-        }
-        if let Some(rest) = l.strip_prefix("relay") {
-            relay = rest.split_whitespace().next().map(str::to_string);
-        }
-        if let Some(rest) = l.strip_prefix("your twin") {
-            twin = Some(rest.trim().parse::<u32>().unwrap());
-        }
-        if l.starts_with("Ctrl-C stops the grid") {
+        if lines.last().unwrap().starts_with("Ctrl-C stops the grid") {
             break;
         }
     }
-    let url = url.expect("up prints the registry address");
-    let client = tfgrid_registry_client::RegistryClient::new(&url);
-    let key = tfgrid_core::Identity::load(&data.join("user.key")).unwrap();
-    let acct = client.account(&key.public_key()).await.unwrap();
+    assert!(
+        lines.iter().any(|l| l.starts_with("Ctrl-C")),
+        "up did not come up: {lines:?} {}",
+        std::fs::read_to_string(dir.join("up.stderr")).unwrap_or_default()
+    );
+    // Keep reading stdout so up never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while out.read_line(&mut sink).unwrap_or(0) > 0 {
+            sink.clear();
+        }
+    });
+    let field = |prefix: &str| -> String {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line in {lines:?}"))
+            .trim()
+            .to_string()
+    };
+    let dashboard = field("dashboard");
+    let image = field("images")
+        .split("example image ")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(')')
+        .to_string();
+    let mut node_pids = Vec::new();
+    let mut bot_pid = 0;
+    for l in &lines {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        if w.len() > 4 && w[0].starts_with("node") && w[1] == "pid" {
+            node_pids.push((w[4].parse().unwrap(), w[2].parse().unwrap()));
+        }
+        if w.len() > 2 && w[0] == "bot" && w[1] == "pid" {
+            bot_pid = w[2].parse().unwrap();
+        }
+    }
+    assert_eq!(node_pids.len(), 3, "{lines:?}");
+    Grid {
+        child,
+        data,
+        bot: dashboard.trim_end_matches('/').to_string(),
+        gateway: gw,
+        image,
+        node_pids,
+        bot_pid,
+        lines,
+    }
+}
+
+fn cli(g: &Grid, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .args(["--bot", &g.bot])
+        .output()
+        .unwrap()
+}
+
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn inspect(g: &Grid, name: &str) -> serde_json::Value {
+    serde_json::from_str(&ok(cli(g, &["inspect", name, "--json"]))).unwrap()
+}
+
+fn fetch(gw: SocketAddr, host: &str) -> Option<(u16, String)> {
+    let out = Command::new("curl")
+        .args(["-s", "-m", "3", "-o", "-", "-w", "\n%{http_code}", "-H"])
+        .arg(format!("Host: {host}"))
+        .arg(format!("http://{gw}/"))
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n')?;
+    Some((code.parse().ok()?, body.to_string()))
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn spec_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn up_deploys_heals_and_removes_through_the_cli() {
+    if !is_root() {
+        eprintln!("skipped: tfgrid up runs nodes, which need root");
+        return;
+    }
+    for c in ["runc", "docker-registry", "busybox", "curl"] {
+        if !have(c) {
+            eprintln!("skipped: {c} is not installed");
+            return;
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let g = up(dir.path());
+    assert!(g
+        .lines
+        .iter()
+        .any(|l| l.contains("tfgrid deploy examples/web.yaml")));
+
+    // The example, pointed at this grid's image registry.
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/web.yaml"
+    ))
+    .unwrap();
+    let spec = spec_file(
+        dir.path(),
+        "web.yaml",
+        &example.replace("127.0.0.1:5000/web:latest", &g.image),
+    );
+    let out = ok(cli(&g, &["deploy", spec.to_str().unwrap()]));
+    assert!(
+        out.contains("placed") && out.contains("deployed web"),
+        "{out}"
+    );
+    let url_line = out.lines().find(|l| l.contains("web -> ")).unwrap();
+    assert!(
+        url_line.contains(&format!("http://web.gw.local:{}/", g.gateway.port())),
+        "{out}"
+    );
+    let (code, body) = fetch(g.gateway, "web.gw.local").unwrap();
+    assert_eq!((code, body.as_str()), (200, "hello from tfgrid\n"));
+    let ps = ok(cli(&g, &["ps"]));
+    assert!(
+        ps.contains("web") && ps.contains("running") && ps.contains("2/2"),
+        "{ps}"
+    );
+    let nodes = ok(cli(&g, &["nodes", "--domain", "true"]));
     assert_eq!(
-        acct.twin_id, twin,
-        "the printed twin is the user key's twin"
+        nodes.lines().filter(|l| l.contains("gw.local")).count(),
+        1,
+        "{nodes}"
     );
 
-    // The relay is up: the user's twin connects through it and a second twin pings it.
-    let relay = relay.expect("up prints the relay address");
-    let user_twin = twin.unwrap();
-    assert_eq!(client.twin(user_twin).await.unwrap().relay, relay);
-    let user = tfgrid_bus::Peer::start(tfgrid_bus::PeerConfig {
-        identity: key,
-        twin: user_twin,
-        relay_url: relay.clone(),
-        registry: client.clone(),
-    });
-    user.connected(std::time::Duration::from_secs(5))
-        .await
-        .unwrap();
-    let other_id = tfgrid_core::Identity::generate();
-    let signer = tfgrid_registry_client::TwinSigner::new(other_id.clone(), client.clone());
-    let other_twin = tfgrid_bus::peer::ensure_registered(&signer, &relay)
-        .await
-        .unwrap();
-    let other = tfgrid_bus::Peer::start(tfgrid_bus::PeerConfig {
-        identity: other_id,
-        twin: other_twin,
-        relay_url: relay,
-        registry: client.clone(),
-    });
-    other
-        .connected(std::time::Duration::from_secs(5))
-        .await
-        .unwrap();
-    let pong = other
-        .call(
-            user_twin,
-            tfgrid_bus::peer::PING,
-            b"",
-            std::time::Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
-    assert_eq!(pong, b"pong");
+    // The dashboard shows the nodes and the deployment (headless Chromium).
+    if have("chromium") {
+        dashboard_renders(&g, dir.path());
+    } else {
+        eprintln!("dashboard check skipped: chromium is not installed");
+    }
 
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+    // kill -9 the node running web/0: the bot redeploys it elsewhere and re-points the name.
+    let before = inspect(&g, "web");
+    let victim = before["replicas"][0]["node_id"].as_u64().unwrap() as u32;
+    let pid = g.node_pids.iter().find(|(n, _)| *n == victim).unwrap().1;
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
         .status()
         .unwrap();
-    assert!(status.success());
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
-    assert!(child.wait().unwrap().success(), "Ctrl-C is a clean exit");
-    assert!(rest.contains("stopped"), "{rest}");
-    assert!(client.health().await.is_err(), "nothing left listening");
+    wait_for("web/0 to move", Duration::from_secs(20), || {
+        inspect(&g, "web")["replicas"][0]["node_id"].as_u64() != Some(victim.into())
+    });
+    let after = inspect(&g, "web");
+    let moved_to = after["replicas"][0]["node_id"].as_u64().unwrap() as u32;
+    assert_ne!(moved_to, victim);
+    let other = after["replicas"][1]["node_id"].as_u64().unwrap() as u32;
+    assert_ne!(
+        moved_to, other,
+        "distinct_nodes: both replicas on node {other}"
+    );
+    // Every backend answers: several requests, round robin over both replicas.
+    for _ in 0..6 {
+        assert_eq!(fetch(g.gateway, "web.gw.local").map(|r| r.0), Some(200));
+    }
+    let events = ok(cli(&g, &["events", "--deployment", "web"]));
+    assert!(
+        events.contains(&format!("node {victim} is down")),
+        "{events}"
+    );
+    assert!(events.contains("repointed"), "{events}");
+
+    // kill -9 the bot: up starts it again, and it carries on from its state.
+    Command::new("kill")
+        .args(["-9", &g.bot_pid.to_string()])
+        .status()
+        .unwrap();
+    wait_for("the bot to come back", Duration::from_secs(20), || {
+        cli(&g, &["ps"]).status.success()
+    });
+    let again = inspect(&g, "web");
+    assert_eq!(
+        again["replicas"], after["replicas"],
+        "the restarted bot lost or changed state"
+    );
+    assert_eq!(fetch(g.gateway, "web.gw.local").map(|r| r.0), Some(200));
+
+    // An impossible spec and a malformed one: clear errors, nothing made.
+    let huge = spec_file(
+        dir.path(),
+        "huge.yaml",
+        &format!(
+            "name: huge\nservices:\n  big:\n    image: {}\n    memory: 100T\n",
+            g.image
+        ),
+    );
+    let o = cli(&g, &["deploy", huge.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("no node fits service big") && err.contains("memory"),
+        "{err}"
+    );
+    let typo = spec_file(
+        dir.path(),
+        "typo.yaml",
+        "name: t\nservices:\n  s:\n    imag: x\n",
+    );
+    let o = cli(&g, &["deploy", typo.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("imag") && err.contains("line 4"), "{err}");
+    assert!(!ok(cli(&g, &["ps"])).contains("huge"));
+
+    // rm: every contract cancelled, every workload gone, the name no longer served.
+    let contracts: Vec<u64> = again["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["contract_id"].as_u64().unwrap())
+        .chain(again["routes"].as_array().unwrap().iter().flat_map(|r| {
+            [
+                r["contract_id"].as_u64().unwrap(),
+                r["name_contract"].as_u64().unwrap(),
+            ]
+        }))
+        .collect();
+    ok(cli(&g, &["rm", "web"]));
+    assert_eq!(fetch(g.gateway, "web.gw.local").map(|r| r.0), Some(404));
+    let registry = g
+        .lines
+        .iter()
+        .find_map(|l| l.strip_prefix("registry"))
+        .unwrap()
+        .trim()
+        .to_string();
+    for c in contracts {
+        let out = Command::new("curl")
+            .args(["-s", &format!("{registry}/contracts/{c}")])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(
+            v["state"].get("deleted").is_some(),
+            "contract {c} is live: {v}"
+        );
+    }
+    // The killed node's agent is gone (its container outlives it; the next `up` cleans it).
+    wait_for(
+        "every live node to drop its workloads",
+        Duration::from_secs(10),
+        || {
+            (1..=3).filter(|i| *i != victim).all(|i| {
+                let root = g.data.join(format!("nodes/node{i}/runtime"));
+                let out = Command::new("runc")
+                    .arg("--root")
+                    .arg(&root)
+                    .args(["list", "-q"])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).trim().is_empty()
+            })
+        },
+    );
+    let ps = ok(cli(&g, &["ps"]));
+    assert!(ps.contains("no deployments"), "{ps}");
+}
+
+/// The dashboard, rendered by headless Chromium: its DOM after the scripts ran lists the three
+/// nodes and the deployment, and the screenshot is a real picture (many colours, not blank).
+fn dashboard_renders(g: &Grid, dir: &Path) {
+    let chromium = |extra: &[&str]| {
+        let profile = tempfile::tempdir().unwrap();
+        Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--virtual-time-budget=4000",
+                "--window-size=1280,900",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(extra)
+            .arg(format!("{}/", g.bot))
+            .output()
+            .unwrap()
+    };
+    let dom = String::from_utf8_lossy(&chromium(&["--dump-dom"]).stdout).into_owned();
+    // (The script holds the template `data-node="${n.id}"`; rendered rows hold numbers.)
+    for id in 1..=3 {
+        assert!(
+            dom.contains(&format!("<tr data-node=\"{id}\">")),
+            "node {id} missing: {dom}"
+        );
+    }
+    assert!(!dom.contains("<tr data-node=\"4\">"));
+    assert!(dom.contains("data-deployment=\"web\""), "{dom}");
+    assert!(dom.contains("http://web.gw.local:"), "{dom}");
+    let shot = dir.join("dashboard.png");
+    chromium(&[&format!("--screenshot={}", shot.display())]);
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!((info.width, info.height), (1280, 900));
+    let px = info.color_type.samples();
+    let colors: std::collections::HashSet<&[u8]> = buf[..info.buffer_size()].chunks(px).collect();
+    assert!(
+        colors.len() > 50,
+        "the screenshot looks blank: {} colours",
+        colors.len()
+    );
+}
+
+#[test]
+fn up_without_root_says_what_needs_root() {
+    if !is_root() || !have("setpriv") {
+        // As a normal user the message is what a normal user sees anyway.
+        let o = Command::new(BIN)
+            .args(["up", "--data", "/nonexistent/x"])
+            .output()
+            .unwrap();
+        if !is_root() {
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                err.contains("need root") || err.contains("needs root"),
+                "{err}"
+            );
+        }
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let o = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            BIN,
+            "up",
+            "--data",
+        ])
+        .arg(dir.path().join("grid"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("a node needs root") && err.contains("--nodes 0"),
+        "{err}"
+    );
 }
