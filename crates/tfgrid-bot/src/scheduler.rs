@@ -88,10 +88,16 @@ pub struct NoFit {
     pub top: Option<Reason>,
 }
 
+type Order = BTreeSet<(u32, NodeId)>;
+
 pub struct Scheduler {
     nodes: HashMap<NodeId, Candidate>,
     /// (load in per-mille, node id): the least loaded first.
-    order: BTreeSet<(u32, NodeId)>,
+    order: Order,
+    /// The same order within one country, and among nodes with GPUs: a placement that asks for
+    /// either walks only those nodes.
+    by_country: HashMap<String, Order>,
+    with_gpu: Order,
 }
 
 fn load(c: &Candidate) -> u32 {
@@ -108,12 +114,37 @@ impl Scheduler {
         let mut s = Scheduler {
             nodes: HashMap::new(),
             order: BTreeSet::new(),
+            by_country: HashMap::new(),
+            with_gpu: BTreeSet::new(),
         };
         for c in nodes {
-            s.order.insert((load(&c), c.id));
+            s.index(&c, true);
             s.nodes.insert(c.id, c);
         }
         s
+    }
+
+    fn index(&mut self, c: &Candidate, insert: bool) {
+        let key = (load(c), c.id);
+        let country = self
+            .by_country
+            .entry(c.country.to_ascii_lowercase())
+            .or_default();
+        let sets: [&mut Order; 2] = [&mut self.order, country];
+        for set in sets {
+            if insert {
+                set.insert(key);
+            } else {
+                set.remove(&key);
+            }
+        }
+        if c.gpus > 0 {
+            if insert {
+                self.with_gpu.insert(key);
+            } else {
+                self.with_gpu.remove(&key);
+            }
+        }
     }
 
     pub fn node(&self, id: NodeId) -> Option<&Candidate> {
@@ -189,7 +220,17 @@ impl Scheduler {
             let mut fallback: Option<NodeId> = None;
             let mut chosen = None;
             let mut seen_fitting = 0;
-            for &(_, id) in &self.order {
+            let empty = Order::new();
+            let walk = if want.gpu {
+                &self.with_gpu
+            } else if let Some(country) = &want.country {
+                self.by_country
+                    .get(&country.to_ascii_lowercase())
+                    .unwrap_or(&empty)
+            } else {
+                &self.order
+            };
+            for &(_, id) in walk {
                 let c = &self.nodes[&id];
                 if self.reject(c, want, &used_nodes, exclude).is_some() {
                     continue;
@@ -208,11 +249,12 @@ impl Scheduler {
             let Some(id) = chosen.or(fallback) else {
                 return Err(self.explain(what, want, i, replicas, &used_nodes, exclude));
             };
-            let c = self.nodes.get_mut(&id).expect("ordered node exists");
-            self.order.remove(&(load(c), id));
+            let mut c = self.nodes.remove(&id).expect("ordered node exists");
+            self.index(&c, false);
             c.free = c.free.saturating_sub(&want.capacity);
-            self.order.insert((load(c), id));
+            self.index(&c, true);
             *farms.entry(c.farm).or_default() += 1;
+            self.nodes.insert(id, c);
             used_nodes.insert(id);
             out.push(id);
         }

@@ -29,6 +29,12 @@ pub enum BenchCmd {
     Zdb(crate::bench_zdb::ZdbBench),
     /// Deploy latency of a container with a cached image, and the node agent's idle RSS (root).
     Node(crate::bench_node::NodeBench),
+    /// The bot's scheduler: placements per second over simulated nodes.
+    Scheduler(crate::bench_grid::SchedulerBench),
+    /// Deploy latency through the bot's API on a local grid, cached image (root).
+    Deploy(crate::bench_grid::DeployBench),
+    /// Self-heal time: a node dies, its service answers again from another node (root).
+    Heal(crate::bench_grid::HealBench),
 }
 
 #[derive(Args)]
@@ -69,6 +75,9 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Bus(b) => bus(b).await,
         BenchCmd::Zdb(b) => tokio::task::spawn_blocking(move || crate::bench_zdb::run(b)).await?,
         BenchCmd::Node(b) => crate::bench_node::run(b).await,
+        BenchCmd::Scheduler(b) => crate::bench_grid::scheduler(b),
+        BenchCmd::Deploy(b) => crate::bench_grid::deploy(b).await,
+        BenchCmd::Heal(b) => crate::bench_grid::heal(b).await,
     }
 }
 
