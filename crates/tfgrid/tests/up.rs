@@ -332,6 +332,54 @@ fn up_deploys_heals_and_removes_through_the_cli() {
     assert!(err.contains("imag") && err.contains("line 4"), "{err}");
     assert!(!ok(cli(&g, &["ps"])).contains("huge"));
 
+    // A deploy that fails on the node (no such image) is rolled back: no contract stays live.
+    let registry = g
+        .lines
+        .iter()
+        .find_map(|l| l.strip_prefix("registry"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let twin: u32 = g
+        .lines
+        .iter()
+        .find_map(|l| l.strip_prefix("your twin"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let live = || -> usize {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                &format!("{registry}/contracts?twin_id={twin}&state=live"),
+            ])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
+            .unwrap()
+            .len()
+    };
+    let live_before = live();
+    let missing = spec_file(
+        dir.path(),
+        "missing.yaml",
+        &format!(
+            "name: missing\nservices:\n  s:\n    image: {}\n    replicas: 2\n",
+            g.image.replace("web:latest", "nope:1")
+        ),
+    );
+    let o = cli(&g, &["deploy", missing.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("deploy failed, nothing left behind") && err.contains("nope"),
+        "{err}"
+    );
+    assert_eq!(live(), live_before, "the failed deploy left contracts");
+    assert!(!ok(cli(&g, &["ps"])).contains("missing"));
+    ok(cli(&g, &["logs", "web", "--service", "web"]));
+
     // rm: every contract cancelled, every workload gone, the name no longer served.
     let contracts: Vec<u64> = again["replicas"]
         .as_array()
@@ -347,13 +395,7 @@ fn up_deploys_heals_and_removes_through_the_cli() {
         .collect();
     ok(cli(&g, &["rm", "web"]));
     assert_eq!(fetch(g.gateway, "web.gw.local").map(|r| r.0), Some(404));
-    let registry = g
-        .lines
-        .iter()
-        .find_map(|l| l.strip_prefix("registry"))
-        .unwrap()
-        .trim()
-        .to_string();
+    assert_eq!(live(), 0, "contracts live after rm");
     for c in contracts {
         let out = Command::new("curl")
             .args(["-s", &format!("{registry}/contracts/{c}")])
