@@ -426,6 +426,32 @@ fn up_deploys_heals_and_removes_through_the_cli() {
     );
     let ps = ok(cli(&g, &["ps"]));
     assert!(ps.contains("no deployments"), "{ps}");
+
+    // A container that keeps crashing: its node restarts it with backoff, gives up, and the bot
+    // moves the replica to another node.
+    let crashy = spec_file(
+        dir.path(),
+        "crashy.yaml",
+        &format!(
+            "name: crashy\nservices:\n  c:\n    image: {}\n    command: [/bin/sh, -c, 'echo crashing; exit 3']\n",
+            g.image
+        ),
+    );
+    ok(cli(&g, &["deploy", crashy.to_str().unwrap()]));
+    let first = inspect(&g, "crashy")["replicas"][0]["node_id"]
+        .as_u64()
+        .unwrap();
+    wait_for(
+        "the bot to move the crashing replica",
+        Duration::from_secs(45),
+        || {
+            let ev = ok(cli(&g, &["events", "--deployment", "crashy"]));
+            ev.contains("gave up after 5 restarts") && ev.contains("healed")
+        },
+    );
+    let logs = ok(cli(&g, &["logs", "crashy"]));
+    assert!(logs.contains("crashing"), "{logs}");
+    ok(cli(&g, &["rm", "crashy"]));
 }
 
 /// The dashboard, rendered by headless Chromium: its DOM after the scripts ran lists the three
