@@ -438,9 +438,6 @@ fn up_deploys_heals_and_removes_through_the_cli() {
         ),
     );
     ok(cli(&g, &["deploy", crashy.to_str().unwrap()]));
-    let first = inspect(&g, "crashy")["replicas"][0]["node_id"]
-        .as_u64()
-        .unwrap();
     wait_for(
         "the bot to move the crashing replica",
         Duration::from_secs(45),
