@@ -30,3 +30,20 @@ pub fn now_millis() -> Millis {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// Implements `From` for every redb error type into `$err::Db(String)`, for crates whose store
+/// wraps redb (the caller depends on redb; the error keeps redb's message).
+#[macro_export]
+macro_rules! redb_errors_into {
+    ($err:ident) => {
+        $crate::redb_errors_into!(@each $err, redb::DatabaseError, redb::TransactionError,
+            redb::TableError, redb::StorageError, redb::CommitError);
+    };
+    (@each $err:ident, $($t:ty),*) => {$(
+        impl From<$t> for $err {
+            fn from(e: $t) -> Self {
+                $err::Db(e.to_string())
+            }
+        }
+    )*};
+}

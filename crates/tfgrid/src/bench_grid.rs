@@ -143,11 +143,14 @@ impl Drop for Proc {
 
 /// A grid for the benchmarks: registry, relay and bot in this process, an image registry, and
 /// node agents as processes (so one can die).
-struct Grid {
+pub struct Grid {
     dir: tempfile::TempDir,
-    image: String,
+    pub url: String,
+    pub relay: String,
+    pub image: String,
     _oci: LocalRegistry,
-    nodes: Vec<(Option<Proc>, Vec<String>)>,
+    /// (the agent process while it lives, its arguments, node id, node twin)
+    nodes: Vec<(Option<Proc>, Vec<String>, u32, u32)>,
     bot: Arc<Bot>,
     api: String,
     gateway: std::net::SocketAddr,
@@ -155,7 +158,7 @@ struct Grid {
 
 impl Drop for Grid {
     fn drop(&mut self) {
-        for (p, _) in &mut self.nodes {
+        for (p, ..) in &mut self.nodes {
             drop(p.take());
         }
         let rt = tokio::runtime::Handle::current();
@@ -170,7 +173,16 @@ impl Drop for Grid {
     }
 }
 
-fn spawn_node(args: &[String]) -> Result<Proc> {
+impl Grid {
+    /// Node `i`'s id, twin and agent pid.
+    pub fn node(&self, i: usize) -> Option<(u32, u32, u32)> {
+        let (p, _, id, twin) = &self.nodes[i];
+        Some((*id, *twin, p.as_ref()?.0.id()))
+    }
+}
+
+/// Starts a node agent; returns it with its node id and twin (from its ready line).
+fn spawn_node(args: &[String]) -> Result<(Proc, u32, u32)> {
     let mut child = Command::new(std::env::current_exe()?)
         .args(args)
         .stdout(Stdio::piped())
@@ -178,13 +190,19 @@ fn spawn_node(args: &[String]) -> Result<Proc> {
         .spawn()?;
     let mut line = String::new();
     BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-    if !line.starts_with("node ") {
+    // "node N (twin T) up; ..."
+    let w: Vec<&str> = line.split_whitespace().collect();
+    if w.first() != Some(&"node") || w.len() < 4 {
         bail!("a node did not start: {line:?}");
     }
-    Ok(Proc(child))
+    Ok((
+        Proc(child),
+        w[1].parse()?,
+        w[3].trim_end_matches(')').parse()?,
+    ))
 }
 
-async fn grid(nodes: usize, down_after_ms: u64) -> Result<Grid> {
+pub async fn grid(nodes: usize, down_after_ms: u64) -> Result<Grid> {
     if !nix::unistd::geteuid().is_root() {
         bail!("this benchmark runs node agents: run it as root");
     }
@@ -263,7 +281,8 @@ async fn grid(nodes: usize, down_after_ms: u64) -> Result<Grid> {
                 gw_port.to_string(),
             ]);
         }
-        node_procs.push((Some(spawn_node(&args)?), args));
+        let (p, id, twin) = spawn_node(&args)?;
+        node_procs.push((Some(p), args, id, twin));
     }
     let bot = Bot::start(BotConfig {
         registry: url.clone(),
@@ -279,6 +298,8 @@ async fn grid(nodes: usize, down_after_ms: u64) -> Result<Grid> {
     tokio::spawn(async move { axum::serve(api_listener, app).await });
     Ok(Grid {
         dir,
+        url,
+        relay,
         image,
         _oci: oci,
         nodes: node_procs,
@@ -427,7 +448,7 @@ pub async fn heal(b: HealBench) -> Result<()> {
         // The dead node comes back (clean), ready to be a target for the next round.
         tfgrid_node::agent::stop_workloads(&dir, "runc", &format!("tfgbench{idx}")).await;
         let args = g.nodes[idx].1.clone();
-        g.nodes[idx].0 = Some(spawn_node(&args)?);
+        g.nodes[idx].0 = Some(spawn_node(&args)?.0);
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
     println!(

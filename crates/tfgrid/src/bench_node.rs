@@ -6,8 +6,6 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use hdrhistogram::Histogram;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tfgrid_bus::peer::ensure_registered;
 use tfgrid_bus::{Peer, PeerConfig};
@@ -16,8 +14,6 @@ use tfgrid_core::deployment::{ContainerSpec, Deployment, ResultState, Workload, 
 use tfgrid_core::tx::{Call, Outcome};
 use tfgrid_core::Identity;
 use tfgrid_node::api::{self, ContractRef, DeploymentInfo};
-use tfgrid_node::images::{push_busybox_image, LocalRegistry};
-use tfgrid_registry::{Registry, RegistryConfig};
 use tfgrid_registry_client::{RegistryClient, TwinSigner};
 
 #[derive(Args)]
@@ -35,81 +31,13 @@ fn rss_kib(pid: u32) -> Result<u64> {
         .context("no VmRSS")
 }
 
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 pub async fn run(b: NodeBench) -> Result<()> {
-    if !nix_is_root() {
-        bail!("tfgrid bench node runs containers: run it as root");
-    }
-    let dir = tempfile::tempdir()?;
-    let registry = Registry::open(&dir.path().join("registry"), RegistryConfig::default())?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(registry.serve(listener, std::future::pending()));
+    let g = crate::bench_grid::grid(1, 3000).await?;
+    let (node_id, node_twin, pid) = g.node(0).context("the node agent")?;
+    let (url, relay_url, image) = (g.url.clone(), g.relay.clone(), g.image.clone());
     let client = RegistryClient::new(&url);
-    let (relay_url, _, _server, _stop) = crate::bus_cmd::start_relay(
-        "127.0.0.1:0".parse()?,
-        None,
-        &dir.path().join("relay.key"),
-        &url,
-    )
-    .await?;
-    let oci = LocalRegistry::start(&dir.path().join("oci")).map_err(anyhow::Error::msg)?;
-    let image = push_busybox_image(
-        &oci.addr,
-        "web",
-        &["/bin/httpd", "-f", "-p", "8080", "-h", "/www"],
-        "bench\n",
-    )
-    .await
-    .map_err(anyhow::Error::msg)?;
-
-    let farmer = TwinSigner::new(Identity::generate(), client.clone());
-    farmer.ensure_twin("").await?;
-    let farm = match farmer
-        .submit(Call::CreateFarm {
-            name: "bench".into(),
-            dedicated: false,
-        })
-        .await?
-        .outcome
-    {
-        Outcome::FarmCreated { farm_id } => farm_id,
-        o => bail!("{o:?}"),
-    };
-    let node_data = dir.path().join("node");
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["node", "--registry", &url, "--relay", &relay_url])
-        .args(["--farm", &farm.to_string(), "--data"])
-        .arg(&node_data)
-        .args(["--zdb-listen", "127.0.0.1:0", "--bridge", "tfgbench0"])
-        .args([
-            "--subnet",
-            "10.250.0.0/24",
-            "--insecure-registry",
-            &oci.addr,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("node stdout")?).read_line(&mut line)?;
-    let node = Child(child);
-    let words: Vec<&str> = line.split_whitespace().collect();
-    if words.first() != Some(&"node") || words.len() < 4 {
-        bail!("the node agent did not start: {line:?}");
-    }
-    let node_id: u32 = words[1].parse()?;
-    let node_twin: u32 = words[3].trim_end_matches(')').parse()?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_idle = rss_kib(node.0.id())?;
+    let rss_idle = rss_kib(pid)?;
 
     let user = Identity::generate();
     let signer = TwinSigner::new(user.clone(), client.clone());
@@ -189,7 +117,7 @@ pub async fn run(b: NodeBench) -> Result<()> {
             delete_hist.record(del.as_micros() as u64)?;
         }
     }
-    let rss_after = rss_kib(node.0.id())?;
+    let rss_after = rss_kib(pid)?;
     let ms = |us: u64| format!("{:.1} ms", us as f64 / 1000.0);
     println!(
         "tfgrid bench node: {} deploys of one container (busybox httpd, cached image, runc), one node agent process",
@@ -212,20 +140,6 @@ pub async fn run(b: NodeBench) -> Result<()> {
         rss_idle as f64 / 1024.0,
         rss_after as f64 / 1024.0
     );
-    drop(node);
-    let _ = Command::new("ip")
-        .args(["link", "del", "tfgbench0"])
-        .status();
+    drop(g);
     Ok(())
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
 }
