@@ -248,12 +248,16 @@ impl Bot {
     /// takes the contract (and whatever the node made) back.
     async fn deploy_replica(
         &self,
+        owner: &str,
         service: &str,
         index: u32,
         svc: &Service,
         node: &Candidate,
     ) -> Result<Replica, String> {
         let mut d = Self::replica_deployment(self.twin, service, svc);
+        // The registry holds one contract per deployment hash and node; the metadata (which the
+        // hash covers) makes each replica, and each version of it, its own deployment.
+        d.metadata = format!("{owner}/{service}/{index}@{}", now_millis());
         let contract_id = self
             .create_contract(Call::CreateNodeContract {
                 node_id: node.id,
@@ -467,14 +471,18 @@ impl Bot {
         Ok(())
     }
 
+    /// Deploys a spec; for a name that exists with a different spec, deploys the new one beside
+    /// it, moves its gateway names over, then removes the old replicas (no downtime for exposed
+    /// services). The same spec again changes nothing.
     pub async fn deploy(&self, yaml: &str) -> Result<Record, BotError> {
         let spec = Spec::parse(yaml)?;
         let _g = self.lock.lock().await;
-        if self.store.get(&spec.name)?.is_some() {
-            return Err(BotError::Conflict(format!(
-                "a deployment named {:?} exists; remove it first (tfgrid rm {})",
-                spec.name, spec.name
-            )));
+        let old = self.store.get(&spec.name)?;
+        if let Some(old) = &old {
+            if old.yaml == yaml {
+                self.event(&spec.name, "unchanged", "the same spec is deployed".into());
+                return Ok(old.clone());
+            }
         }
         let t0 = Instant::now();
         let nodes = self.all_nodes().await?;
@@ -500,19 +508,22 @@ impl Bot {
             state: State::Deploying,
             replicas: Vec::new(),
             routes: Vec::new(),
-            created_at: now_millis(),
+            created_at: old.as_ref().map_or_else(now_millis, |o| o.created_at),
             updated_at: now_millis(),
         };
-        self.store.put(&rec)?;
+        if old.is_none() {
+            self.store.put(&rec)?;
+        }
         let placed: Vec<String> = plan
             .iter()
             .map(|(s, i, n)| format!("{s}/{i} on node {n}"))
             .collect();
         self.event(&spec.name, "placed", placed.join(", "));
+        let owner = spec.name.as_str();
         let jobs = plan.iter().map(|(s, i, id)| {
             let node = sched.node(*id).cloned().expect("placed on a known node");
             let svc = &spec.services[s];
-            async move { (s, *i, self.deploy_replica(s, *i, svc, &node).await) }
+            async move { (s, *i, self.deploy_replica(owner, s, *i, svc, &node).await) }
         });
         let results = futures::future::join_all(jobs).await;
         let mut errors = Vec::new();
@@ -529,33 +540,74 @@ impl Bot {
                 Err(e) => errors.push(format!("{s}/{i}: {e}")),
             }
         }
+        // Names the old deployment already serves are re-pointed once everything else is made.
+        let mut repoint = Vec::new();
         if errors.is_empty() {
             for (sname, svc) in &spec.services {
-                if let Some(ex) = &svc.expose {
-                    let backends = Self::backends(&rec, sname, ex.port);
-                    match self.make_route(&nodes, sname, &ex.name, backends).await {
-                        Ok(route) => {
-                            self.event(&spec.name, "exposed", format!("{sname} at {}", route.url));
-                            rec.routes.push(route);
-                        }
-                        Err(e) => errors.push(format!("{sname}: gateway: {e}")),
+                let Some(ex) = &svc.expose else { continue };
+                let backends = Self::backends(&rec, sname, ex.port);
+                let kept = old
+                    .as_ref()
+                    .and_then(|o| o.routes.iter().find(|r| r.name == ex.name).cloned());
+                if let Some(route) = kept {
+                    repoint.push((route, sname.clone(), backends));
+                    continue;
+                }
+                match self.make_route(&nodes, sname, &ex.name, backends).await {
+                    Ok(route) => {
+                        self.event(&spec.name, "exposed", format!("{sname} at {}", route.url));
+                        rec.routes.push(route);
                     }
+                    Err(e) => errors.push(format!("{sname}: gateway: {e}")),
                 }
             }
         }
         if !errors.is_empty() {
-            self.store.put(&rec)?;
+            if old.is_none() {
+                self.store.put(&rec)?;
+            }
             self.roll_back(&rec).await;
-            self.store.remove(&rec.name)?;
-            let msg = format!("deploy failed, nothing left behind: {}", errors.join("; "));
+            let msg = match &old {
+                None => {
+                    self.store.remove(&rec.name)?;
+                    format!("deploy failed, nothing left behind: {}", errors.join("; "))
+                }
+                Some(_) => format!(
+                    "update failed, the deployed version is unchanged: {}",
+                    errors.join("; ")
+                ),
+            };
             self.event(&spec.name, "failed", msg.clone());
             return Err(BotError::Failed(msg));
+        }
+        for (mut route, sname, backends) in repoint {
+            route.service = sname;
+            match self.repoint(&mut route, backends).await {
+                Ok(()) => self.event(
+                    &spec.name,
+                    "repointed",
+                    format!("{} to the new replicas", route.url),
+                ),
+                Err(e) => self.event(
+                    &spec.name,
+                    "failed",
+                    format!("re-pointing {}: {e}", route.url),
+                ),
+            }
+            rec.routes.push(route);
         }
         rec.state = State::Running;
         rec.updated_at = now_millis();
         rec.replicas
             .sort_by(|a, b| (&a.service, a.index).cmp(&(&b.service, b.index)));
         self.store.put(&rec)?;
+        if let Some(mut old) = old {
+            // What the new version does not keep goes: every old replica, and the routes whose
+            // names it no longer exposes (with their name contracts).
+            old.routes
+                .retain(|r| !rec.routes.iter().any(|n| n.contract_id == r.contract_id));
+            self.roll_back(&old).await;
+        }
         self.event(
             &spec.name,
             "deployed",
@@ -787,7 +839,7 @@ impl Bot {
             .map_err(|e| e.message)?[0];
         let node = sched.node(target).cloned().expect("placed on a known node");
         let new = self
-            .deploy_replica(&old.service, old.index, svc, &node)
+            .deploy_replica(&rec.name, &old.service, old.index, svc, &node)
             .await?;
         // The replacement runs: now the old one goes (its node may be gone; the contract must).
         self.cancel(old.contract_id).await;

@@ -305,6 +305,36 @@ fn up_deploys_heals_and_removes_through_the_cli() {
     );
     assert_eq!(fetch(g.gateway, "web.gw.local").map(|r| r.0), Some(200));
 
+    // The same spec again changes nothing; a changed one replaces the replicas behind the name.
+    let out = ok(cli(&g, &["deploy", spec.to_str().unwrap()]));
+    assert!(out.contains("unchanged"), "{out}");
+    assert_eq!(inspect(&g, "web")["replicas"], again["replicas"]);
+    let v2 = spec_file(
+        dir.path(),
+        "web2.yaml",
+        &example
+            .replace("127.0.0.1:5000/web:latest", &g.image)
+            .replace("replicas: 2", "replicas: 1"),
+    );
+    let out = ok(cli(&g, &["deploy", v2.to_str().unwrap()]));
+    assert!(out.contains("repointed"), "{out}");
+    let again = inspect(&g, "web");
+    assert_eq!(again["replicas"].as_array().unwrap().len(), 1);
+    let old_ids: Vec<u64> = after["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["contract_id"].as_u64().unwrap())
+        .collect();
+    assert!(!old_ids.contains(&again["replicas"][0]["contract_id"].as_u64().unwrap()));
+    assert_eq!(
+        again["routes"][0]["contract_id"], after["routes"][0]["contract_id"],
+        "the gateway route was remade, not re-pointed"
+    );
+    for _ in 0..4 {
+        assert_eq!(fetch(g.gateway, "web.gw.local").map(|r| r.0), Some(200));
+    }
+
     // An impossible spec and a malformed one: clear errors, nothing made.
     let huge = spec_file(
         dir.path(),
