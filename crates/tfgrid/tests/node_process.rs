@@ -612,10 +612,15 @@ async fn http_get(addr: SocketAddr, host: &str) -> Result<(u16, String), String>
 }
 
 /// What a workload may have left on the host: mounts, cgroups, its network namespace, processes.
-fn leftovers(bridge: &str, key: &str) -> Vec<String> {
+fn leftovers(base: &Path, bridge: &str, key: &str) -> Vec<String> {
     let mut found = Vec::new();
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    for l in mounts.lines().filter(|l| l.contains(&format!("/{key}/"))) {
+    let base = base.to_string_lossy().into_owned();
+    // Only this test's mounts: other tests on the host use the same workload keys.
+    for l in mounts
+        .lines()
+        .filter(|l| l.contains(&format!("/{key}/")) && l.contains(&base))
+    {
         found.push(format!("mount: {l}"));
     }
     let cgroup = format!("tfgrid/{bridge}/{key}");
@@ -742,6 +747,7 @@ async fn container_served_through_the_gateway_survives_an_agent_kill_and_is_remo
     assert!(r.message.contains("nope"), "{}", r.message);
     assert_eq!(
         leftovers(
+            g.dir.path(),
             &node.bridge(),
             &format!("c{}-web", info.deployment.contract_id)
         ),
@@ -859,7 +865,7 @@ async fn container_served_through_the_gateway_survives_an_agent_kill_and_is_remo
         .unwrap();
     g.delete(&node, id).await;
     assert_eq!(
-        leftovers(&node.bridge(), &key),
+        leftovers(g.dir.path(), &node.bridge(), &key),
         Vec::<String>::new(),
         "{}",
         std::fs::read_to_string(&node.log).unwrap()
@@ -1003,13 +1009,16 @@ async fn memory_and_cpu_limits_are_enforced() {
     );
     g.delete(&node, id).await;
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let base = g.dir.path().to_string_lossy().into_owned();
     assert!(
-        !mounts.contains(&format!("/c{id}-vol ")),
+        !mounts
+            .lines()
+            .any(|l| l.contains(&base) && l.contains(&format!("/c{id}-vol "))),
         "the volume is still mounted"
     );
     assert!(!vol.exists() && !vol.with_extension("img").exists());
     assert_eq!(
-        leftovers(&node.bridge(), &format!("c{id}-spin")),
+        leftovers(g.dir.path(), &node.bridge(), &format!("c{id}-spin")),
         Vec::<String>::new(),
         "{}",
         std::fs::read_to_string(&node.log).unwrap()
