@@ -576,6 +576,13 @@ fn start_oci_registry(dir: &Path) -> tfgrid_node::images::LocalRegistry {
     tfgrid_node::images::LocalRegistry::start(&dir.join("oci")).unwrap()
 }
 
+fn with_rootfs(mut w: WorkloadData, size: u64) -> WorkloadData {
+    if let WorkloadData::Container(c) = &mut w {
+        c.rootfs_size = size;
+    }
+    w
+}
+
 fn with_mount(mut w: WorkloadData, volume: &str, path: &str) -> WorkloadData {
     if let WorkloadData::Container(c) = &mut w {
         c.mounts.push(Mount {
@@ -1022,6 +1029,79 @@ async fn memory_and_cpu_limits_are_enforced() {
         Vec::<String>::new(),
         "{}",
         std::fs::read_to_string(&node.log).unwrap()
+    );
+
+    // A sized writable layer stops the writes at its size; the node's disk is untouched.
+    g.signer()
+        .submit(Call::CancelContract { contract_id: id })
+        .await
+        .unwrap();
+    let d = deployment(
+        g.user_twin,
+        vec![(
+            // A 16 MiB writable layer: writing 32 MiB into its rootfs runs out of space.
+            "small",
+            with_rootfs(
+                container(
+                    &image,
+                    Some(vec![
+                        "/bin/sh",
+                        "-c",
+                        "head -c 33554432 /dev/zero > /big; echo wrote $?; sleep 1000",
+                    ]),
+                    1,
+                    32 * MIB,
+                ),
+                16 * MIB,
+            ),
+        )],
+    );
+    let info = g.deploy(&node, d).await.unwrap();
+    let id = info.deployment.contract_id;
+    assert_eq!(
+        info.results["small"].state,
+        ResultState::Ok,
+        "{}",
+        info.results["small"].message
+    );
+    let t0 = Instant::now();
+    let small_log = loop {
+        let l: api::Logs = g
+            .send(
+                &node,
+                api::LOGS,
+                &api::LogsRequest {
+                    contract_id: id,
+                    name: "small".into(),
+                    tail: None,
+                },
+            )
+            .await
+            .unwrap();
+        if l.text.contains("wrote") {
+            break l.text;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "no output: {}",
+            l.text
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // busybox head reports the ENOSPC as "I/O error"; what matters is that the write failed
+    // and the file stopped within the layer.
+    assert!(small_log.contains("wrote 1"), "{small_log}");
+    let big = g
+        .dir
+        .path()
+        .join(format!("n1/containers/c{id}-small/rw/upper/big"));
+    let size = std::fs::metadata(&big).unwrap().len();
+    assert!(size < 16 * MIB, "{size} bytes written into a 16 MiB layer");
+
+    g.delete(&node, id).await;
+    assert_eq!(
+        leftovers(g.dir.path(), &node.bridge(), &format!("c{id}-small")),
+        Vec::<String>::new()
     );
 }
 

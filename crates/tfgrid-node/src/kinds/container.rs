@@ -239,14 +239,41 @@ impl Container {
         Ok(s)
     }
 
-    fn mount_rootfs(&self, id: &WorkloadId, image: &Image) -> Result<(), String> {
+    /// The overlay rootfs: the image's layers under a writable layer. With a `rootfs_size`, the
+    /// writable layer lives on an ext4 image of that size (sparse, on a loop device), so the
+    /// container's writes stop there instead of filling the node's disk.
+    async fn mount_rootfs(&self, id: &WorkloadId, image: &Image, size: u64) -> Result<(), String> {
         let c = self.cdir(id);
-        let (rootfs, upper, work) = (c.join("rootfs"), c.join("upper"), c.join("work"));
-        for d in [&rootfs, &upper, &work] {
-            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
-        }
+        let rootfs = c.join("rootfs");
+        std::fs::create_dir_all(&rootfs).map_err(|e| format!("{}: {e}", rootfs.display()))?;
         if is_mounted(&rootfs) {
             return Ok(());
+        }
+        let rw = if size > 0 {
+            let (img, dir) = (c.join("rw.img"), c.join("rw"));
+            if !img.exists() {
+                let f =
+                    std::fs::File::create(&img).map_err(|e| format!("{}: {e}", img.display()))?;
+                f.set_len(size)
+                    .map_err(|e| format!("{}: {e}", img.display()))?;
+                drop(f);
+                run("mkfs.ext4", &["-q", "-F", &img.to_string_lossy()]).await?;
+            }
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            if !is_mounted(&dir) {
+                run(
+                    "mount",
+                    &["-o", "loop", &img.to_string_lossy(), &dir.to_string_lossy()],
+                )
+                .await?;
+            }
+            dir
+        } else {
+            c.clone()
+        };
+        let (upper, work) = (rw.join("upper"), rw.join("work"));
+        for d in [&upper, &work] {
+            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
         }
         let lower: Vec<String> = image
             .layers
@@ -349,7 +376,7 @@ impl Container {
         config
             .save(c.join("config.json"))
             .map_err(|e| format!("writing config.json: {e}"))?;
-        self.mount_rootfs(id, &image)?;
+        self.mount_rootfs(id, &image, spec.rootfs_size).await?;
         let key = id.key();
         match self.state(&key).await {
             RunState::Running => {}
@@ -388,10 +415,12 @@ impl Container {
             self.runtime_cmd(&["delete", "--force", &key]).await?;
         }
         let c = self.cdir(id);
-        let rootfs = c.join("rootfs");
-        if is_mounted(&rootfs) {
-            nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH)
-                .map_err(|e| format!("unmounting {}: {e}", rootfs.display()))?;
+        // The rootfs first, then the sized writable layer under it (if any).
+        for m in [c.join("rootfs"), c.join("rw")] {
+            if is_mounted(&m) {
+                nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH)
+                    .map_err(|e| format!("unmounting {}: {e}", m.display()))?;
+            }
         }
         self.net.detach(&key).await?;
         match std::fs::remove_dir_all(&c) {
