@@ -122,6 +122,11 @@ impl Bot {
 
     /// Every node the registry knows, page by page.
     pub async fn all_nodes(&self) -> Result<Vec<NodeView>, BotError> {
+        self.nodes_where(NodeFilter::default()).await
+    }
+
+    /// The nodes matching `f`, all pages.
+    async fn nodes_where(&self, f: NodeFilter) -> Result<Vec<NodeView>, BotError> {
         let mut out = Vec::new();
         for page in 1.. {
             let p = self
@@ -129,7 +134,7 @@ impl Bot {
                 .nodes(&NodeFilter {
                     page: Some(page),
                     size: Some(MAX_PAGE_SIZE),
-                    ..Default::default()
+                    ..f.clone()
                 })
                 .await?;
             let n = p.nodes.len();
@@ -139,6 +144,51 @@ impl Bot {
             }
         }
         Ok(out)
+    }
+
+    /// Places every service of `spec`. Candidates are first the nodes that are up and have at
+    /// least the smallest replica's capacity free (the registry filters, so a grid of 100,000
+    /// nodes is not fetched for every deploy); only when that fails is every node fetched, so
+    /// the "no node fits" message counts every node's reason.
+    async fn place_spec(
+        &self,
+        spec: &Spec,
+    ) -> Result<(Scheduler, Vec<(String, u32, NodeId)>), BotError> {
+        let wants: Vec<(String, Want, u32)> = spec
+            .services
+            .iter()
+            .map(|(n, s)| Ok((n.clone(), Self::want(s)?, s.replicas)))
+            .collect::<Result<_, BotError>>()?;
+        let min = |f: fn(&Want) -> u64| wants.iter().map(|(_, w, _)| f(w)).min();
+        let prefilter = NodeFilter {
+            status: Some(NodeStatus::Up),
+            free_cru: min(|w| w.capacity.cru),
+            free_mru: min(|w| w.capacity.mru),
+            free_sru: min(|w| w.capacity.sru).filter(|v| *v > 0),
+            free_hru: min(|w| w.capacity.hru).filter(|v| *v > 0),
+            ..Default::default()
+        };
+        let attempt = |nodes: Vec<NodeView>| {
+            let mut sched = Scheduler::new(nodes.iter().map(Candidate::from));
+            let mut plan = Vec::new();
+            for (sname, want, replicas) in &wants {
+                let placed = sched.place(
+                    &format!("service {sname}"),
+                    want,
+                    *replicas,
+                    &[],
+                    &HashSet::new(),
+                )?;
+                for (i, id) in placed.into_iter().enumerate() {
+                    plan.push((sname.clone(), i as u32, id));
+                }
+            }
+            Ok::<_, crate::scheduler::NoFit>((sched, plan))
+        };
+        match attempt(self.nodes_where(prefilter).await?) {
+            Ok(v) => Ok(v),
+            Err(_) => attempt(self.all_nodes().await?).map_err(|e| BotError::NoFit(e.message)),
+        }
     }
 
     fn want(svc: &Service) -> Result<Want, BotError> {
@@ -380,11 +430,18 @@ impl Bot {
 
     async fn make_route(
         &self,
-        nodes: &[NodeView],
         service: &str,
         name: &str,
         backends: Vec<String>,
     ) -> Result<Route, String> {
+        let nodes = self
+            .nodes_where(NodeFilter {
+                status: Some(NodeStatus::Up),
+                domain: Some(true),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
         let mut gws: Vec<&NodeView> = nodes
             .iter()
             .filter(|n| n.status == NodeStatus::Up && n.node.public_config.domain.is_some())
@@ -485,23 +542,7 @@ impl Bot {
             }
         }
         let t0 = Instant::now();
-        let nodes = self.all_nodes().await?;
-        let mut sched = Scheduler::new(nodes.iter().map(Candidate::from));
-        let mut plan = Vec::new();
-        for (sname, svc) in &spec.services {
-            let placed = sched
-                .place(
-                    &format!("service {sname}"),
-                    &Self::want(svc)?,
-                    svc.replicas,
-                    &[],
-                    &HashSet::new(),
-                )
-                .map_err(|e| BotError::NoFit(e.message))?;
-            for (i, id) in placed.into_iter().enumerate() {
-                plan.push((sname.clone(), i as u32, id));
-            }
-        }
+        let (sched, plan) = self.place_spec(&spec).await?;
         let mut rec = Record {
             name: spec.name.clone(),
             yaml: yaml.to_string(),
@@ -553,7 +594,7 @@ impl Bot {
                     repoint.push((route, sname.clone(), backends));
                     continue;
                 }
-                match self.make_route(&nodes, sname, &ex.name, backends).await {
+                match self.make_route(sname, &ex.name, backends).await {
                     Ok(route) => {
                         self.event(&spec.name, "exposed", format!("{sname} at {}", route.url));
                         rec.routes.push(route);
@@ -718,10 +759,26 @@ impl Bot {
     /// One pass of self-healing over every running deployment.
     pub async fn reconcile(&self) -> Result<(), BotError> {
         let _g = self.lock.lock().await;
-        let nodes = self.all_nodes().await?;
-        let status: std::collections::HashMap<NodeId, NodeStatus> =
-            nodes.iter().map(|n| (n.node.id, n.status)).collect();
-        for mut rec in self.store.all()? {
+        let records = self.store.all()?;
+        let used: Vec<NodeId> = records
+            .iter()
+            .flat_map(|r| r.replicas.iter().map(|x| x.node_id))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        if used.is_empty() {
+            return Ok(());
+        }
+        let status: std::collections::HashMap<NodeId, NodeStatus> = self
+            .nodes_where(NodeFilter {
+                node_ids: Some(used),
+                ..Default::default()
+            })
+            .await?
+            .iter()
+            .map(|n| (n.node.id, n.status))
+            .collect();
+        for mut rec in records {
             if rec.state == State::Deploying {
                 continue;
             }
@@ -747,7 +804,7 @@ impl Bot {
                 let Some(svc) = spec.services.get(&r.service) else {
                     continue;
                 };
-                match self.heal(&rec, &r, svc, &nodes, &why).await {
+                match self.heal(&rec, &r, svc, &why).await {
                     Ok(new) => {
                         rec.replicas[i] = new;
                         changed = true;
@@ -815,10 +872,10 @@ impl Bot {
         rec: &Record,
         old: &Replica,
         svc: &Service,
-        nodes: &[NodeView],
         why: &str,
     ) -> Result<Replica, String> {
         let t0 = Instant::now();
+        let nodes = self.all_nodes().await.map_err(|e| e.to_string())?;
         let mut sched = Scheduler::new(nodes.iter().map(Candidate::from));
         let used: Vec<NodeId> = rec
             .replicas
