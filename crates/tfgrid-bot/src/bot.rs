@@ -542,7 +542,25 @@ impl Bot {
             }
         }
         let t0 = Instant::now();
-        let (sched, plan) = self.place_spec(&spec).await?;
+        // Services declared exactly as before keep their replicas and routes.
+        let kept: HashSet<String> = old
+            .as_ref()
+            .and_then(|o| Spec::parse(&o.yaml).ok())
+            .map(|os| {
+                spec.services
+                    .iter()
+                    .filter(|(n, s)| os.services.get(*n) == Some(*s))
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut todo = spec.clone();
+        todo.services.retain(|n, _| !kept.contains(n));
+        let (sched, plan) = if todo.services.is_empty() {
+            (Scheduler::new([]), Vec::new())
+        } else {
+            self.place_spec(&todo).await?
+        };
         let mut rec = Record {
             name: spec.name.clone(),
             yaml: yaml.to_string(),
@@ -559,7 +577,9 @@ impl Bot {
             .iter()
             .map(|(s, i, n)| format!("{s}/{i} on node {n}"))
             .collect();
-        self.event(&spec.name, "placed", placed.join(", "));
+        if !placed.is_empty() {
+            self.event(&spec.name, "placed", placed.join(", "));
+        }
         let owner = spec.name.as_str();
         let jobs = plan.iter().map(|(s, i, id)| {
             let node = sched.node(*id).cloned().expect("placed on a known node");
@@ -583,9 +603,17 @@ impl Bot {
         }
         // Names the old deployment already serves are re-pointed once everything else is made.
         let mut repoint = Vec::new();
+        let mut kept_routes = Vec::new();
         if errors.is_empty() {
             for (sname, svc) in &spec.services {
                 let Some(ex) = &svc.expose else { continue };
+                if kept.contains(sname) {
+                    kept_routes
+                        .extend(old.iter().flat_map(|o| {
+                            o.routes.iter().filter(|r| r.service == *sname).cloned()
+                        }));
+                    continue;
+                }
                 let backends = Self::backends(&rec, sname, ex.port);
                 let kept = old
                     .as_ref()
@@ -621,6 +649,15 @@ impl Bot {
             self.event(&spec.name, "failed", msg.clone());
             return Err(BotError::Failed(msg));
         }
+        rec.routes.extend(kept_routes);
+        if let Some(o) = &old {
+            rec.replicas.extend(
+                o.replicas
+                    .iter()
+                    .filter(|r| kept.contains(&r.service))
+                    .cloned(),
+            );
+        }
         for (mut route, sname, backends) in repoint {
             route.service = sname;
             match self.repoint(&mut route, backends).await {
@@ -643,8 +680,9 @@ impl Bot {
             .sort_by(|a, b| (&a.service, a.index).cmp(&(&b.service, b.index)));
         self.store.put(&rec)?;
         if let Some(mut old) = old {
-            // What the new version does not keep goes: every old replica, and the routes whose
-            // names it no longer exposes (with their name contracts).
+            // What the new version does not keep goes: the replicas of changed or dropped
+            // services, and the routes whose names it no longer exposes (with their names).
+            old.replicas.retain(|r| !kept.contains(&r.service));
             old.routes
                 .retain(|r| !rec.routes.iter().any(|n| n.contract_id == r.contract_id));
             self.roll_back(&old).await;

@@ -335,6 +335,51 @@ fn up_deploys_heals_and_removes_through_the_cli() {
         assert_eq!(fetch(g.gateway, "web.gw.local").map(|r| r.0), Some(200));
     }
 
+    // Changing one service of two replaces only that one.
+    let duo = |b_env: &str| {
+        format!(
+            "name: duo\nservices:\n  a:\n    image: {img}\n    command: [/bin/sleep, '1000']\n    memory: 32M\n  b:\n    image: {img}\n    command: [/bin/sleep, '1000']\n    memory: 32M\n    env: {{V: '{b_env}'}}\n",
+            img = g.image
+        )
+    };
+    ok(cli(
+        &g,
+        &[
+            "deploy",
+            spec_file(dir.path(), "duo1.yaml", &duo("1"))
+                .to_str()
+                .unwrap(),
+        ],
+    ));
+    let d1 = inspect(&g, "duo");
+    ok(cli(
+        &g,
+        &[
+            "deploy",
+            spec_file(dir.path(), "duo2.yaml", &duo("2"))
+                .to_str()
+                .unwrap(),
+        ],
+    ));
+    let d2 = inspect(&g, "duo");
+    let contract = |d: &serde_json::Value, svc: &str| {
+        d["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["service"] == svc)
+            .unwrap()["contract_id"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(contract(&d1, "a"), contract(&d2, "a"), "a was redeployed");
+    assert_ne!(
+        contract(&d1, "b"),
+        contract(&d2, "b"),
+        "b was not redeployed"
+    );
+    ok(cli(&g, &["rm", "duo"]));
+
     // An impossible spec and a malformed one: clear errors, nothing made.
     let huge = spec_file(
         dir.path(),
