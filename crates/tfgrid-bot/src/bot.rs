@@ -829,15 +829,23 @@ impl Bot {
             };
             let mut changed = false;
             let mut degraded = false;
-            for i in 0..rec.replicas.len() {
-                let r = rec.replicas[i].clone();
-                let why = match status.get(&r.node_id) {
-                    Some(NodeStatus::Down) | None => Some(format!("node {} is down", r.node_id)),
-                    Some(NodeStatus::Up) => {
-                        self.replica_failure(&mut rec.replicas[i], &mut changed)
-                            .await
+            // Every replica's node is asked at once: one slow node does not hold up the others.
+            let checks = rec.replicas.iter().map(|r| async {
+                match status.get(&r.node_id) {
+                    Some(NodeStatus::Up) => self.replica_health(r).await,
+                    _ => (None, Some(format!("node {} is down", r.node_id))),
+                }
+            });
+            let health = futures::future::join_all(checks).await;
+            for (i, (seen, why)) in health.into_iter().enumerate() {
+                if let Some((state, message)) = seen {
+                    let r = &mut rec.replicas[i];
+                    if state != r.state || message != r.message {
+                        (r.state, r.message) = (state, message);
+                        changed = true;
                     }
-                };
+                }
+                let r = rec.replicas[i].clone();
                 let Some(why) = why else { continue };
                 let Some(svc) = spec.services.get(&r.service) else {
                     continue;
@@ -872,9 +880,10 @@ impl Bot {
         Ok(())
     }
 
-    /// Asks the node how the replica is; a container that gave up restarting, or a deployment
-    /// the node no longer has, is a failure to heal.
-    async fn replica_failure(&self, r: &mut Replica, changed: &mut bool) -> Option<String> {
+    /// Asks the node how the replica is: its container's state and message as the node reports
+    /// them, and a reason to heal when the container gave up restarting or the node no longer has
+    /// the deployment. A node that does not answer gives neither (the registry decides on it).
+    async fn replica_health(&self, r: &Replica) -> (Option<(String, String)>, Option<String>) {
         let info: Result<DeploymentInfo, _> = self
             .peer
             .call_json(
@@ -887,20 +896,24 @@ impl Bot {
             )
             .await;
         match info {
-            Err(e) if e.to_string().contains("not found") => {
-                Some(format!("node {} no longer has the deployment", r.node_id))
-            }
-            Err(_) => None,
+            Err(e) if e.to_string().contains("not found") => (
+                None,
+                Some(format!("node {} no longer has the deployment", r.node_id)),
+            ),
+            Err(_) => (None, None),
             Ok(info) => {
-                let res = info.results.get(&wname(&r.service))?;
-                let state = format!("{:?}", res.state).to_lowercase();
-                if state != r.state || res.message != r.message {
-                    r.state = state;
-                    r.message = res.message.clone();
-                    *changed = true;
-                }
-                (res.state == ResultState::Error && res.message.contains("gave up"))
-                    .then(|| format!("container failed: {}", res.message))
+                let Some(res) = info.results.get(&wname(&r.service)) else {
+                    return (None, None);
+                };
+                let why = (res.state == ResultState::Error && res.message.contains("gave up"))
+                    .then(|| format!("container failed: {}", res.message));
+                (
+                    Some((
+                        format!("{:?}", res.state).to_lowercase(),
+                        res.message.clone(),
+                    )),
+                    why,
+                )
             }
         }
     }
