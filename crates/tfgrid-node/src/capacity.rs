@@ -271,6 +271,31 @@ mod tests {
     }
 
     #[test]
+    fn finds_gpus_in_sysfs() {
+        // A PCI tree as /sys/bus/pci/devices shows it: a GPU, a network card, a virtio GPU.
+        let pci = tempfile::tempdir().unwrap();
+        let dev = |addr: &str, class: &str, vendor: &str, device: &str, resource: &str| {
+            let d = pci.path().join(addr);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("class"), format!("{class}\n")).unwrap();
+            std::fs::write(d.join("vendor"), format!("{vendor}\n")).unwrap();
+            std::fs::write(d.join("device"), format!("{device}\n")).unwrap();
+            std::fs::write(d.join("resource"), resource).unwrap();
+        };
+        let bar_16g = "0x0000004000000000 0x00000043ffffffff 0x000000000014220c\n";
+        dev("0000:01:00.0", "0x030000", "0x10de", "0x2204", bar_16g);
+        dev("0000:02:00.0", "0x020000", "0x8086", "0x1533", bar_16g);
+        dev("0000:00:02.0", "0x038000", "0x1af4", "0x1050", "");
+        let g = gpus(pci.path());
+        assert_eq!(g.len(), 2, "{g:?}");
+        let nv = g.iter().find(|x| x.vendor == "NVIDIA").unwrap();
+        assert_eq!(nv.memory, 16 << 30);
+        assert!(nv.model.contains("0x2204"));
+        assert!(g.iter().any(|x| x.vendor == "Red Hat (virtio)"));
+        assert!(gpus(&pci.path().join("missing")).is_empty());
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size("512M").unwrap(), 512 * MIB);
         assert_eq!(parse_size("2g").unwrap(), 2 << 30);
