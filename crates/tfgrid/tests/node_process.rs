@@ -13,7 +13,7 @@ use tfgrid_bus::{Peer, PeerConfig};
 use tfgrid_core::capacity::{GIB, MIB};
 use tfgrid_core::deployment::{
     ContainerSpec, Deployment, GatewayNameProxySpec, Mount, ResultState, VolumeSpec, Workload,
-    WorkloadData, ZdbMode, ZdbSpec,
+    WorkloadData, WorkloadResult, ZdbMode, ZdbSpec,
 };
 use tfgrid_core::tx::{Call, Outcome};
 use tfgrid_core::{ContractId, Identity, TwinId};
@@ -574,6 +574,16 @@ async fn push_image(registry: &str, name: &str, cmd: &[&str]) -> String {
 
 fn start_oci_registry(dir: &Path) -> tfgrid_node::images::LocalRegistry {
     tfgrid_node::images::LocalRegistry::start(&dir.join("oci")).unwrap()
+}
+
+/// Deploys one small container of `image`: its result and contract.
+async fn deploy_app(g: &Grid, node: &Node, image: &str) -> (WorkloadResult, ContractId) {
+    let d = deployment(
+        g.user_twin,
+        vec![("app", container(image, None, 1, 32 * MIB))],
+    );
+    let info = g.deploy(node, d).await.unwrap();
+    (info.results["app"].clone(), info.deployment.contract_id)
 }
 
 fn with_rootfs(mut w: WorkloadData, size: u64) -> WorkloadData {
@@ -1137,17 +1147,7 @@ async fn images_from_a_registry_with_basic_auth() {
     let mut anon = g.node_args("anon", None);
     anon.extend(["--insecure-registry".to_string(), oci.addr.clone()]);
     let anon = g.start_node_with(anon, "anon");
-    let info = g
-        .deploy(
-            &anon,
-            deployment(
-                g.user_twin,
-                vec![("app", container(&image, None, 1, 32 * MIB))],
-            ),
-        )
-        .await
-        .unwrap();
-    let r = &info.results["app"];
+    let (r, _) = deploy_app(&g, &anon, &image).await;
     assert_eq!(r.state, ResultState::Error);
     assert!(
         r.message.to_lowercase().contains("authorized"),
@@ -1163,19 +1163,9 @@ async fn images_from_a_registry_with_basic_auth() {
         format!("{}=puller:pull-secret", oci.addr),
     ]);
     let node = g.start_node_with(args, "authed");
-    let info = g
-        .deploy(
-            &node,
-            deployment(
-                g.user_twin,
-                vec![("app", container(&image, None, 1, 32 * MIB))],
-            ),
-        )
-        .await
-        .unwrap();
-    let r = &info.results["app"];
+    let (r, app_contract) = deploy_app(&g, &node, &image).await;
     assert_eq!(r.state, ResultState::Ok, "{}", r.message);
-    g.delete(&node, info.deployment.contract_id).await;
+    g.delete(&node, app_contract).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1209,14 +1199,7 @@ async fn images_from_an_https_registry_with_a_private_ca() {
     .unwrap();
     // Without the CA the certificate is not trusted; with --registry-ca the image runs.
     let plain = g.start_node("untrusting", None);
-    let d = || {
-        deployment(
-            g.user_twin,
-            vec![("app", container(&image, None, 1, 32 * MIB))],
-        )
-    };
-    let info = g.deploy(&plain, d()).await.unwrap();
-    let r = &info.results["app"];
+    let (r, _) = deploy_app(&g, &plain, &image).await;
     assert_eq!(r.state, ResultState::Error);
     assert!(r.message.contains("pulling"), "{}", r.message);
     let mut args = g.node_args("trusting", None);
@@ -1225,8 +1208,7 @@ async fn images_from_an_https_registry_with_a_private_ca() {
         cert_file.to_string_lossy().into_owned(),
     ]);
     let node = g.start_node_with(args, "trusting");
-    let info = g.deploy(&node, d()).await.unwrap();
-    let r = &info.results["app"];
+    let (r, app_contract) = deploy_app(&g, &node, &image).await;
     assert_eq!(r.state, ResultState::Ok, "{}", r.message);
-    g.delete(&node, info.deployment.contract_id).await;
+    g.delete(&node, app_contract).await;
 }
