@@ -800,7 +800,13 @@ impl Bot {
         let records = self.store.all()?;
         let used: Vec<NodeId> = records
             .iter()
-            .flat_map(|r| r.replicas.iter().map(|x| x.node_id))
+            .flat_map(|r| {
+                r.replicas
+                    .iter()
+                    .map(|x| x.node_id)
+                    .chain(r.routes.iter().map(|x| x.node_id))
+                    .collect::<Vec<_>>()
+            })
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
@@ -857,12 +863,53 @@ impl Bot {
                         self.repoint_service(&mut rec, svc, &r.service).await;
                     }
                     Err(e) => {
+                        if rec.state != State::Degraded {
+                            self.event(
+                                &rec.name,
+                                "heal-failed",
+                                format!("{}/{}: {why}; {e}", r.service, r.index),
+                            );
+                        }
                         degraded = true;
+                    }
+                }
+            }
+            // A route whose gateway node is down moves to another gateway (its URL changes with
+            // the gateway's domain and address).
+            for j in 0..rec.routes.len() {
+                let old = rec.routes[j].clone();
+                if status.get(&old.node_id) == Some(&NodeStatus::Up) {
+                    continue;
+                }
+                match self
+                    .make_route(&old.service, &old.name, old.backends.clone())
+                    .await
+                {
+                    Ok(mut new) => {
+                        new.name_contract = old.name_contract;
+                        self.cancel(old.contract_id).await;
+                        self.delete_on_node(old.node_twin, old.contract_id).await;
                         self.event(
                             &rec.name,
-                            "heal-failed",
-                            format!("{}/{}: {why}; {e}", r.service, r.index),
+                            "gateway-moved",
+                            format!(
+                                "gateway node {} is down; {} is now served at {} by node {}",
+                                old.node_id, old.name, new.url, new.node_id
+                            ),
                         );
+                        rec.routes[j] = new;
+                        changed = true;
+                    }
+                    Err(e) => {
+                        // Said once, when the deployment turns degraded; retried every pass.
+                        if rec.state != State::Degraded {
+                            self.event(
+                                &rec.name,
+                                "heal-failed",
+                                format!("gateway node {} is down; {e}", old.node_id),
+                            );
+                        }
+                        degraded = true;
                     }
                 }
             }

@@ -33,9 +33,12 @@ pub struct UpArgs {
     /// The local image registry (the example image is pushed there).
     #[arg(long, default_value = "127.0.0.1:5000")]
     images_listen: SocketAddr,
-    /// The gateway node's HTTP proxy.
+    /// The gateway node's HTTP proxy; further gateways take the next ports.
     #[arg(long, default_value = "127.0.0.1:8000")]
     gateway_listen: SocketAddr,
+    /// How many of the nodes (the last ones) are gateways.
+    #[arg(long, default_value_t = 1)]
+    gateways: u32,
     /// Names are served as <name>.<domain> by the gateway.
     #[arg(long, default_value = "gw.local")]
     domain: String,
@@ -111,6 +114,9 @@ fn terminate(procs: &mut Vec<Proc>) {
 
 pub async fn up(a: UpArgs) -> Result<()> {
     let root = nix::unistd::geteuid().is_root();
+    if a.gateways > a.nodes && a.nodes > 0 {
+        bail!("--gateways {} is more than --nodes {}", a.gateways, a.nodes);
+    }
     if a.nodes > 0 && !root {
         bail!(
             "tfgrid up runs node agents, and a node needs root: it makes network namespaces, \
@@ -193,7 +199,7 @@ pub async fn up(a: UpArgs) -> Result<()> {
         );
         println!("  tfgrid ps; tfgrid events; tfgrid nodes");
     } else {
-        println!("  tfgrid nodes   (no nodes: run `tfgrid up` as root to get some)");
+        println!("  tfgrid nodes   (this grid has no nodes: `tfgrid up` as root runs some)");
     }
     println!();
     println!(
@@ -317,7 +323,9 @@ async fn start_children(
         let host = tfgrid_node::capacity::discover(data)?;
         let mru = host.offered().mru / u64::from(a.nodes);
         for i in 1..=a.nodes {
-            let gateway = i == a.nodes;
+            // The last `gateways` nodes; the first of them listens on --gateway-listen.
+            let first_gateway = a.nodes.saturating_sub(a.gateways.max(1)) + 1;
+            let gateway = i >= first_gateway;
             let mut args: Vec<String> = [
                 "node",
                 "--registry",
@@ -351,7 +359,11 @@ async fn start_children(
                     "--domain".into(),
                     a.domain.clone(),
                     "--gateway-listen".into(),
-                    a.gateway_listen.to_string(),
+                    SocketAddr::new(
+                        a.gateway_listen.ip(),
+                        a.gateway_listen.port() + (i - first_gateway) as u16,
+                    )
+                    .to_string(),
                 ]);
             }
             let name = format!("node{i}");

@@ -68,8 +68,12 @@ impl Drop for Grid {
 }
 
 fn up(dir: &Path) -> Grid {
+    up_with(dir, free_port(), &[])
+}
+
+fn up_with(dir: &Path, gw: SocketAddr, extra: &[&str]) -> Grid {
     let data = dir.join("grid");
-    let (bot, gw, images) = (free_port(), free_port(), free_port());
+    let (bot, images) = (free_port(), free_port());
     let mut child = Command::new(BIN)
         .args(["up", "--data"])
         .arg(&data)
@@ -86,6 +90,7 @@ fn up(dir: &Path) -> Grid {
             &gw.to_string(),
         ])
         .args(["--images-listen", &images.to_string()])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(dir.join("up.stderr")).unwrap())
         .spawn()
@@ -618,4 +623,69 @@ fn up_without_root_says_what_needs_root() {
         err.contains("a node needs root") && err.contains("--nodes 0"),
         "{err}"
     );
+}
+
+/// Two consecutive free loopback ports (up gives its second gateway the next port).
+fn free_pair() -> SocketAddr {
+    loop {
+        let a = free_port();
+        let b = SocketAddr::new(a.ip(), a.port() + 1);
+        if a.port() < 65535 && std::net::TcpListener::bind(b).is_ok() {
+            return a;
+        }
+    }
+}
+
+#[test]
+fn a_dead_gateway_node_is_replaced_by_another() {
+    if !is_root() {
+        eprintln!("skipped: tfgrid up runs nodes, which need root");
+        return;
+    }
+    for c in ["runc", "docker-registry", "busybox", "curl"] {
+        if !have(c) {
+            eprintln!("skipped: {c} is not installed");
+            return;
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let gw = free_pair();
+    let g = up_with(dir.path(), gw, &["--gateways", "2"]);
+    let second = SocketAddr::new(gw.ip(), gw.port() + 1);
+    assert!(
+        g.lines
+            .iter()
+            .any(|l| l.contains(&format!("gateway proxy on {second}"))),
+        "{:?}",
+        g.lines
+    );
+    let spec = spec_file(
+        dir.path(),
+        "one.yaml",
+        &format!(
+            "name: one\nservices:\n  web:\n    image: {}\n    memory: 32M\n    expose: {{name: one, port: 8080}}\n",
+            g.image
+        ),
+    );
+    ok(cli(&g, &["deploy", spec.to_str().unwrap()]));
+    let before = inspect(&g, "one");
+    let gw_node = before["routes"][0]["node_id"].as_u64().unwrap() as u32;
+    assert_eq!(fetch(gw, "one.gw.local").map(|r| r.0), Some(200));
+    let pid = g.node_pids.iter().find(|(n, _)| *n == gw_node).unwrap().1;
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    wait_for("the route to move", Duration::from_secs(20), || {
+        inspect(&g, "one")["routes"][0]["node_id"].as_u64() != Some(gw_node.into())
+    });
+    let after = inspect(&g, "one");
+    let url = after["routes"][0]["url"].as_str().unwrap().to_string();
+    assert!(url.ends_with(&format!(":{}/", second.port())), "{url}");
+    wait_for("the new gateway to serve", Duration::from_secs(10), || {
+        fetch(second, "one.gw.local").map(|r| r.0) == Some(200)
+    });
+    let events = ok(cli(&g, &["events", "--deployment", "one"]));
+    assert!(events.contains("gateway-moved"), "{events}");
+    ok(cli(&g, &["rm", "one"]));
 }
