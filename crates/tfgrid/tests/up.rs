@@ -38,6 +38,17 @@ fn have(cmd: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Why a test of a full grid cannot run here, if it cannot.
+fn grid_skip() -> Option<String> {
+    if !is_root() {
+        return Some("tfgrid up runs nodes, which need root".into());
+    }
+    ["runc", "docker-registry", "busybox", "curl"]
+        .into_iter()
+        .find(|c| !have(c))
+        .map(|c| format!("{c} is not installed"))
+}
+
 struct Grid {
     child: Child,
     data: PathBuf,
@@ -206,15 +217,9 @@ fn spec_file(dir: &Path, name: &str, text: &str) -> PathBuf {
 
 #[test]
 fn up_deploys_heals_and_removes_through_the_cli() {
-    if !is_root() {
-        eprintln!("skipped: tfgrid up runs nodes, which need root");
+    if let Some(why) = grid_skip() {
+        eprintln!("skipped: {why}");
         return;
-    }
-    for c in ["runc", "docker-registry", "busybox", "curl"] {
-        if !have(c) {
-            eprintln!("skipped: {c} is not installed");
-            return;
-        }
     }
     let dir = tempfile::tempdir().unwrap();
     let g = up(dir.path());
@@ -638,15 +643,9 @@ fn free_pair() -> SocketAddr {
 
 #[test]
 fn a_dead_gateway_node_is_replaced_by_another() {
-    if !is_root() {
-        eprintln!("skipped: tfgrid up runs nodes, which need root");
+    if let Some(why) = grid_skip() {
+        eprintln!("skipped: {why}");
         return;
-    }
-    for c in ["runc", "docker-registry", "busybox", "curl"] {
-        if !have(c) {
-            eprintln!("skipped: {c} is not installed");
-            return;
-        }
     }
     let dir = tempfile::tempdir().unwrap();
     let gw = free_pair();
