@@ -15,7 +15,7 @@ use oci_spec::runtime::{
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tfgrid_core::deployment::{ContainerSpec, ResultState, WorkloadData};
@@ -27,10 +27,8 @@ const STABLE: Duration = Duration::from_secs(10);
 const CPU_PERIOD: u64 = 100_000;
 
 pub struct Container {
-    /// The OCI runtime binary (runc or crun), driven through its standard command line.
-    runtime: String,
+    runtime: Runtime,
     dir: PathBuf,
-    runtime_root: PathBuf,
     volumes: PathBuf,
     images: Arc<Images>,
     net: Net,
@@ -39,10 +37,87 @@ pub struct Container {
     supervisors: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
 }
 
+#[derive(PartialEq)]
 enum RunState {
     Running,
     Stopped,
     Missing,
+}
+
+/// The OCI runtime binary (runc or crun), driven through its standard command line with its
+/// state under `root`. The container kind and each supervisor hold one.
+#[derive(Clone)]
+struct Runtime {
+    bin: String,
+    root: PathBuf,
+}
+
+impl Runtime {
+    async fn cmd(&self, args: &[&str]) -> Result<String, String> {
+        let root = self.root.to_string_lossy().into_owned();
+        let mut all = vec!["--root", root.as_str()];
+        all.extend_from_slice(args);
+        run(&self.bin, &all).await
+    }
+
+    async fn state(&self, key: &str) -> RunState {
+        match self.cmd(&["state", key]).await {
+            Err(_) => RunState::Missing,
+            Ok(json) => {
+                let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+                match (v["status"].as_str(), v["pid"].as_i64()) {
+                    (Some("running"), Some(pid)) if pid > 0 => RunState::Running,
+                    _ => RunState::Stopped,
+                }
+            }
+        }
+    }
+
+    /// Starts the bundle in `cdir` detached, its stdout and stderr appended to `cdir/log`. A
+    /// start that fails is deleted, and the log's last line says why.
+    async fn start(&self, cdir: &Path, key: &str) -> Result<(), String> {
+        let log_path = cdir.join("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| format!("opening the log: {e}"))?;
+        let out = tokio::process::Command::new(&self.bin)
+            .arg("--root")
+            .arg(&self.root)
+            .args(["run", "--detach", "--bundle"])
+            .arg(cdir)
+            .arg(key)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .status()
+            .await
+            .map_err(|e| format!("cannot run {}: {e}", self.bin))?;
+        if !out.success() {
+            let tail = read_tail(&log_path, Some(400));
+            let _ = self.cmd(&["delete", "--force", key]).await;
+            return Err(format!(
+                "{} could not start the container: {}",
+                self.bin,
+                tail.lines().last().unwrap_or("no output").trim()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A file's last `tail` bytes (all of it by default); empty when it cannot be read.
+fn read_tail(path: &Path, tail: Option<u64>) -> String {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = tail.map(|t| len.saturating_sub(t)).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(start));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
 }
 
 impl Container {
@@ -56,9 +131,11 @@ impl Container {
         reporter: Reporter,
     ) -> Self {
         Self {
-            runtime,
+            runtime: Runtime {
+                bin: runtime,
+                root: runtime_root,
+            },
             dir,
-            runtime_root,
             volumes,
             images,
             net,
@@ -76,21 +153,9 @@ impl Container {
         self.dir.join(id.key())
     }
 
-    fn log_path(&self, id: &WorkloadId) -> PathBuf {
-        self.cdir(id).join("log")
-    }
-
     /// The bounded log's last `tail` bytes (all of it by default).
     pub fn logs(&self, id: &WorkloadId, tail: Option<u64>) -> String {
-        let Ok(mut f) = std::fs::File::open(self.log_path(id)) else {
-            return String::new();
-        };
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        let start = tail.map(|t| len.saturating_sub(t)).unwrap_or(0);
-        let _ = f.seek(SeekFrom::Start(start));
-        let mut buf = Vec::new();
-        let _ = f.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
+        read_tail(&self.cdir(id).join("log"), tail)
     }
 
     /// The lowest subnet address no other container of this node holds.
@@ -109,26 +174,6 @@ impl Container {
             .hosts()
             .find(|ip| !used.contains(ip))
             .ok_or_else(|| "the node's workload subnet is full".to_string())
-    }
-
-    async fn runtime_cmd(&self, args: &[&str]) -> Result<String, String> {
-        let root = self.runtime_root.to_string_lossy().into_owned();
-        let mut all = vec!["--root", root.as_str()];
-        all.extend_from_slice(args);
-        run(&self.runtime, &all).await
-    }
-
-    async fn state(&self, key: &str) -> RunState {
-        match self.runtime_cmd(&["state", key]).await {
-            Err(_) => RunState::Missing,
-            Ok(json) => {
-                let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
-                match (v["status"].as_str(), v["pid"].as_i64()) {
-                    (Some("running"), Some(pid)) if pid > 0 => RunState::Running,
-                    _ => RunState::Stopped,
-                }
-            }
-        }
     }
 
     fn config(&self, id: &WorkloadId, spec: &ContainerSpec, image: &Image) -> Result<Spec, String> {
@@ -297,45 +342,11 @@ impl Container {
         .map_err(|e| format!("mounting the overlay rootfs: {e}"))
     }
 
-    /// Starts the container detached, its stdout and stderr appended to its log.
-    async fn start(&self, id: &WorkloadId) -> Result<(), String> {
-        let key = id.key();
-        let c = self.cdir(id);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(c.join("log"))
-            .map_err(|e| format!("opening the log: {e}"))?;
-        let out = tokio::process::Command::new(&self.runtime)
-            .arg("--root")
-            .arg(&self.runtime_root)
-            .args(["run", "--detach", "--bundle"])
-            .arg(&c)
-            .arg(&key)
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .status()
-            .await
-            .map_err(|e| format!("cannot run {}: {e}", self.runtime))?;
-        if !out.success() {
-            let tail = self.logs(id, Some(400));
-            let _ = self.runtime_cmd(&["delete", "--force", &key]).await;
-            return Err(format!(
-                "{} could not start the container: {}",
-                self.runtime,
-                tail.lines().last().unwrap_or("no output").trim()
-            ));
-        }
-        Ok(())
-    }
-
     fn supervise(&self, id: WorkloadId, memory: u64) {
         let key = id.key();
         let sup = Supervisor {
             runtime: self.runtime.clone(),
             id: id.clone(),
-            runtime_root: self.runtime_root.clone(),
             cdir: self.cdir(&id),
             reporter: self.reporter.clone(),
             log_limit: self.log_limit,
@@ -378,16 +389,16 @@ impl Container {
             .map_err(|e| format!("writing config.json: {e}"))?;
         self.mount_rootfs(id, &image, spec.rootfs_size).await?;
         let key = id.key();
-        match self.state(&key).await {
+        match self.runtime.state(&key).await {
             RunState::Running => {}
             state => {
                 if matches!(state, RunState::Stopped) {
-                    let _ = self.runtime_cmd(&["delete", "--force", &key]).await;
+                    let _ = self.runtime.cmd(&["delete", "--force", &key]).await;
                 }
                 if !self.net.attached(&key) {
                     self.net.attach(&key, ip).await?;
                 }
-                self.start(id).await?;
+                self.runtime.start(&self.cdir(id), &key).await?;
             }
         }
         self.supervise(id.clone(), spec.memory);
@@ -408,11 +419,11 @@ impl Container {
         {
             t.abort();
         }
-        let st = self.state(&key).await;
+        let st = self.runtime.state(&key).await;
         tracing::debug!(workload = %key, missing = matches!(st, RunState::Missing), mounted = is_mounted(&self.cdir(id).join("rootfs")), "removing");
         if !matches!(st, RunState::Missing) {
-            let _ = self.runtime_cmd(&["kill", &key, "KILL"]).await;
-            self.runtime_cmd(&["delete", "--force", &key]).await?;
+            let _ = self.runtime.cmd(&["kill", &key, "KILL"]).await;
+            self.runtime.cmd(&["delete", "--force", &key]).await?;
         }
         let c = self.cdir(id);
         // The rootfs first, then the sized writable layer under it (if any).
@@ -449,7 +460,7 @@ impl Kind for Container {
     }
 
     async fn inspect(&self, id: &WorkloadId) -> (ResultState, String) {
-        match self.state(&id.key()).await {
+        match self.runtime.state(&id.key()).await {
             RunState::Running => (ResultState::Ok, String::new()),
             RunState::Stopped => (ResultState::Error, "container is not running".into()),
             RunState::Missing => (ResultState::Error, "container does not exist".into()),
@@ -466,9 +477,8 @@ impl Kind for Container {
 /// Watches one container: on exit it records why (out of memory, or exited), and restarts it
 /// with exponential backoff; too many quick deaths in a row leave it in error.
 struct Supervisor {
-    runtime: String,
+    runtime: Runtime,
     id: WorkloadId,
-    runtime_root: PathBuf,
     cdir: PathBuf,
     reporter: Reporter,
     log_limit: u64,
@@ -477,13 +487,6 @@ struct Supervisor {
 }
 
 impl Supervisor {
-    async fn runtime_cmd(&self, args: &[&str]) -> Result<String, String> {
-        let root = self.runtime_root.to_string_lossy().into_owned();
-        let mut all = vec!["--root", root.as_str()];
-        all.extend_from_slice(args);
-        run(&self.runtime, &all).await
-    }
-
     fn report(&self, state: ResultState, message: String) {
         let _ = self.reporter.send(Report {
             id: self.id.clone(),
@@ -539,13 +542,7 @@ impl Supervisor {
         loop {
             tokio::time::sleep(Duration::from_millis(250)).await;
             self.trim_log();
-            let state = self.runtime_cmd(&["state", &key]).await;
-            let running = state
-                .as_ref()
-                .ok()
-                .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok())
-                .is_some_and(|v| v["status"] == "running");
-            if running {
+            if self.runtime.state(&key).await == RunState::Running {
                 if failures > 0 && started.elapsed() > STABLE {
                     failures = 0;
                 }
@@ -559,7 +556,7 @@ impl Supervisor {
             } else {
                 "the container's process exited".to_string()
             };
-            let _ = self.runtime_cmd(&["delete", "--force", &key]).await;
+            let _ = self.runtime.cmd(&["delete", "--force", &key]).await;
             failures += 1;
             if failures > MAX_RESTARTS {
                 self.report(
@@ -575,27 +572,7 @@ impl Supervisor {
                 format!("{reason}; restart {failures} in {backoff:?}"),
             );
             tokio::time::sleep(backoff).await;
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.cdir.join("log"));
-            let Ok(log) = log else {
-                continue;
-            };
-            let Ok(log2) = log.try_clone() else { continue };
-            let ok = tokio::process::Command::new(&self.runtime)
-                .arg("--root")
-                .arg(&self.runtime_root)
-                .args(["run", "--detach", "--bundle"])
-                .arg(&self.cdir)
-                .arg(&key)
-                .stdin(std::process::Stdio::null())
-                .stdout(log)
-                .stderr(log2)
-                .status()
-                .await
-                .map(|s| s.success())
-                .unwrap_or(false);
+            let ok = self.runtime.start(&self.cdir, &key).await.is_ok();
             started = Instant::now();
             if ok {
                 self.report(
