@@ -49,6 +49,24 @@ pub struct Engine {
     lock: tokio::sync::Mutex<()>,
 }
 
+/// What the engine asks of a workload's kind.
+#[derive(Clone, Copy)]
+enum Op {
+    Provision,
+    Recover,
+    Update,
+}
+
+impl Op {
+    async fn run<K: Kind>(self, k: &K, ctx: &Ctx<'_>) -> Result<Output, String> {
+        match self {
+            Op::Provision => k.provision(ctx).await,
+            Op::Recover => k.recover(ctx).await,
+            Op::Update => k.update(ctx).await,
+        }
+    }
+}
+
 /// The order workloads come up in: what others mount or point at first.
 fn rank(w: &Workload) -> u8 {
     match w.data {
@@ -329,17 +347,17 @@ impl Engine {
             .collect();
         self.store.put_deployment(&d, &init)?;
         for w in ordered(&d) {
-            self.bring_up(&d, w, false).await?;
+            self.apply(&d, w, Op::Provision).await?;
         }
         self.info(d.contract_id)
     }
 
-    /// Provisions (or recovers) one workload and records its result.
-    async fn bring_up(
+    /// Provisions, recovers or updates one workload (by its kind) and records its result.
+    async fn apply(
         &self,
         d: &Deployment,
         w: &Workload,
-        recover: bool,
+        op: Op,
     ) -> Result<WorkloadResult, EngineError> {
         let ctx = Ctx {
             id: WorkloadId::new(d.contract_id, &w.name),
@@ -347,15 +365,11 @@ impl Engine {
             workload: w,
         };
         let k = &self.kinds;
-        let out = match (&w.data, recover) {
-            (WorkloadData::Volume(_), false) => k.volume.provision(&ctx).await,
-            (WorkloadData::Volume(_), true) => k.volume.recover(&ctx).await,
-            (WorkloadData::Zdb(_), false) => k.zdb.provision(&ctx).await,
-            (WorkloadData::Zdb(_), true) => k.zdb.recover(&ctx).await,
-            (WorkloadData::Container(_), false) => k.container.provision(&ctx).await,
-            (WorkloadData::Container(_), true) => k.container.recover(&ctx).await,
-            (WorkloadData::GatewayNameProxy(_), false) => k.gateway.provision(&ctx).await,
-            (WorkloadData::GatewayNameProxy(_), true) => k.gateway.recover(&ctx).await,
+        let out = match &w.data {
+            WorkloadData::Volume(_) => op.run(&k.volume, &ctx).await,
+            WorkloadData::Zdb(_) => op.run(&k.zdb, &ctx).await,
+            WorkloadData::Container(_) => op.run(&k.container, &ctx).await,
+            WorkloadData::GatewayNameProxy(_) => op.run(&k.gateway, &ctx).await,
         };
         let r = match out {
             Ok(data) => result(ResultState::Ok, String::new(), data),
@@ -363,29 +377,6 @@ impl Engine {
                 tracing::warn!(workload = %ctx.id.key(), "{msg}");
                 result(ResultState::Error, msg, Output::new())
             }
-        };
-        self.store
-            .set_results(d.contract_id, &[(w.name.clone(), r.clone())])?;
-        Ok(r)
-    }
-
-    /// Applies a changed spec to an existing workload and records its result.
-    async fn change(&self, d: &Deployment, w: &Workload) -> Result<WorkloadResult, EngineError> {
-        let ctx = Ctx {
-            id: WorkloadId::new(d.contract_id, &w.name),
-            deployment: d,
-            workload: w,
-        };
-        let k = &self.kinds;
-        let out = match &w.data {
-            WorkloadData::Volume(_) => k.volume.update(&ctx).await,
-            WorkloadData::Zdb(_) => k.zdb.update(&ctx).await,
-            WorkloadData::Container(_) => k.container.update(&ctx).await,
-            WorkloadData::GatewayNameProxy(_) => k.gateway.update(&ctx).await,
-        };
-        let r = match out {
-            Ok(data) => result(ResultState::Ok, String::new(), data),
-            Err(msg) => result(ResultState::Error, msg, Output::new()),
         };
         self.store
             .set_results(d.contract_id, &[(w.name.clone(), r.clone())])?;
@@ -446,10 +437,10 @@ impl Engine {
             match old_by_name.get(w.name.as_str()) {
                 Some(o) if *o == w => {}
                 Some(_) => {
-                    self.change(&d, w).await?;
+                    self.apply(&d, w, Op::Update).await?;
                 }
                 None => {
-                    self.bring_up(&d, w, false).await?;
+                    self.apply(&d, w, Op::Provision).await?;
                 }
             }
         }
@@ -589,7 +580,7 @@ impl Engine {
         let _g = self.lock.lock().await;
         for d in self.store.deployments()? {
             for w in ordered(&d) {
-                let r = self.bring_up(&d, w, true).await?;
+                let r = self.apply(&d, w, Op::Recover).await?;
                 tracing::info!(
                     contract = d.contract_id,
                     workload = %w.name,
