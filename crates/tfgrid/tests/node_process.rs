@@ -2,6 +2,8 @@
 //! talking to the node over the bus, images from a real OCI registry (Debian's docker-registry),
 //! containers run by runc. Tests that need root or those tools say why they skip.
 
+mod common;
+use common::{have, is_root};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -66,31 +68,6 @@ fn spawn(args: &[&str], log: &Path) -> Proc {
         child,
         first_line: line.trim().to_string(),
     }
-}
-
-fn is_root() -> bool {
-    nix_euid() == 0
-}
-
-fn nix_euid() -> u32 {
-    // SAFETY-free: read it from /proc rather than pull a libc binding into the tests.
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
-        })
-        .and_then(|u| u.parse().ok())
-        .unwrap_or(u32::MAX)
-}
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// Why a container test cannot run here, if it cannot.
