@@ -149,6 +149,8 @@ pub struct Grid {
     pub relay: String,
     pub image: String,
     _oci: LocalRegistry,
+    /// Dropping it stops the relay: kept for as long as the grid.
+    _relay_stop: tfgrid_bus::relay::RelayStop,
     /// (the agent process while it lives, its arguments, node id, node twin)
     nodes: Vec<(Option<Proc>, Vec<String>, u32, u32)>,
     bot: Arc<Bot>,
@@ -215,14 +217,13 @@ pub async fn grid(nodes: usize, down_after_ms: u64) -> Result<Grid> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     tokio::spawn(registry.serve(listener, std::future::pending()));
-    let (relay, _, _server, _stop) = crate::bus_cmd::start_relay(
+    let (relay, _, _server, relay_stop) = crate::bus_cmd::start_relay(
         "127.0.0.1:0".parse()?,
         None,
         &dir.path().join("relay.key"),
         &url,
     )
     .await?;
-    std::mem::forget(_stop);
     let oci = LocalRegistry::start(&dir.path().join("oci")).map_err(anyhow::Error::msg)?;
     let image = push_busybox_image(
         &oci.addr,
@@ -302,6 +303,7 @@ pub async fn grid(nodes: usize, down_after_ms: u64) -> Result<Grid> {
         relay,
         image,
         _oci: oci,
+        _relay_stop: relay_stop,
         nodes: node_procs,
         bot,
         api,
