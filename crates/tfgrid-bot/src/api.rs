@@ -1,9 +1,17 @@
 //! The bot's HTTP API (what the CLI and the dashboard use) and the dashboard itself. Errors are
 //! JSON `{error, message}` with a status that says whose fault it is.
+//!
+//! The API acts with the user's key, so it only takes orders from the user: a request that a web
+//! page in the user's browser made (an `Origin` that is not the bot's own, or
+//! `Sec-Fetch-Site: cross-site`) is refused for every method but GET, and a spec must come as
+//! `application/yaml` (or `application/json`), a type no page can send across origins without the
+//! bot's consent (which it never gives). With a token (required when the bot listens beyond
+//! loopback), every `/api` request must carry `Authorization: Bearer <token>`.
 
 use crate::bot::{Bot, BotError};
-use axum::extract::{Path, Query, RawQuery, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{Path, Query, RawQuery, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -15,13 +23,24 @@ struct App {
     bot: Arc<Bot>,
     http: reqwest::Client,
     registry: String,
+    token: Option<Arc<str>>,
 }
 
-pub fn router(bot: Arc<Bot>, registry_url: &str) -> Router {
+/// Content types a spec may be posted as.
+const SPEC_TYPES: [&str; 5] = [
+    "application/yaml",
+    "application/x-yaml",
+    "text/yaml",
+    "text/x-yaml",
+    "application/json",
+];
+
+pub fn router(bot: Arc<Bot>, registry_url: &str, token: Option<String>) -> Router {
     let app = App {
         bot,
         http: reqwest::Client::new(),
         registry: registry_url.trim_end_matches('/').to_string(),
+        token: token.map(Into::into),
     };
     Router::new()
         .route("/", get(dashboard))
@@ -31,7 +50,91 @@ pub fn router(bot: Arc<Bot>, registry_url: &str) -> Router {
         .route("/api/deployments/{name}/logs", get(logs))
         .route("/api/events", get(events))
         .route("/api/nodes", get(nodes))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), guard))
+        // A spec is a few kilobytes; the parser bounds it again (spec::MAX_YAML).
+        .layer(axum::extract::DefaultBodyLimit::max(
+            crate::spec::MAX_YAML + 1024,
+        ))
         .with_state(app)
+}
+
+/// Whether the request comes from a page of another origin (a site the user visits).
+fn cross_origin(h: &HeaderMap) -> Option<String> {
+    if h.get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == "cross-site" || v == "same-site")
+    {
+        return Some("the request comes from another site".into());
+    }
+    let origin = h.get(header::ORIGIN)?.to_str().unwrap_or("?");
+    let host = h
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let own = [format!("http://{host}"), format!("https://{host}")];
+    (!own.iter().any(|o| o == origin)).then(|| format!("origin {origin} is not this bot's"))
+}
+
+async fn guard(State(a): State<App>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if !path.starts_with("/api/") {
+        return next.run(req).await;
+    }
+    let h = req.headers();
+    if let Some(token) = &a.token {
+        let given = h
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        // Compared in constant time: the token is a secret.
+        let ok = given.is_some_and(|g| {
+            g.len() == token.len()
+                && g.bytes()
+                    .zip(token.bytes())
+                    .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+                    == 0
+        });
+        if !ok {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this bot needs its token: Authorization: Bearer <token> (tfgrid --bot-token or TFGRID_BOT_TOKEN)".into(),
+            );
+        }
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        if let Some(why) = cross_origin(h) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "cross_origin",
+                format!(
+                    "refused: {why}; the bot takes changes only from its own dashboard and the CLI"
+                ),
+            );
+        }
+        if req.method() == Method::POST {
+            let ct = h
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            if !SPEC_TYPES.contains(&ct.as_str()) {
+                return error(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "content_type",
+                    format!(
+                        "send the spec as content-type application/yaml (got {:?})",
+                        if ct.is_empty() { "none" } else { &ct }
+                    ),
+                );
+            }
+        }
+    }
+    next.run(req).await
 }
 
 fn error(status: StatusCode, kind: &str, message: String) -> Response {
@@ -72,10 +175,42 @@ async fn list(State(a): State<App>) -> Response {
     }
 }
 
-async fn create(State(a): State<App>, body: String) -> Response {
-    match a.bot.deploy(&body).await {
-        Ok(r) => (StatusCode::CREATED, Json(r)).into_response(),
-        Err(e) => e.into_response(),
+/// The body of a JSON deploy: `{"yaml": "..."}`.
+#[derive(Deserialize)]
+struct SpecBody {
+    yaml: String,
+}
+
+/// The deploy runs as the bot's own task: a client that goes away does not cut it short (the
+/// outcome is in the events and in `tfgrid ps`).
+async fn create(State(a): State<App>, headers: HeaderMap, body: String) -> Response {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let yaml = if json {
+        match serde_json::from_str::<SpecBody>(&body) {
+            Ok(b) => b.yaml,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "spec",
+                    format!("a JSON body is {{\"yaml\": \"<the spec>\"}}: {e}"),
+                )
+            }
+        }
+    } else {
+        body
+    };
+    let bot = a.bot.clone();
+    match tokio::spawn(async move { bot.deploy(&yaml).await }).await {
+        Ok(Ok(r)) => (StatusCode::CREATED, Json(r)).into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the deploy task failed: {e}"),
+        ),
     }
 }
 
@@ -86,10 +221,18 @@ async fn inspect(State(a): State<App>, Path(name): Path<String>) -> Response {
     }
 }
 
+/// 200 when every contract is cancelled; 202 when some wait in the bot's queue for the registry.
 async fn remove(State(a): State<App>, Path(name): Path<String>) -> Response {
-    match a.bot.remove(&name).await {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => e.into_response(),
+    let bot = a.bot.clone();
+    match tokio::spawn(async move { bot.remove(&name).await }).await {
+        Ok(Ok(r)) if r.pending == 0 => (StatusCode::OK, Json(r)).into_response(),
+        Ok(Ok(r)) => (StatusCode::ACCEPTED, Json(r)).into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the remove task failed: {e}"),
+        ),
     }
 }
 

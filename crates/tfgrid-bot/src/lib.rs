@@ -3,6 +3,10 @@
 
 pub mod api;
 pub mod bot;
+mod deploy;
+mod reconcile;
+pub mod recovery;
+mod routes;
 pub mod scheduler;
 pub mod spec;
 pub mod store;

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
+use tfgrid_core::checks;
 use tfgrid_core::deployment::ZdbMode;
 use tfgrid_core::FarmId;
 
@@ -39,7 +40,7 @@ impl<'de> Deserialize<'de> for Size {
                     .map_err(|_| E::custom("a size cannot be negative"))
             }
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Size, E> {
-                tfgrid_node::capacity::parse_size(s)
+                tfgrid_core::capacity::parse_size(s)
                     .map(Size)
                     .map_err(E::custom)
             }
@@ -64,6 +65,10 @@ fn default_memory() -> Size {
     Size(256 << 20)
 }
 
+fn default_disk() -> Size {
+    Size(256 << 20)
+}
+
 fn yes() -> bool {
     true
 }
@@ -83,6 +88,10 @@ pub struct Service {
     pub cpu: u32,
     #[serde(default = "default_memory")]
     pub memory: Size,
+    /// The container's writable layer (its own files outside volumes), bounded and reserved as
+    /// SSD on the node.
+    #[serde(default = "default_disk")]
+    pub disk: Size,
     #[serde(default)]
     pub volumes: Vec<VolumeDecl>,
     #[serde(default = "one")]
@@ -160,8 +169,73 @@ fn valid_name(s: &str, max: usize) -> bool {
         && !s.starts_with('-')
 }
 
+pub const MAX_YAML: usize = 256 << 10;
+pub const MAX_DEPTH: usize = 16;
+
+/// An upper bound on how deeply a YAML text nests: indentation levels on the stack, plus `- `
+/// sequence markers on a line, plus open flow brackets (`[`, `{`). Quotes are not parsed, so a
+/// bracket inside a string counts too: the bound is only ever too high, never too low.
+fn nesting(yaml: &str) -> usize {
+    let mut indents: Vec<usize> = Vec::new();
+    let (mut flow, mut max) = (0usize, 0usize);
+    for line in yaml.lines() {
+        let t = line.trim_start_matches([' ', '\t']);
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        let ind = line.len() - t.len();
+        while indents.last().is_some_and(|&i| i > ind) {
+            indents.pop();
+        }
+        if indents.last() != Some(&ind) {
+            indents.push(ind);
+        }
+        let mut rest = t;
+        let mut dashes = 0;
+        while let Some(r) = rest.strip_prefix("- ").or_else(|| rest.strip_prefix("-\t")) {
+            dashes += 1;
+            rest = r.trim_start();
+        }
+        let mut peak = flow;
+        for b in rest.bytes() {
+            match b {
+                b'[' | b'{' => {
+                    flow += 1;
+                    peak = peak.max(flow);
+                }
+                b']' | b'}' => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+        }
+        max = max.max(indents.len() + dashes + peak);
+    }
+    max
+}
+
 impl Spec {
+    /// [`Spec::parse`] on a blocking thread, so a large spec never stalls the async workers.
+    pub async fn parse_blocking(yaml: String) -> Result<Spec, SpecError> {
+        tokio::task::spawn_blocking(move || Spec::parse(&yaml))
+            .await
+            .unwrap_or_else(|e| Err(SpecError::Parse(format!("the parser failed: {e}"))))
+    }
+
+    /// Parses and checks a spec. Its size and nesting are bounded first: the YAML parser's time
+    /// grows with nesting, and a spec is a few kilobytes of shallow YAML. The parse is CPU work;
+    /// async callers run it on a blocking thread ([`Spec::parse_blocking`]).
     pub fn parse(yaml: &str) -> Result<Spec, SpecError> {
+        if yaml.len() > MAX_YAML {
+            return Err(SpecError::Parse(format!(
+                "the spec is {} bytes; at most {MAX_YAML} are accepted",
+                yaml.len()
+            )));
+        }
+        let depth = nesting(yaml);
+        if depth > MAX_DEPTH {
+            return Err(SpecError::Parse(format!(
+                "the spec nests {depth} levels deep; at most {MAX_DEPTH} are accepted"
+            )));
+        }
         let spec: Spec =
             serde_yaml_ng::from_str(yaml).map_err(|e| SpecError::Parse(e.to_string()))?;
         spec.validate()?;
@@ -194,19 +268,29 @@ impl Spec {
                     "service names: 1 to 16 lowercase letters, digits or -",
                 );
             }
-            if s.image.trim().is_empty() {
-                return bad(f("image"), "is empty");
-            }
+            checks::image_ref(&s.image).or_else(|e| bad(f("image"), &e))?;
             if s.cpu == 0 || s.cpu > 64 {
                 return bad(f("cpu"), "must be 1 to 64 cores");
             }
-            if s.memory.0 < 16 << 20 {
-                return bad(f("memory"), "must be at least 16M");
-            }
+            checks::size(s.memory.0, 16 << 20).or_else(|e| bad(f("memory"), &e))?;
+            checks::size(s.disk.0, 16 << 20).or_else(|e| bad(f("disk"), &e))?;
             if s.replicas == 0 || s.replicas > 100 {
                 return bad(f("replicas"), "must be 1 to 100");
             }
+            for (what, args) in [("command", &s.command), ("entrypoint", &s.entrypoint)] {
+                if let Some(a) = args {
+                    checks::command(a).or_else(|(i, e)| {
+                        let at = if a.is_empty() {
+                            what.to_string()
+                        } else {
+                            format!("{what}[{i}]")
+                        };
+                        bad(f(&at), &e)
+                    })?;
+                }
+            }
             let mut names = std::collections::HashSet::new();
+            let mut paths = std::collections::HashSet::new();
             for (i, v) in s.volumes.iter().enumerate() {
                 if !valid_name(&v.name, 16) || !names.insert(v.name.clone()) {
                     return bad(
@@ -214,13 +298,14 @@ impl Spec {
                         "1 to 16 lowercase letters, digits or -, unique in the service",
                     );
                 }
-                if v.size.0 < 1 << 20 {
-                    return bad(f(&format!("volumes[{i}].size")), "must be at least 1M");
-                }
-                if !v.path.starts_with('/') || v.path.split('/').any(|p| p == "..") {
+                checks::size(v.size.0, 1 << 20)
+                    .or_else(|e| bad(f(&format!("volumes[{i}].size")), &e))?;
+                checks::mount_path(&v.path)
+                    .or_else(|e| bad(f(&format!("volumes[{i}].path")), &e))?;
+                if !paths.insert(v.path.as_str()) {
                     return bad(
                         f(&format!("volumes[{i}].path")),
-                        "must be an absolute path without ..",
+                        "another volume of the service is mounted there",
                     );
                 }
             }
@@ -231,9 +316,9 @@ impl Spec {
                         "1 to 16 lowercase letters, digits or -, unique in the service",
                     );
                 }
-                if z.size.0 == 0 {
-                    return bad(f(&format!("zdbs[{i}].size")), "must not be 0");
-                }
+                checks::size(z.size.0, 1).or_else(|e| bad(f(&format!("zdbs[{i}].size")), &e))?;
+                checks::zdb_password(&z.password)
+                    .or_else(|e| bad(f(&format!("zdbs[{i}].password")), &e))?;
             }
             if let Some(e) = &s.expose {
                 if !valid_name(&e.name, 63) {
@@ -249,9 +334,15 @@ impl Spec {
                     return bad(f("expose.port"), "must not be 0");
                 }
             }
-            for k in s.env.keys() {
-                if k.is_empty() || k.contains('=') {
-                    return bad(f(&format!("env.{k}")), "is not a valid variable name");
+            for (k, v) in &s.env {
+                // The key is printed escaped: it may hold the very characters that are refused.
+                let field = || f(&format!("env.{}", k.escape_debug()));
+                checks::env_name(k).or_else(|e| bad(field(), &e))?;
+                checks::arg(v).or_else(|e| bad(field(), &e))?;
+            }
+            if let Some(c) = &s.placement.country {
+                if c.len() > 64 || c.chars().any(|c| c.is_control()) {
+                    return bad(f("placement.country"), "is not a country name or code");
                 }
             }
         }
@@ -312,7 +403,7 @@ services:
         let small = GOOD.replace("128M", "1M");
         assert_eq!(
             Spec::parse(&small).unwrap_err().to_string(),
-            "services.web.memory: must be at least 16M"
+            "services.web.memory: must be at least 16.0 MiB"
         );
         let no_name = GOOD.replace("name: shop\n", "");
         assert!(Spec::parse(&no_name)
@@ -329,5 +420,91 @@ services:
             .unwrap_err()
             .to_string()
             .starts_with("services:"));
+    }
+
+    /// Every mistake the adversarial run found only after contracts were made (or accepted when
+    /// it should not have) is refused by the spec check, naming the field.
+    #[test]
+    fn refuses_what_a_node_would_fail_on() {
+        let base = "name: a\nservices:\n  s:\n    image: 127.0.0.1:5000/web:latest\n";
+        let cases: &[(&str, &str)] = &[
+            ("    image: 'not a ref!!'\n", "services.s.image"),
+            ("    image: 127.0.0.1:99999/web\n", "services.s.image"),
+            ("    volumes: [{name: v, size: 1G, path: /}]\n", "services.s.volumes[0].path"),
+            ("    volumes: [{name: v, size: 1G, path: /proc}]\n", "services.s.volumes[0].path"),
+            ("    volumes: [{name: v, size: 1G, path: /dev}]\n", "services.s.volumes[0].path"),
+            ("    volumes: [{name: v, size: 1G, path: /sys}]\n", "services.s.volumes[0].path"),
+            ("    volumes: [{name: v, size: 1G, path: //}]\n", "services.s.volumes[0].path"),
+            (
+                "    volumes: [{name: v, size: 1G, path: /d}, {name: w, size: 1G, path: /d}]\n",
+                "services.s.volumes[1].path",
+            ),
+            ("    env: {A: \"x\\0y\"}\n", "services.s.env.A"),
+            ("    env: {\"A\\nB\": x}\n", "services.s.env.A\\nB"),
+            ("    command: [/bin/sh, \"a\\0\"]\n", "services.s.command[1]"),
+            ("    command: []\n", "services.s.command"),
+            ("    entrypoint: []\n", "services.s.entrypoint"),
+            (
+                "    zdbs: [{name: z, size: 1G, password: xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx}]\n",
+                "services.s.zdbs[0].password",
+            ),
+            ("    memory: 18446744073709551615\n", "services.s.memory"),
+            (
+                "    volumes: [{name: v, size: 18446744073709551615, path: /d}]\n",
+                "services.s.volumes[0].size",
+            ),
+            ("    zdbs: [{name: z, size: 16000000T}]\n", "services.s.zdbs[0].size"),
+        ];
+        for (extra, field) in cases {
+            let yaml = if extra.starts_with("    image:") {
+                format!("name: a\nservices:\n  s:\n{extra}")
+            } else {
+                format!("{base}{extra}")
+            };
+            match Spec::parse(&yaml) {
+                Err(SpecError::Invalid { field: got, .. }) => {
+                    assert_eq!(&got, field, "{yaml}")
+                }
+                other => panic!("{yaml}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn large_or_deep_yaml_is_refused_quickly() {
+        let deep = format!(
+            "name: a\nservices: {}{}\n",
+            "[".repeat(5000),
+            "]".repeat(5000)
+        );
+        let e = Spec::parse(&deep).unwrap_err().to_string();
+        assert!(e.contains("levels deep"), "{e}");
+        let mut block = String::from("name: a\nservices:\n");
+        for i in 0..40 {
+            block.push_str(&format!("{}k{i}:\n", "  ".repeat(i + 1)));
+        }
+        assert!(Spec::parse(&block)
+            .unwrap_err()
+            .to_string()
+            .contains("levels deep"));
+        let dashes = format!("name: a\nservices:\n  x:\n    {}1\n", "- ".repeat(100));
+        assert!(Spec::parse(&dashes)
+            .unwrap_err()
+            .to_string()
+            .contains("levels deep"));
+        let big = format!("name: a\n#{}\nservices: {{}}\n", "x".repeat(MAX_YAML));
+        assert!(Spec::parse(&big)
+            .unwrap_err()
+            .to_string()
+            .contains("at most"));
+        // The example specs are far from the bounds.
+        for f in ["web.yaml", "shop.yaml"] {
+            let y = std::fs::read_to_string(format!(
+                "{}/../../examples/{f}",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .unwrap();
+            assert!(nesting(&y) <= 6, "{f}: {}", nesting(&y));
+        }
     }
 }

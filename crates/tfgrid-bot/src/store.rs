@@ -7,6 +7,9 @@ use tfgrid_core::{ContractId, Millis, NodeId, TwinId};
 
 const DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("deployments");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// Contracts to cancel, kept until the registry has cancelled them: contract -> node twin (0 for
+/// a name contract), so a cancel that meets a dead registry is retried, also after a restart.
+const CANCELS: TableDefinition<u64, u32> = TableDefinition::new("cancels");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -26,6 +29,8 @@ pub enum State {
     Running,
     /// Some replica could not be healed yet.
     Degraded,
+    /// The user removed it; a bot that restarts in this state finishes the removal.
+    Removing,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -83,6 +88,35 @@ pub struct Record {
     pub routes: Vec<Route>,
     pub created_at: Millis,
     pub updated_at: Millis,
+    /// Contracts made by an operation still in progress (a deploy, an update, a heal), written
+    /// the moment the registry answers, before anything else is asked of a node. The operation
+    /// moves them into replicas and routes when it completes; a bot that restarts and finds any
+    /// here cancels them: the operation it was in is undone.
+    #[serde(default)]
+    pub made: Vec<Made>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Made {
+    pub contract_id: ContractId,
+    /// The node's twin, to ask it to delete; 0 for a name contract.
+    pub node_twin: TwinId,
+}
+
+impl Record {
+    /// Every contract this record holds: its replicas', its routes' (gateway and name), and
+    /// those of an operation in progress.
+    pub fn contracts(&self) -> impl Iterator<Item = ContractId> + '_ {
+        self.replicas
+            .iter()
+            .map(|r| r.contract_id)
+            .chain(
+                self.routes
+                    .iter()
+                    .flat_map(|r| [r.contract_id, r.name_contract]),
+            )
+            .chain(self.made.iter().map(|m| m.contract_id))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -112,6 +146,7 @@ impl Store {
         let tx = db.begin_write()?;
         tx.open_table(DEPLOYMENTS)?;
         tx.open_table(EVENTS)?;
+        tx.open_table(CANCELS)?;
         tx.commit()?;
         Ok(Self { db })
     }
@@ -149,6 +184,78 @@ impl Store {
         tx.open_table(DEPLOYMENTS)?.remove(name)?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// Stores `r` and queues cancels in one transaction: what a new version replaces is never
+    /// held by nothing, whatever moment a crash picks.
+    pub fn put_with_cancels(
+        &self,
+        r: &Record,
+        jobs: &[(ContractId, TwinId)],
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(DEPLOYMENTS)?.insert(
+            r.name.as_str(),
+            serde_json::to_vec(r).expect("record serializes").as_slice(),
+        )?;
+        {
+            let mut t = tx.open_table(CANCELS)?;
+            for (c, twin) in jobs {
+                t.insert(*c, *twin)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Removes a record and queues its cancels in one transaction.
+    pub fn remove_with_cancels(
+        &self,
+        name: &str,
+        jobs: &[(ContractId, TwinId)],
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(DEPLOYMENTS)?.remove(name)?;
+        {
+            let mut t = tx.open_table(CANCELS)?;
+            for (c, twin) in jobs {
+                t.insert(*c, *twin)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Queues cancels (idempotent: a contract queued twice is one entry).
+    pub fn queue_cancels(&self, jobs: &[(ContractId, TwinId)]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(CANCELS)?;
+            for (c, twin) in jobs {
+                t.insert(*c, *twin)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn cancel_done(&self, contract: ContractId) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(CANCELS)?.remove(contract)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Cancels still to do: (contract, node twin).
+    pub fn pending_cancels(&self) -> Result<Vec<(ContractId, TwinId)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(CANCELS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push((k.value(), v.value()));
+        }
+        Ok(out)
     }
 
     pub fn event(

@@ -3,11 +3,14 @@
 
 pub mod canonical;
 pub mod capacity;
+pub mod checks;
 pub mod contract;
 pub mod deployment;
 pub mod error;
+pub mod faults;
 pub mod filter;
 pub mod keys;
+pub mod node_api;
 pub mod records;
 pub mod tx;
 

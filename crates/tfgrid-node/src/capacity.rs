@@ -219,27 +219,7 @@ fn largest_bar(resource: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Sizes as people write them: `512M`, `20G`, `1T` (powers of 1024) or plain bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => return Err(format!("unknown size unit in {s:?} (use K, M, G or T)")),
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("not a size: {s:?} (e.g. 512M, 20G or bytes)"))
-}
+pub use tfgrid_core::capacity::parse_size;
 
 #[cfg(test)]
 mod tests {

@@ -11,6 +11,7 @@ use crate::kinds::{Ctx, Kind, Output, Report, WorkloadId};
 use crate::store::{Change, Store, StoreError};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
+use tfgrid_core::checks;
 use tfgrid_core::deployment::{Deployment, ResultState, Workload, WorkloadData, WorkloadResult};
 use tfgrid_core::{now_millis, Capacity, ContractId, NodeId, TwinId};
 use tfgrid_registry_client::{ClientError, RegistryClient};
@@ -121,15 +122,16 @@ pub fn validate(d: &Deployment, gateway_domain: Option<&str>) -> Result<(), Engi
         }
         match &w.data {
             WorkloadData::Container(c) => {
-                if c.image.trim().is_empty() {
-                    return bad(format!("{n}: image is empty"));
+                checks::image_ref(&c.image).or_else(|e| bad(format!("{n}: image: {e}")))?;
+                if c.cpu == 0 || c.cpu > 1024 {
+                    return bad(format!("{n}: cpu must be 1 to 1024"));
                 }
-                if c.cpu == 0 {
-                    return bad(format!("{n}: cpu must be at least 1"));
+                checks::size(c.memory, 16 << 20).or_else(|e| bad(format!("{n}: memory {e}")))?;
+                if c.rootfs_size > 0 {
+                    checks::size(c.rootfs_size, 1 << 20)
+                        .or_else(|e| bad(format!("{n}: rootfs_size {e}")))?;
                 }
-                if c.memory < 16 << 20 {
-                    return bad(format!("{n}: memory must be at least 16 MiB"));
-                }
+                let mut paths = HashSet::new();
                 for m in &c.mounts {
                     if !volumes.contains(m.volume.as_str()) {
                         return bad(format!(
@@ -137,24 +139,30 @@ pub fn validate(d: &Deployment, gateway_domain: Option<&str>) -> Result<(), Engi
                             m.volume
                         ));
                     }
-                    if !m.path.starts_with('/') || m.path.split('/').any(|p| p == "..") {
-                        return bad(format!(
-                            "{n}: mount path {:?} must be absolute, without ..",
-                            m.path
-                        ));
+                    checks::mount_path(&m.path)
+                        .or_else(|e| bad(format!("{n}: mount path {:?}: {e}", m.path)))?;
+                    if !paths.insert(m.path.as_str()) {
+                        return bad(format!("{n}: two mounts on {:?}", m.path));
                     }
                 }
-                for k in c.env.keys() {
-                    if k.is_empty() || k.contains('=') || k.contains('\0') {
-                        return bad(format!("{n}: environment variable name {k:?} is not valid"));
+                for (k, v) in &c.env {
+                    checks::env_name(k).or_else(|e| bad(format!("{n}: env {k:?} {e}")))?;
+                    checks::arg(v).or_else(|e| bad(format!("{n}: env {k}: {e}")))?;
+                }
+                for (what, args) in [("entrypoint", &c.entrypoint), ("cmd", &c.cmd)] {
+                    if let Some(a) = args {
+                        checks::command(a)
+                            .or_else(|(i, e)| bad(format!("{n}: {what}[{i}] {e}")))?;
                     }
                 }
             }
-            WorkloadData::Volume(v) if v.size == 0 => {
-                return bad(format!("{n}: volume size is 0"));
+            WorkloadData::Volume(v) => {
+                checks::size(v.size, 1 << 20).or_else(|e| bad(format!("{n}: volume size {e}")))?;
             }
-            WorkloadData::Zdb(z) if z.size == 0 => {
-                return bad(format!("{n}: zdb size is 0"));
+            WorkloadData::Zdb(z) => {
+                checks::size(z.size, 1).or_else(|e| bad(format!("{n}: zdb size {e}")))?;
+                checks::zdb_password(&z.password)
+                    .or_else(|e| bad(format!("{n}: zdb password {e}")))?;
             }
             WorkloadData::GatewayNameProxy(g) => {
                 if gateway_domain.is_none() {
@@ -183,7 +191,6 @@ pub fn validate(d: &Deployment, gateway_domain: Option<&str>) -> Result<(), Engi
                     }
                 }
             }
-            _ => {}
         }
     }
     Ok(())

@@ -2,7 +2,8 @@
 //! reports uptime, and runs users' signed deployments through one module per workload kind.
 
 pub mod agent;
-pub mod api;
+/// The bus API types live in tfgrid-core (so the bot need not depend on the agent).
+pub use tfgrid_core::node_api as api;
 pub mod capacity;
 pub mod engine;
 pub mod images;

@@ -3,7 +3,7 @@
 //! restarted agent knows exactly what it had promised.
 
 use redb::{Database, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
 use tfgrid_core::deployment::{Deployment, WorkloadResult};
@@ -25,11 +25,7 @@ pub enum StoreError {
 
 tfgrid_core::redb_errors_into!(StoreError);
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Change {
-    pub workload: String,
-    pub result: WorkloadResult,
-}
+pub use tfgrid_core::node_api::Change;
 
 pub struct Store {
     db: Database,

@@ -295,7 +295,7 @@ pub async fn grid(nodes: usize, down_after_ms: u64) -> Result<Grid> {
     tokio::spawn(bot.clone().run_reconciler(Duration::from_millis(250)));
     let api_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let api = format!("http://{}", api_listener.local_addr()?);
-    let app = tfgrid_bot::api::router(bot.clone(), &url);
+    let app = tfgrid_bot::api::router(bot.clone(), &url, None);
     tokio::spawn(async move { axum::serve(api_listener, app).await });
     Ok(Grid {
         dir,
@@ -331,6 +331,7 @@ pub async fn deploy(b: DeployBench) -> Result<()> {
         let t0 = Instant::now();
         let r = http
             .post(format!("{}/api/deployments", g.api))
+            .header("content-type", "application/yaml")
             .body(spec(&name, &g.image, false))
             .send()
             .await?;
@@ -402,6 +403,7 @@ pub async fn heal(b: HealBench) -> Result<()> {
     let http = reqwest::Client::new();
     let r = http
         .post(format!("{}/api/deployments", g.api))
+        .header("content-type", "application/yaml")
         .body(spec("heal", &g.image, true))
         .send()
         .await?;

@@ -28,9 +28,22 @@ pub struct BotArgs {
     /// How often the reconciler checks nodes and workloads.
     #[arg(long, default_value_t = 1000)]
     reconcile_ms: u64,
+    /// A secret every API request must carry (`Authorization: Bearer`); required when the bot
+    /// listens on anything but loopback. The dashboard is then opened as `/#token=<token>`.
+    #[arg(long, env = "TFGRID_BOT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 pub async fn bot(a: BotArgs) -> Result<()> {
+    if a.token.as_deref().is_some_and(|t| t.len() < 16) {
+        bail!("--token: use at least 16 characters (e.g. `openssl rand -hex 16`)");
+    }
+    if !a.listen.ip().is_loopback() && a.token.is_none() {
+        bail!(
+            "the bot would listen on {} with no token: anyone who reaches it could deploy and remove with your key; set --token (or TFGRID_BOT_TOKEN), or listen on 127.0.0.1",
+            a.listen
+        );
+    }
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("binding the bot to {}", a.listen))?;
@@ -42,7 +55,7 @@ pub async fn bot(a: BotArgs) -> Result<()> {
     })
     .await
     .context("starting the bot")?;
-    let app = tfgrid_bot::api::router(bot.clone(), &a.registry);
+    let app = tfgrid_bot::api::router(bot.clone(), &a.registry, a.token);
     println!(
         "bot listening on http://{} (twin {})",
         listener.local_addr()?,
@@ -67,6 +80,9 @@ pub struct BotOpt {
     /// Print the bot's JSON answer instead of a table.
     #[arg(long)]
     json: bool,
+    /// The bot's token, when it has one.
+    #[arg(long, env = "TFGRID_BOT_TOKEN", hide_env_values = true)]
+    bot_token: Option<String>,
 }
 
 struct Client {
@@ -76,9 +92,19 @@ struct Client {
 
 impl Client {
     fn new(o: &BotOpt) -> Self {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(t) = &o.bot_token {
+            if let Ok(v) = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")) {
+                headers.insert(reqwest::header::AUTHORIZATION, v);
+            }
+        }
         Self {
             base: o.bot.trim_end_matches('/').to_string(),
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                .default_headers(headers)
+                .connect_timeout(Duration::from_secs(5))
+                .build()
+                .expect("an HTTP client"),
         }
     }
 
@@ -157,12 +183,9 @@ pub async fn deploy(o: BotOpt, file: PathBuf) -> Result<()> {
     let c = Client::new(&o);
     let since = last_seq(&c, &spec.name).await;
     let progress = {
-        let (base, name, quiet) = (c.base.clone(), spec.name.clone(), o.json);
+        let (name, quiet) = (spec.name.clone(), o.json);
+        let c = Client::new(&o);
         tokio::spawn(async move {
-            let c = Client {
-                base,
-                http: reqwest::Client::new(),
-            };
             let mut since = since;
             loop {
                 tokio::time::sleep(Duration::from_millis(150)).await;
@@ -184,16 +207,24 @@ pub async fn deploy(o: BotOpt, file: PathBuf) -> Result<()> {
     if !o.json {
         println!("deploying {} from {}", spec.name, file.display());
     }
-    let r = c
-        .check(
-            c.http
-                .post(format!("{}/api/deployments", c.base))
-                .body(yaml)
-                .timeout(Duration::from_secs(600))
-                .send()
-                .await,
-        )
-        .await;
+    let send = c
+        .http
+        .post(format!("{}/api/deployments", c.base))
+        .header(reqwest::header::CONTENT_TYPE, "application/yaml")
+        .body(yaml)
+        .timeout(Duration::from_secs(600))
+        .send();
+    let r = tokio::select! {
+        r = send => c.check(r).await,
+        _ = tokio::signal::ctrl_c() => {
+            progress.abort();
+            eprintln!(
+                "\ninterrupted: the deploy of {0} goes on in your bot (it does not depend on this command);\n`tfgrid ps` shows how it ends, and `tfgrid rm {0}` takes it back",
+                spec.name
+            );
+            std::process::exit(130);
+        }
+    };
     tokio::time::sleep(Duration::from_millis(200)).await;
     progress.abort();
     let rec: Record = r?.json().await?;
@@ -332,15 +363,31 @@ pub async fn logs(
 
 pub async fn rm(o: BotOpt, name: String) -> Result<()> {
     let c = Client::new(&o);
-    c.check(
-        c.http
-            .delete(format!("{}/api/deployments/{name}", c.base))
-            .send()
-            .await,
-    )
-    .await?;
-    if !o.json {
-        println!("removed {name}: its workloads and contracts are gone");
+    let r: Value = c
+        .check(
+            c.http
+                .delete(format!("{}/api/deployments/{name}", c.base))
+                .send()
+                .await,
+        )
+        .await?
+        .json()
+        .await?;
+    if o.json {
+        println!("{r}");
+        return Ok(());
+    }
+    let (cancelled, pending) = (r["cancelled"].as_u64(), r["pending"].as_u64());
+    match pending {
+        Some(0) => println!(
+            "removed {name}: {} contracts cancelled; its nodes delete the workloads",
+            cancelled.unwrap_or(0)
+        ),
+        Some(p) => println!(
+            "removing {name}: {} contracts cancelled, {p} wait for the registry (your bot retries until they are cancelled; `tfgrid ps` lists {name} as removing until then)",
+            cancelled.unwrap_or(0)
+        ),
+        None => println!("removed {name}"),
     }
     Ok(())
 }
@@ -380,7 +427,7 @@ pub struct NodeQuery {
     #[arg(long)]
     farm_ids: Option<String>,
     /// Minimum free memory, e.g. 2G.
-    #[arg(long, value_parser = tfgrid_node::capacity::parse_size)]
+    #[arg(long, value_parser = tfgrid_core::capacity::parse_size)]
     free_mru: Option<u64>,
     #[arg(long)]
     has_gpu: Option<bool>,

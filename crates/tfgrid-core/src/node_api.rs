@@ -1,11 +1,11 @@
-//! What the node answers on the bus: the command names and their JSON bodies. The bot and the CLI
-//! build on these types; the node's handlers are in [`crate::agent`].
+//! What a node answers on the bus: the command names and their JSON bodies. They live here, not in
+//! the node agent's crate, so the bot and the CLI speak to nodes without depending on the agent
+//! (its image puller, runtime and store).
 
-use crate::store::Change;
+use crate::deployment::{Deployment, WorkloadResult};
+use crate::{Capacity, ContractId};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use tfgrid_core::deployment::{Deployment, WorkloadResult};
-use tfgrid_core::{Capacity, ContractId};
 
 pub const DEPLOY: &str = "deployment.deploy";
 pub const UPDATE: &str = "deployment.update";
@@ -27,6 +27,13 @@ pub struct DeploymentInfo {
     pub deployment: Deployment,
     /// Current result of each workload, by name.
     pub results: BTreeMap<String, WorkloadResult>,
+}
+
+/// One result a workload went through (`deployment.changes`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    pub workload: String,
+    pub result: WorkloadResult,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

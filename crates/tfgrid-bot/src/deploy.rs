@@ -1,0 +1,462 @@
+//! The deploy flow: place every replica, then per replica a contract (written into the journal the
+//! moment it exists) and the signed deployment over the bus, then the gateway names. A failure
+//! cancels everything the journal holds; success commits the record and cancels, in the same
+//! store transaction's queue, what an update replaced.
+
+use crate::bot::{wname, Bot, BotError, Journal, DEPLOY_TIMEOUT};
+use crate::scheduler::{Candidate, Scheduler, Want};
+use crate::spec::{Service, Spec};
+use crate::store::{Record, Replica, State, WorkloadView};
+use std::collections::HashSet;
+use std::time::Instant;
+use tfgrid_core::deployment::{
+    ContainerSpec, Deployment, Mount, ResultState, VolumeSpec, Workload, WorkloadData, ZdbSpec,
+};
+use tfgrid_core::faults::crash_point;
+use tfgrid_core::filter::NodeFilter;
+use tfgrid_core::node_api::{self, DeploymentInfo};
+use tfgrid_core::records::{NodeStatus, NodeView};
+use tfgrid_core::tx::Call;
+use tfgrid_core::{now_millis, ContractId, NodeId, TwinId};
+
+/// What a deploy left to the cancel queue because the registry did not confirm the cancels.
+fn left_over(queued: usize) -> String {
+    if queued == 0 {
+        "nothing left behind".into()
+    } else {
+        format!("{queued} contracts are not cancelled yet (the registry did not answer); the bot retries until they are")
+    }
+}
+
+impl Bot {
+    /// Places every service of `spec`. Candidates are first the nodes that are up and have at
+    /// least the smallest replica's capacity free (the registry filters, so a grid of 100,000
+    /// nodes is not fetched for every deploy); only when that fails is every node fetched, so
+    /// the "no node fits" message counts every node's reason.
+    async fn place_spec(
+        &self,
+        spec: &Spec,
+    ) -> Result<(Scheduler, Vec<(String, u32, NodeId)>), BotError> {
+        let wants: Vec<(String, Want, u32)> = spec
+            .services
+            .iter()
+            .map(|(n, s)| Ok((n.clone(), Self::want(s)?, s.replicas)))
+            .collect::<Result<_, BotError>>()?;
+        let min = |f: fn(&Want) -> u64| wants.iter().map(|(_, w, _)| f(w)).min();
+        let prefilter = NodeFilter {
+            status: Some(NodeStatus::Up),
+            free_cru: min(|w| w.capacity.cru),
+            free_mru: min(|w| w.capacity.mru),
+            free_sru: min(|w| w.capacity.sru).filter(|v| *v > 0),
+            free_hru: min(|w| w.capacity.hru).filter(|v| *v > 0),
+            ..Default::default()
+        };
+        let attempt = |nodes: Vec<NodeView>| {
+            let mut sched = Scheduler::new(nodes.iter().map(Candidate::from));
+            let mut plan = Vec::new();
+            for (sname, want, replicas) in &wants {
+                let placed = sched.place(
+                    &format!("service {sname}"),
+                    want,
+                    *replicas,
+                    &[],
+                    &HashSet::new(),
+                )?;
+                for (i, id) in placed.into_iter().enumerate() {
+                    plan.push((sname.clone(), i as u32, id));
+                }
+            }
+            Ok::<_, crate::scheduler::NoFit>((sched, plan))
+        };
+        match attempt(self.nodes_where(prefilter).await?) {
+            Ok(v) => Ok(v),
+            Err(_) => attempt(self.all_nodes().await?).map_err(|e| BotError::NoFit(e.message)),
+        }
+    }
+
+    pub(crate) fn want(svc: &Service) -> Result<Want, BotError> {
+        Ok(Want {
+            capacity: Self::replica_deployment(0, "x", svc)
+                .capacity()
+                .map_err(|e| BotError::Failed(e.to_string()))?,
+            country: svc.placement.country.clone(),
+            farms: svc.placement.farms.clone(),
+            gpu: svc.placement.gpu,
+            distinct: svc.placement.distinct_nodes,
+        })
+    }
+
+    /// One replica of a service as a node deployment: its volumes, zdbs and the container.
+    fn replica_deployment(twin: TwinId, service: &str, svc: &Service) -> Deployment {
+        let wl = |name: String, data: WorkloadData| Workload {
+            version: 0,
+            name,
+            data,
+            metadata: String::new(),
+            description: String::new(),
+        };
+        let mut workloads = Vec::new();
+        let mut mounts = Vec::new();
+        for v in &svc.volumes {
+            let name = wname(&format!("{service}_{}", v.name));
+            workloads.push(wl(
+                name.clone(),
+                WorkloadData::Volume(VolumeSpec { size: v.size.0 }),
+            ));
+            mounts.push(Mount {
+                volume: name,
+                path: v.path.clone(),
+            });
+        }
+        for z in &svc.zdbs {
+            workloads.push(wl(
+                wname(&format!("{service}_{}", z.name)),
+                WorkloadData::Zdb(ZdbSpec {
+                    size: z.size.0,
+                    mode: z.mode,
+                    password: z.password.clone(),
+                    public: false,
+                }),
+            ));
+        }
+        workloads.push(wl(
+            wname(service),
+            WorkloadData::Container(ContainerSpec {
+                image: svc.image.clone(),
+                entrypoint: svc.entrypoint.clone(),
+                cmd: svc.command.clone(),
+                env: svc.env.clone(),
+                cpu: svc.cpu,
+                memory: svc.memory.0,
+                rootfs_size: svc.disk.0,
+                mounts,
+            }),
+        ));
+        Deployment {
+            version: 0,
+            twin_id: twin,
+            contract_id: 0,
+            metadata: String::new(),
+            description: service.to_string(),
+            workloads,
+            signature: None,
+        }
+    }
+
+    /// Contract (journaled), then the signed deployment over the bus. Anything short of every
+    /// workload ok takes the contract (and whatever the node made) back before returning.
+    pub(crate) async fn deploy_replica(
+        &self,
+        journal: &Journal<'_>,
+        owner: &str,
+        service: &str,
+        index: u32,
+        svc: &Service,
+        node: &Candidate,
+    ) -> Result<Replica, String> {
+        let mut d = Self::replica_deployment(self.twin, service, svc);
+        // The registry holds one contract per deployment hash and node; the metadata (which the
+        // hash covers) makes each replica, and each version of it, its own deployment.
+        d.metadata = format!("{owner}/{service}/{index}@{}", now_millis());
+        let contract_id = self
+            .create_contract(
+                journal,
+                Call::CreateNodeContract {
+                    node_id: node.id,
+                    deployment_hash: d.hash(),
+                    capacity: d.capacity().map_err(|e| e.to_string())?,
+                },
+                node.twin,
+            )
+            .await
+            .map_err(|e| format!("contract on node {}: {e}", node.id))?;
+        d.contract_id = contract_id;
+        d.sign(&self.identity);
+        let answer: Result<DeploymentInfo, _> = self
+            .call_node(node.twin, node_api::DEPLOY, &d, DEPLOY_TIMEOUT)
+            .await;
+        crash_point("bot-after-node-deploy");
+        let failed = match answer {
+            Err(e) => format!("node {}: {e}", node.id),
+            Ok(info) => {
+                let bad: Vec<String> = info
+                    .results
+                    .iter()
+                    .filter(|(_, r)| r.state != ResultState::Ok)
+                    .map(|(n, r)| format!("{n}: {}", r.message))
+                    .collect();
+                if bad.is_empty() {
+                    return Ok(Self::replica_of(
+                        service,
+                        index,
+                        node,
+                        contract_id,
+                        &d,
+                        &info,
+                    ));
+                }
+                format!("node {}: {}", node.id, bad.join("; "))
+            }
+        };
+        self.take_back(journal, contract_id, node.twin).await;
+        Err(failed)
+    }
+
+    fn replica_of(
+        service: &str,
+        index: u32,
+        node: &Candidate,
+        contract_id: ContractId,
+        d: &Deployment,
+        info: &DeploymentInfo,
+    ) -> Replica {
+        let workloads = d
+            .workloads
+            .iter()
+            .filter_map(|w| {
+                let r = info.results.get(&w.name)?;
+                Some(WorkloadView {
+                    name: w.name.clone(),
+                    kind: w.data.kind().to_string(),
+                    state: format!("{:?}", r.state).to_lowercase(),
+                    message: r.message.clone(),
+                    data: r.data.clone(),
+                })
+            })
+            .collect();
+        let ip = info
+            .results
+            .get(&wname(service))
+            .and_then(|r| r.data.get("ip").cloned())
+            .unwrap_or_default();
+        Replica {
+            service: service.to_string(),
+            index,
+            node_id: node.id,
+            node_twin: node.twin,
+            contract_id,
+            ip,
+            state: "ok".into(),
+            message: String::new(),
+            workloads,
+        }
+    }
+
+    /// Deploys a spec; for a name that exists with a different spec, deploys the new one beside
+    /// it, moves its gateway names over, then removes the old replicas (no downtime for exposed
+    /// services). The same spec again changes nothing. Deployments of different names run side
+    /// by side; the same name waits for the operation before it.
+    pub async fn deploy(&self, yaml: &str) -> Result<Record, BotError> {
+        let spec = Spec::parse_blocking(yaml.to_string()).await?;
+        let lock = self.lock_of(&spec.name);
+        let _g = lock.lock().await;
+        let _op = self.operation();
+        let old = self.store.get(&spec.name)?;
+        if let Some(old) = &old {
+            if old.state == State::Removing {
+                return Err(BotError::Conflict(format!(
+                    "{} is being removed (its cancels wait for the registry); deploy it again once `tfgrid ps` no longer lists it",
+                    spec.name
+                )));
+            }
+            if old.yaml == yaml {
+                self.event(&spec.name, "unchanged", "the same spec is deployed".into());
+                return Ok(old.clone());
+            }
+        }
+        let t0 = Instant::now();
+        // Services declared exactly as before keep their replicas and routes.
+        let kept: HashSet<String> = old
+            .as_ref()
+            .and_then(|o| Spec::parse(&o.yaml).ok())
+            .map(|os| {
+                spec.services
+                    .iter()
+                    .filter(|(n, s)| os.services.get(*n) == Some(*s))
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut todo = spec.clone();
+        todo.services.retain(|n, _| !kept.contains(n));
+        let (sched, plan) = if todo.services.is_empty() {
+            (Scheduler::new([]), Vec::new())
+        } else {
+            self.place_spec(&todo).await?
+        };
+        let mut rec = Record {
+            name: spec.name.clone(),
+            yaml: yaml.to_string(),
+            state: State::Deploying,
+            replicas: Vec::new(),
+            routes: Vec::new(),
+            created_at: old.as_ref().map_or_else(now_millis, |o| o.created_at),
+            updated_at: now_millis(),
+            made: Vec::new(),
+        };
+        // The journal: a new deployment's own record (Deploying), or the deployed version's.
+        if old.is_none() {
+            self.store.put(&rec)?;
+        }
+        let journal = self.journal(&spec.name);
+        let placed: Vec<String> = plan
+            .iter()
+            .map(|(s, i, n)| format!("{s}/{i} on node {n}"))
+            .collect();
+        if !placed.is_empty() {
+            self.event(&spec.name, "placed", placed.join(", "));
+        }
+        let owner = spec.name.as_str();
+        let jobs = plan.iter().map(|(s, i, id)| {
+            let node = sched.node(*id).cloned().expect("placed on a known node");
+            let svc = &spec.services[s];
+            let journal = &journal;
+            async move {
+                (
+                    s,
+                    *i,
+                    self.deploy_replica(journal, owner, s, *i, svc, &node).await,
+                )
+            }
+        });
+        let results = futures::future::join_all(jobs).await;
+        let mut errors = Vec::new();
+        for (s, i, r) in results {
+            match r {
+                Ok(rep) => {
+                    self.event(
+                        &spec.name,
+                        "running",
+                        format!("{s}/{i} running on node {} at {}", rep.node_id, rep.ip),
+                    );
+                    rec.replicas.push(rep);
+                }
+                Err(e) => errors.push(format!("{s}/{i}: {e}")),
+            }
+        }
+        crash_point("bot-after-replicas");
+        // Names the old deployment already serves are re-pointed once everything else is made.
+        let mut repoint = Vec::new();
+        let mut kept_routes = Vec::new();
+        if errors.is_empty() {
+            for (sname, svc) in &spec.services {
+                let Some(ex) = &svc.expose else { continue };
+                if kept.contains(sname) {
+                    kept_routes
+                        .extend(old.iter().flat_map(|o| {
+                            o.routes.iter().filter(|r| r.service == *sname).cloned()
+                        }));
+                    continue;
+                }
+                let backends = Self::backends(&rec, sname, ex.port);
+                let kept = old
+                    .as_ref()
+                    .and_then(|o| o.routes.iter().find(|r| r.name == ex.name).cloned());
+                if let Some(route) = kept {
+                    repoint.push((route, sname.clone(), backends));
+                    continue;
+                }
+                match self.make_route(&journal, sname, &ex.name, backends).await {
+                    Ok(route) => {
+                        self.event(&spec.name, "exposed", format!("{sname} at {}", route.url));
+                        rec.routes.push(route);
+                    }
+                    Err(e) => errors.push(format!("{sname}: gateway: {e}")),
+                }
+            }
+        }
+        if !errors.is_empty() {
+            // Undo: everything this deploy made is in the journal, and only that.
+            let made = self
+                .store
+                .get(&spec.name)?
+                .map(|r| r.made)
+                .unwrap_or_default();
+            let jobs: Vec<(ContractId, TwinId)> =
+                made.iter().map(|m| (m.contract_id, m.node_twin)).collect();
+            let queued = self.cancel_all(&jobs).await;
+            let msg = match &old {
+                None => {
+                    self.store.remove(&rec.name)?;
+                    format!(
+                        "deploy failed, {}: {}",
+                        left_over(queued),
+                        errors.join("; ")
+                    )
+                }
+                Some(_) => {
+                    let ids: Vec<ContractId> = jobs.iter().map(|j| j.0).collect();
+                    journal.forget(&ids)?;
+                    format!(
+                        "update failed, the deployed version is unchanged ({}): {}",
+                        left_over(queued),
+                        errors.join("; ")
+                    )
+                }
+            };
+            self.event(&spec.name, "failed", msg.clone());
+            return Err(BotError::Failed(msg));
+        }
+        rec.routes.extend(kept_routes);
+        if let Some(o) = &old {
+            rec.replicas.extend(
+                o.replicas
+                    .iter()
+                    .filter(|r| kept.contains(&r.service))
+                    .cloned(),
+            );
+        }
+        for (mut route, sname, backends) in repoint {
+            route.service = sname;
+            match self.repoint(&mut route, backends).await {
+                Ok(()) => self.event(
+                    &spec.name,
+                    "repointed",
+                    format!("{} to the new replicas", route.url),
+                ),
+                Err(e) => self.event(
+                    &spec.name,
+                    "failed",
+                    format!("re-pointing {}: {e}", route.url),
+                ),
+            }
+            rec.routes.push(route);
+        }
+        rec.state = State::Running;
+        rec.updated_at = now_millis();
+        rec.replicas
+            .sort_by(|a, b| (&a.service, a.index).cmp(&(&b.service, b.index)));
+        // What the new version does not keep goes: the replicas of changed or dropped services,
+        // and the routes whose names it no longer exposes (with their names). Queued in the same
+        // transaction that stores the new version, so no crash leaves them held by nothing.
+        let gone: Vec<(ContractId, TwinId)> = old
+            .iter()
+            .flat_map(|o| {
+                let reps = o
+                    .replicas
+                    .iter()
+                    .filter(|r| !kept.contains(&r.service))
+                    .map(|r| (r.contract_id, r.node_twin));
+                let routes = o
+                    .routes
+                    .iter()
+                    .filter(|r| !rec.routes.iter().any(|n| n.contract_id == r.contract_id))
+                    .flat_map(|r| [(r.contract_id, r.node_twin), (r.name_contract, 0)]);
+                reps.chain(routes).collect::<Vec<_>>()
+            })
+            .collect();
+        self.store.put_with_cancels(&rec, &gone)?;
+        crash_point("bot-after-commit");
+        self.cancel_all(&gone).await;
+        self.event(
+            &spec.name,
+            "deployed",
+            format!(
+                "{} replicas in {} ms",
+                rec.replicas.len(),
+                t0.elapsed().as_millis()
+            ),
+        );
+        Ok(rec)
+    }
+}

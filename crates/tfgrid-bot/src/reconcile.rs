@@ -1,0 +1,304 @@
+//! Self-healing: every pass compares each deployment with what the registry and its nodes report.
+//! A replica whose node is down, whose container gave up, or whose node lost the deployment is
+//! redeployed elsewhere and its names re-pointed; a name whose gateway node is down moves to
+//! another gateway. Deployments are reconciled side by side, each under its own lock: one that is
+//! being deployed or removed is skipped this pass, and a slow heal holds up no other deployment.
+
+use crate::bot::{wname, Bot, BotError};
+use crate::scheduler::{Candidate, Scheduler};
+use crate::spec::{Service, Spec};
+use crate::store::{Record, Replica, State};
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+use tfgrid_core::deployment::ResultState;
+use tfgrid_core::filter::NodeFilter;
+use tfgrid_core::node_api::{self, ContractRef, DeploymentInfo};
+use tfgrid_core::records::NodeStatus;
+use tfgrid_core::{now_millis, ContractId, NodeId, TwinId};
+
+/// How many reconcile passes between two orphan sweeps.
+const SWEEP_EVERY: u32 = 10;
+
+impl Bot {
+    /// One pass of self-healing over every running deployment.
+    pub async fn reconcile(&self) -> Result<(), BotError> {
+        let records = self.store.all()?;
+        let used: Vec<NodeId> = records
+            .iter()
+            .flat_map(|r| {
+                r.replicas
+                    .iter()
+                    .map(|x| x.node_id)
+                    .chain(r.routes.iter().map(|x| x.node_id))
+                    .collect::<Vec<_>>()
+            })
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        if used.is_empty() {
+            return Ok(());
+        }
+        let status: HashMap<NodeId, NodeStatus> = self
+            .nodes_where(NodeFilter {
+                node_ids: Some(used),
+                ..Default::default()
+            })
+            .await?
+            .iter()
+            .map(|n| (n.node.id, n.status))
+            .collect();
+        let passes = records
+            .iter()
+            .filter(|r| matches!(r.state, State::Running | State::Degraded))
+            .map(|r| self.reconcile_one(&r.name, &status));
+        for r in futures::future::join_all(passes).await {
+            if let Err(e) = r {
+                tracing::warn!("reconcile: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    async fn reconcile_one(
+        &self,
+        name: &str,
+        status: &HashMap<NodeId, NodeStatus>,
+    ) -> Result<(), BotError> {
+        let lock = self.lock_of(name);
+        // Busy (being deployed, updated or removed): its operation owns it this pass.
+        let Ok(_g) = lock.try_lock() else {
+            return Ok(());
+        };
+        // Read again under the lock: the pass's list may be older than the last operation.
+        let Some(mut rec) = self.store.get(name)? else {
+            return Ok(());
+        };
+        if !matches!(rec.state, State::Running | State::Degraded) {
+            return Ok(());
+        }
+        let spec = match Spec::parse(&rec.yaml) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(deployment = %rec.name, "stored spec no longer parses: {e}");
+                return Ok(());
+            }
+        };
+        let mut changed = false;
+        let mut degraded = false;
+        // Every replica's node is asked at once: one slow node does not hold up the others.
+        let checks = rec.replicas.iter().map(|r| async {
+            match status.get(&r.node_id) {
+                Some(NodeStatus::Up) => self.replica_health(r).await,
+                Some(NodeStatus::Down) => (None, Some(format!("node {} is down", r.node_id))),
+                // Not in the pass's node list (placed after it was made): next pass.
+                None => (None, None),
+            }
+        });
+        let health = futures::future::join_all(checks).await;
+        for (i, (seen, why)) in health.into_iter().enumerate() {
+            if let Some((state, message)) = seen {
+                let r = &mut rec.replicas[i];
+                if state != r.state || message != r.message {
+                    (r.state, r.message) = (state, message);
+                    changed = true;
+                }
+            }
+            let r = rec.replicas[i].clone();
+            let Some(why) = why else { continue };
+            let Some(svc) = spec.services.get(&r.service) else {
+                continue;
+            };
+            match self.heal(&rec, &r, svc, &why).await {
+                Ok(new) => {
+                    rec.replicas[i] = new;
+                    self.replace(&mut rec, &[(r.contract_id, r.node_twin)])
+                        .await?;
+                    self.repoint_service(&mut rec, svc, &r.service).await;
+                    changed = true;
+                }
+                Err(e) => {
+                    if rec.state != State::Degraded {
+                        self.event(
+                            &rec.name,
+                            "heal-failed",
+                            format!("{}/{}: {why}; {e}", r.service, r.index),
+                        );
+                    }
+                    degraded = true;
+                }
+            }
+        }
+        // A route whose gateway node is down moves to another gateway (its URL changes with
+        // the gateway's domain and address).
+        for j in 0..rec.routes.len() {
+            let old = rec.routes[j].clone();
+            if status.get(&old.node_id) != Some(&NodeStatus::Down) {
+                continue;
+            }
+            let journal = self.journal(&rec.name);
+            match self
+                .make_route(&journal, &old.service, &old.name, old.backends.clone())
+                .await
+            {
+                Ok(mut new) => {
+                    new.name_contract = old.name_contract;
+                    self.event(
+                        &rec.name,
+                        "gateway-moved",
+                        format!(
+                            "gateway node {} is down; {} is now served at {} by node {}",
+                            old.node_id, old.name, new.url, new.node_id
+                        ),
+                    );
+                    rec.routes[j] = new;
+                    self.replace(&mut rec, &[(old.contract_id, old.node_twin)])
+                        .await?;
+                    changed = true;
+                }
+                Err(e) => {
+                    // Said once, when the deployment turns degraded; retried every pass.
+                    if rec.state != State::Degraded {
+                        self.event(
+                            &rec.name,
+                            "heal-failed",
+                            format!("gateway node {} is down; {e}", old.node_id),
+                        );
+                    }
+                    degraded = true;
+                }
+            }
+        }
+        let state = if degraded {
+            State::Degraded
+        } else {
+            State::Running
+        };
+        if changed || state != rec.state {
+            rec.state = state;
+            rec.updated_at = now_millis();
+            rec.made.clear();
+            self.store.put(&rec)?;
+        }
+        Ok(())
+    }
+
+    /// Stores `rec` (which now holds the replacement) and, in the same transaction, queues the
+    /// cancel of what it replaced; then cancels it.
+    async fn replace(
+        &self,
+        rec: &mut Record,
+        gone: &[(ContractId, TwinId)],
+    ) -> Result<(), BotError> {
+        rec.made.clear();
+        rec.updated_at = now_millis();
+        self.store.put_with_cancels(rec, gone)?;
+        tfgrid_core::faults::crash_point("bot-heal-after-commit");
+        self.cancel_all(gone).await;
+        Ok(())
+    }
+
+    /// Asks the node how the replica is: its container's state and message as the node reports
+    /// them, and a reason to heal when the container gave up restarting or the node no longer has
+    /// the deployment. A node that does not answer gives neither (the registry decides on it).
+    async fn replica_health(&self, r: &Replica) -> (Option<(String, String)>, Option<String>) {
+        let info: Result<DeploymentInfo, _> = self
+            .peer
+            .call_json(
+                r.node_twin,
+                node_api::GET,
+                &ContractRef {
+                    contract_id: r.contract_id,
+                },
+                Duration::from_secs(2),
+            )
+            .await;
+        match info {
+            Err(e) if e.to_string().contains("not found") => (
+                None,
+                Some(format!("node {} no longer has the deployment", r.node_id)),
+            ),
+            Err(_) => (None, None),
+            Ok(info) => {
+                let Some(res) = info.results.get(&wname(&r.service)) else {
+                    return (None, None);
+                };
+                let why = (res.state == ResultState::Error && res.message.contains("gave up"))
+                    .then(|| format!("container failed: {}", res.message));
+                (
+                    Some((
+                        format!("{:?}", res.state).to_lowercase(),
+                        res.message.clone(),
+                    )),
+                    why,
+                )
+            }
+        }
+    }
+
+    /// Deploys a replacement for `old` on another node. The caller stores it and cancels `old`.
+    async fn heal(
+        &self,
+        rec: &Record,
+        old: &Replica,
+        svc: &Service,
+        why: &str,
+    ) -> Result<Replica, String> {
+        let t0 = Instant::now();
+        let nodes = self.all_nodes().await.map_err(|e| e.to_string())?;
+        let mut sched = Scheduler::new(nodes.iter().map(Candidate::from));
+        let used: Vec<NodeId> = rec
+            .replicas
+            .iter()
+            .filter(|r| r.service == old.service && r.contract_id != old.contract_id)
+            .map(|r| r.node_id)
+            .collect();
+        let exclude: HashSet<NodeId> = [old.node_id].into();
+        let want = Self::want(svc).map_err(|e| e.to_string())?;
+        let target = sched
+            .place(
+                &format!("service {}", old.service),
+                &want,
+                1,
+                &used,
+                &exclude,
+            )
+            .map_err(|e| e.message)?[0];
+        let node = sched.node(target).cloned().expect("placed on a known node");
+        let journal = self.journal(&rec.name);
+        let new = self
+            .deploy_replica(&journal, &rec.name, &old.service, old.index, svc, &node)
+            .await?;
+        self.event(
+            &rec.name,
+            "healed",
+            format!(
+                "{}/{}: {why}; redeployed on node {} at {} in {} ms",
+                old.service,
+                old.index,
+                new.node_id,
+                new.ip,
+                t0.elapsed().as_millis()
+            ),
+        );
+        Ok(new)
+    }
+
+    /// Reconciles every `period` until the task is dropped; retries queued cancels every pass and
+    /// sweeps orphaned contracts every [`SWEEP_EVERY`] passes.
+    pub async fn run_reconciler(self: std::sync::Arc<Self>, period: Duration) {
+        let mut pass = 0u32;
+        loop {
+            tokio::time::sleep(period).await;
+            if let Err(e) = self.reconcile().await {
+                tracing::warn!("reconcile: {e}");
+            }
+            self.retry_cancels().await;
+            pass = pass.wrapping_add(1);
+            if pass.is_multiple_of(SWEEP_EVERY) {
+                if let Err(e) = self.sweep_orphans().await {
+                    tracing::warn!("orphan sweep: {e}");
+                }
+            }
+        }
+    }
+}
