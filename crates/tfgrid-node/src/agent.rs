@@ -269,6 +269,8 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
     };
     let store = Store::open(&cfg.data.join("node.redb"))?;
     let engine = Arc::new(Engine::new(node_id, total, client.clone(), store, kinds));
+    // A contract cancelled while the agent was down is removed, not brought back first.
+    sweep_cancelled(&engine, &client).await;
     engine
         .recover()
         .await

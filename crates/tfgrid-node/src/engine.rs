@@ -353,6 +353,7 @@ impl Engine {
             })
             .collect();
         self.store.put_deployment(&d, &init)?;
+        tfgrid_core::faults::crash_point("node-during-deploy");
         for w in ordered(&d) {
             self.apply(&d, w, Op::Provision).await?;
         }

@@ -1,6 +1,7 @@
-//! `tfgrid up`: a whole grid on this machine. The registry and relay run in this process; a local
+//! `tfgrid up`: a whole grid on this machine. The relay runs in this process; the registry, a local
 //! image registry (Debian's docker-registry, with an example image), the node agents (one of them a
-//! gateway) and your bot run as child processes with their logs in `<data>/logs`. Ctrl-C stops
+//! gateway) and your bot run as child processes with their logs in `<data>/logs` (each its own
+//! process, so each can fail on its own as on separate machines). Ctrl-C stops
 //! them all and the workloads the nodes ran; the data stays, and the next `up` brings it back.
 
 use anyhow::{bail, Context, Result};
@@ -12,7 +13,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tfgrid_core::tx::{Call, Outcome};
 use tfgrid_core::Identity;
-use tfgrid_registry::{Registry, RegistryConfig};
 use tfgrid_registry_client::{RegistryClient, TwinSigner};
 
 #[derive(Args)]
@@ -127,43 +127,60 @@ pub async fn up(a: UpArgs) -> Result<()> {
     let data = std::path::absolute(&a.data)?;
     let logs = data.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
-    let config = RegistryConfig {
-        down_after_ms: a.down_after_ms,
-        ..Default::default()
+    let registry_args: Vec<String> = [
+        "registry",
+        "--data",
+        &data.join("registry").to_string_lossy(),
+        "--listen",
+        &a.registry_listen.to_string(),
+        "--down-after-ms",
+        &a.down_after_ms.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (registry, line) = spawn("registry", &registry_args, &logs)
+        .with_context(|| format!("is another grid using {}?", a.registry_listen))?;
+    let url = line
+        .strip_prefix("registry listening on ")
+        .unwrap_or_default()
+        .to_string();
+    let registry_line = format!("{:<10} pid {:<7} {line}", "registry", registry.child.id());
+    let mut procs: Vec<Proc> = vec![registry];
+    let (relay_url, relay_twin, relay_server, relay_stop) = match crate::bus_cmd::start_relay(
+        a.relay_listen,
+        None,
+        &data.join("relay.key"),
+        &url,
+    )
+    .await
+    {
+        Ok(v) => v,
+        Err(e) => {
+            terminate(&mut procs);
+            return Err(e);
+        }
     };
-    let registry = Registry::open(&data.join("registry"), config)?;
-    let listener = tokio::net::TcpListener::bind(a.registry_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "binding the registry to {} (is another grid running?)",
-                a.registry_listen
-            )
-        })?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(registry.serve(listener, async {
-        let _ = stop_rx.await;
-    }));
-    let (relay_url, relay_twin, relay_server, relay_stop) =
-        crate::bus_cmd::start_relay(a.relay_listen, None, &data.join("relay.key"), &url).await?;
 
     let key_path = data.join("user.key");
     let (id, created) = Identity::load_or_generate(&key_path)?;
     let client = RegistryClient::new(&url);
     let signer = TwinSigner::new(id, client.clone());
-    let twin = tfgrid_bus::peer::ensure_registered(&signer, &relay_url)
-        .await
-        .context("registering your twin")?;
+    let twin = match tfgrid_bus::peer::ensure_registered(&signer, &relay_url).await {
+        Ok(t) => t,
+        Err(e) => {
+            terminate(&mut procs);
+            return Err(anyhow::Error::from(e).context("registering your twin"));
+        }
+    };
 
-    let mut procs: Vec<Proc> = Vec::new();
     // Held until the grid stops: dropping it stops docker-registry.
     let mut oci = None;
     let result = start_children(
         &a, &data, &logs, &url, &relay_url, &signer, twin, &mut procs, &mut oci,
     )
     .await;
-    let (images, node_lines, bot_url, bot_args) = match result {
+    let (images, mut node_lines, bot_url, bot_args) = match result {
         Ok(v) => v,
         Err(e) => {
             terminate(&mut procs);
@@ -172,6 +189,7 @@ pub async fn up(a: UpArgs) -> Result<()> {
         }
     };
 
+    node_lines.insert(0, registry_line);
     println!("tfgrid local grid is up");
     println!("  registry   {url}");
     println!("  relay      {relay_url}   (twin {relay_twin})");
@@ -217,8 +235,6 @@ pub async fn up(a: UpArgs) -> Result<()> {
     drop(oci);
     relay_stop.stop();
     relay_server.abort();
-    let _ = stop_tx.send(());
-    server.await??;
     println!("stopped");
     Ok(())
 }

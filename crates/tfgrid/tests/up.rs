@@ -5,198 +5,13 @@
 //! dashboard rendered in headless Chromium; Ctrl-C stopping everything.
 
 mod common;
+mod grid;
 use common::{have, is_root};
-use std::io::{BufRead, BufReader};
+use grid::*;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_tfgrid");
-
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// Why a test of a full grid cannot run here, if it cannot.
-fn grid_skip() -> Option<String> {
-    if !is_root() {
-        return Some("tfgrid up runs nodes, which need root".into());
-    }
-    ["runc", "docker-registry", "busybox", "curl"]
-        .into_iter()
-        .find(|c| !have(c))
-        .map(|c| format!("{c} is not installed"))
-}
-
-struct Grid {
-    child: Child,
-    data: PathBuf,
-    bot: String,
-    gateway: SocketAddr,
-    image: String,
-    /// node id -> agent pid
-    node_pids: Vec<(u32, u32)>,
-    bot_pid: u32,
-    lines: Vec<String>,
-}
-
-impl Drop for Grid {
-    fn drop(&mut self) {
-        // SIGINT, as Ctrl-C: up stops its children and their workloads.
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let t0 = Instant::now();
-        while self.child.try_wait().ok().flatten().is_none()
-            && t0.elapsed() < Duration::from_secs(15)
-        {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn up(dir: &Path) -> Grid {
-    up_with(dir, free_port(), &[])
-}
-
-fn up_with(dir: &Path, gw: SocketAddr, extra: &[&str]) -> Grid {
-    let data = dir.join("grid");
-    let (bot, images) = (free_port(), free_port());
-    let mut child = Command::new(BIN)
-        .args(["up", "--data"])
-        .arg(&data)
-        .args([
-            "--registry-listen",
-            "127.0.0.1:0",
-            "--relay-listen",
-            "127.0.0.1:0",
-        ])
-        .args([
-            "--bot-listen",
-            &bot.to_string(),
-            "--gateway-listen",
-            &gw.to_string(),
-        ])
-        .args(["--images-listen", &images.to_string()])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.join("up.stderr")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut lines = Vec::new();
-    let mut line = String::new();
-    while out.read_line(&mut line).unwrap() > 0 {
-        lines.push(line.trim().to_string());
-        line.clear();
-        if lines.last().unwrap().starts_with("Ctrl-C stops the grid") {
-            break;
-        }
-    }
-    assert!(
-        lines.iter().any(|l| l.starts_with("Ctrl-C")),
-        "up did not come up: {lines:?} {}",
-        std::fs::read_to_string(dir.join("up.stderr")).unwrap_or_default()
-    );
-    // Keep reading stdout so up never blocks on a full pipe.
-    std::thread::spawn(move || {
-        let mut sink = String::new();
-        while out.read_line(&mut sink).unwrap_or(0) > 0 {
-            sink.clear();
-        }
-    });
-    let field = |prefix: &str| -> String {
-        lines
-            .iter()
-            .find_map(|l| l.strip_prefix(prefix))
-            .unwrap_or_else(|| panic!("no {prefix:?} line in {lines:?}"))
-            .trim()
-            .to_string()
-    };
-    let dashboard = field("dashboard");
-    let image = field("images")
-        .split("example image ")
-        .nth(1)
-        .unwrap()
-        .trim_end_matches(')')
-        .to_string();
-    let mut node_pids = Vec::new();
-    let mut bot_pid = 0;
-    for l in &lines {
-        let w: Vec<&str> = l.split_whitespace().collect();
-        if w.len() > 4 && w[0].starts_with("node") && w[1] == "pid" {
-            node_pids.push((w[4].parse().unwrap(), w[2].parse().unwrap()));
-        }
-        if w.len() > 2 && w[0] == "bot" && w[1] == "pid" {
-            bot_pid = w[2].parse().unwrap();
-        }
-    }
-    assert_eq!(node_pids.len(), 3, "{lines:?}");
-    Grid {
-        child,
-        data,
-        bot: dashboard.trim_end_matches('/').to_string(),
-        gateway: gw,
-        image,
-        node_pids,
-        bot_pid,
-        lines,
-    }
-}
-
-fn cli(g: &Grid, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .args(["--bot", &g.bot])
-        .output()
-        .unwrap()
-}
-
-fn ok(o: Output) -> String {
-    assert!(
-        o.status.success(),
-        "failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn inspect(g: &Grid, name: &str) -> serde_json::Value {
-    serde_json::from_str(&ok(cli(g, &["inspect", name, "--json"]))).unwrap()
-}
-
-fn fetch(gw: SocketAddr, host: &str) -> Option<(u16, String)> {
-    let out = Command::new("curl")
-        .args(["-s", "-m", "3", "-o", "-", "-w", "\n%{http_code}", "-H"])
-        .arg(format!("Host: {host}"))
-        .arg(format!("http://{gw}/"))
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n')?;
-    Some((code.parse().ok()?, body.to_string()))
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn spec_file(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
 #[test]
 fn up_deploys_heals_and_removes_through_the_cli() {
@@ -632,7 +447,7 @@ fn a_dead_gateway_node_is_replaced_by_another() {
     }
     let dir = tempfile::tempdir().unwrap();
     let gw = free_pair();
-    let g = up_with(dir.path(), gw, &["--gateways", "2"]);
+    let g = up_with(dir.path(), gw, &["--gateways", "2"], &[]);
     let second = SocketAddr::new(gw.ip(), gw.port() + 1);
     assert!(
         g.lines
