@@ -876,6 +876,50 @@ async fn container_served_through_the_gateway_survives_an_agent_kill_and_is_remo
             .any(|l| l.contains(veth_prefix) && l.contains(&format!("master {bridge}"))),
         "a veth is left on {bridge}: {links}"
     );
+
+    // A contract cancelled while its agent is down: the restarted agent removes it before it
+    // recovers anything (it is gone by the time the agent is ready), never brings it back first.
+    let mut d = deployment(
+        g.user_twin,
+        vec![("web", container(&image, None, 1, 64 * MIB))],
+    );
+    d.description = "cancelled while the agent is down".into();
+    g.signer()
+        .submit(Call::CancelContract { contract_id: id })
+        .await
+        .unwrap();
+    let info = g.deploy(&node, d).await.unwrap();
+    let id2 = info.deployment.contract_id;
+    assert_eq!(info.results["web"].state, ResultState::Ok);
+    node.proc.kill9();
+    g.signer()
+        .submit(Call::CancelContract { contract_id: id2 })
+        .await
+        .unwrap();
+    let node = g.start_node_with(args.clone(), "n1");
+    let key2 = format!("c{id2}-web");
+    let out = Command::new("runc")
+        .arg("--root")
+        .arg(&runtime_root)
+        .args(["list", "-q"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(&key2),
+        "the cancelled contract's container runs after the restart"
+    );
+    assert_eq!(
+        leftovers(g.dir.path(), &node.bridge(), &key2),
+        Vec::<String>::new()
+    );
+    let log = std::fs::read_to_string(&node.log).unwrap();
+    let recovered = log
+        .lines()
+        .any(|l| l.contains("recovered") && l.contains(&format!("contract={id2}")));
+    assert!(
+        !recovered,
+        "the cancelled contract was recovered first: {log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
