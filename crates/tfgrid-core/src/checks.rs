@@ -181,7 +181,8 @@ pub fn image_ref(r: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn host_port(h: &str) -> Result<(), String> {
+/// `host[:port]` or `[ipv6][:port]`, as in URLs and image references.
+pub fn host_port(h: &str) -> Result<(), String> {
     let (host, port) = if let Some(rest) = h.strip_prefix('[') {
         let (ip, after) = rest
             .split_once(']')
@@ -216,6 +217,25 @@ fn host_port(h: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A relay address in a twin's record: `ws://` or `wss://` with a host, or empty (no relay). Other
+/// peers and relays dial it, so nothing else (`javascript:`, `file:`, a bare word) is taken.
+pub fn relay_url(u: &str) -> Result<(), String> {
+    if u.is_empty() {
+        return Ok(());
+    }
+    let rest = u
+        .strip_prefix("ws://")
+        .or_else(|| u.strip_prefix("wss://"))
+        .ok_or_else(|| format!("relay address {u:?} must start with ws:// or wss://"))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.is_empty() || authority.contains('@') {
+        return Err(format!(
+            "relay address {u:?} must name a host (and no user)"
+        ));
+    }
+    host_port(authority).map_err(|e| format!("relay address {u:?}: {e}"))
 }
 
 #[cfg(test)]
@@ -253,6 +273,30 @@ mod tests {
             "[zz]:5000/web",
         ] {
             assert!(image_ref(bad).is_err(), "{bad:?} passed");
+        }
+    }
+
+    #[test]
+    fn relay_urls() {
+        for good in [
+            "",
+            "ws://127.0.0.1:9000/",
+            "wss://relay.example.org",
+            "ws://[::1]:9000/x",
+        ] {
+            relay_url(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        for bad in [
+            "javascript:alert(1)",
+            "http://x",
+            "ws://",
+            "ws:///x",
+            "ws://a@b",
+            "ws://h:99999/",
+            "ws://bad host/",
+            "file:///etc/passwd",
+        ] {
+            assert!(relay_url(bad).is_err(), "{bad:?} passed");
         }
     }
 

@@ -16,6 +16,12 @@ use tfgrid_core::tx::{SignedTx, BINARY_CONTENT_TYPE};
 use tfgrid_core::{now_millis, PublicKey};
 
 const MAX_BATCH_TXS: usize = 10_000;
+/// A batch of MAX_BATCH_TXS transactions in JSON is about 5 MB; one transaction far less.
+const MAX_BATCH_BODY: usize = 16 << 20;
+const MAX_TX_BODY: usize = 256 << 10;
+/// Longer request lines and header blocks are refused (414, 431) before any handler runs.
+const MAX_URI: usize = 8 << 10;
+const MAX_HEADERS: usize = 32 << 10;
 
 pub struct ApiError(StatusCode, ErrorBody);
 
@@ -64,8 +70,14 @@ type Result<T> = std::result::Result<T, ApiError>;
 
 pub fn router(ledger: Arc<Ledger>) -> Router {
     Router::new()
-        .route("/tx", post(submit))
-        .route("/txs", post(submit_batch))
+        .route(
+            "/tx",
+            post(submit).layer(axum::extract::DefaultBodyLimit::max(MAX_TX_BODY)),
+        )
+        .route(
+            "/txs",
+            post(submit_batch).layer(axum::extract::DefaultBodyLimit::max(MAX_BATCH_BODY)),
+        )
         .route("/health", get(|| async { "ok" }))
         .route("/config", get(config))
         .route("/stats", get(stats))
@@ -78,7 +90,53 @@ pub fn router(ledger: Arc<Ledger>) -> Router {
         .route("/nodes/{id}", get(node))
         .route("/contracts", get(contracts))
         .route("/contracts/{id}", get(contract))
+        .layer(axum::middleware::from_fn(limits))
         .with_state(ledger)
+}
+
+/// Every refusal is the documented `{error, message}` JSON, also the ones about the request's
+/// size: the request line and headers are measured here, and a body over its route's limit
+/// (which the extractor answers as plain text) is turned into JSON on the way out. (Lines and
+/// headers past hyper's own buffer, about 400 KB, are refused by hyper before this runs.)
+async fn limits(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let uri = req.uri().to_string().len();
+    if uri > MAX_URI {
+        return ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            "too_large",
+            format!("the request target is {uri} bytes; at most {MAX_URI} are accepted"),
+        )
+        .into_response();
+    }
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if headers > MAX_HEADERS {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "too_large",
+            format!("the request headers are {headers} bytes; at most {MAX_HEADERS} are accepted"),
+        )
+        .into_response();
+    }
+    let path = req.uri().path().to_string();
+    let resp = next.run(req).await;
+    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        let limit = if path == "/txs" {
+            MAX_BATCH_BODY
+        } else {
+            MAX_TX_BODY
+        };
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the request body is over {limit} bytes, the limit of {path}"),
+        )
+        .into_response();
+    }
+    resp
 }
 
 fn parse_tx(headers: &HeaderMap, body: &[u8]) -> Result<SignedTx> {

@@ -131,6 +131,13 @@ impl State {
                 last,
             });
         }
+        // Gaps are fine, but one far ahead (u64::MAX, say) would leave the key no nonce to use.
+        if tx.nonce - last > MAX_NONCE_GAP {
+            return Err(malformed(format!(
+                "nonce {} is more than {MAX_NONCE_GAP} past this key's last nonce {last}: it would use up the key's nonces",
+                tx.nonce
+            )));
+        }
         let signer_twin = self.twin_by_key.get(&tx.signer).copied();
         let outcome = match &tx.call {
             Call::CreateTwin { relay, enc_key } => {
@@ -680,6 +687,9 @@ fn malformed(msg: impl Into<String>) -> TxError {
     TxError::Malformed(msg.into())
 }
 
+/// How far past its last nonce a key may jump in one transaction.
+pub const MAX_NONCE_GAP: u64 = 1 << 20;
+
 fn check_relay(relay: &str) -> Result<(), TxError> {
     if relay.len() > 256 {
         return Err(malformed("relay address longer than 256 bytes"));
@@ -689,7 +699,7 @@ fn check_relay(relay: &str) -> Result<(), TxError> {
             "relay address {relay:?} contains whitespace or control characters"
         )));
     }
-    Ok(())
+    tfgrid_core::checks::relay_url(relay).map_err(malformed)
 }
 
 /// A name of `len` characters each allowed by `ok`; `rule` says what is allowed, for the error.

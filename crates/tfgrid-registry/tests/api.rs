@@ -113,6 +113,133 @@ async fn replay_and_stale_nonces_are_refused() {
     assert_eq!(g.client.twin(1).await.unwrap().relay, "ws://x");
 }
 
+/// A nonce far ahead (u64::MAX) would leave a key no nonce to sign with: refused, and the key
+/// goes on working.
+#[tokio::test]
+async fn a_nonce_that_would_use_up_the_key_is_refused() {
+    let g = start_default().await;
+    let mut a = Actor::new();
+    a.twin(&g).await;
+    let upd = |n: u64| {
+        SignedTx::new(
+            &a.id,
+            n,
+            Call::UpdateTwin {
+                relay: "ws://x".into(),
+                enc_key: None,
+            },
+        )
+    };
+    assert_refused(
+        g.client.submit(&upd(u64::MAX)).await,
+        400,
+        "malformed",
+        "use up",
+    );
+    assert_refused(
+        g.client.submit(&upd(2 + (1 << 20))).await,
+        400,
+        "malformed",
+        "past",
+    );
+    g.client.submit(&upd(2 + 1000)).await.unwrap();
+    assert_eq!(
+        g.client.account(&a.id.public_key()).await.unwrap().nonce,
+        1002
+    );
+}
+
+/// A twin's relay is dialled by others: only ws:// and wss:// addresses of a host are taken.
+#[tokio::test]
+async fn relay_addresses_must_be_websocket_urls() {
+    let g = start_default().await;
+    let mut a = Actor::new();
+    a.twin(&g).await;
+    for bad in [
+        "javascript:alert(1)",
+        "http://x",
+        "ws://",
+        "file:///etc/passwd",
+        "ws://h:70000/",
+    ] {
+        let r = a
+            .send(
+                &g,
+                Call::UpdateTwin {
+                    relay: bad.into(),
+                    enc_key: None,
+                },
+            )
+            .await;
+        assert_refused(r, 400, "malformed", "relay address");
+    }
+    let r = Actor::new()
+        .send(
+            &g,
+            Call::CreateTwin {
+                relay: "javascript:x".into(),
+                enc_key: None,
+            },
+        )
+        .await;
+    assert_refused(r, 400, "malformed", "ws://");
+    assert_eq!(g.client.twin(1).await.unwrap().relay, "ws://127.0.0.1:1");
+}
+
+/// Requests too large in any part are refused with the documented JSON, and a full batch of
+/// 10,000 transactions fits.
+#[tokio::test]
+async fn oversized_requests_get_json_errors_and_a_full_batch_fits() {
+    let g = start_default().await;
+    let http = reqwest::Client::new();
+    let json_error = |r: reqwest::Response, status: u16| async move {
+        assert_eq!(r.status(), status);
+        let e: tfgrid_core::records::ErrorBody = r.json().await.expect("a JSON error body");
+        assert_eq!(e.error, "too_large", "{}", e.message);
+    };
+    let r = http
+        .post(format!("{}/tx", g.url))
+        .body(vec![b' '; 300 << 10])
+        .send()
+        .await
+        .unwrap();
+    json_error(r, 413).await;
+    let r = http
+        .get(format!("{}/nodes?{}", g.url, "x".repeat(10_000)))
+        .send()
+        .await
+        .unwrap();
+    json_error(r, 414).await;
+    let r = http
+        .get(format!("{}/stats", g.url))
+        .header("x-big", "y".repeat(40_000))
+        .send()
+        .await
+        .unwrap();
+    json_error(r, 431).await;
+
+    let mut a = Actor::new();
+    let mut txs = vec![a.sign(Call::CreateTwin {
+        relay: String::new(),
+        enc_key: None,
+    })];
+    for i in 0..9_999 {
+        txs.push(a.sign(Call::UpdateTwin {
+            relay: format!("ws://relay{i}.example:443/"),
+            enc_key: None,
+        }));
+    }
+    let out = g.client.submit_batch(&txs).await.unwrap();
+    assert_eq!(out.len(), 10_000);
+    assert!(out
+        .iter()
+        .all(|r| matches!(r, tfgrid_registry_client::BatchResult::Ok(_))));
+    assert_eq!(
+        g.client.twin(1).await.unwrap().relay,
+        "ws://relay9998.example:443/"
+    );
+}
+
 #[tokio::test]
 async fn bad_signatures_are_refused_and_change_nothing() {
     let g = start_default().await;
