@@ -33,9 +33,13 @@ pub async fn open(
     id: &Identity,
     twin: TwinId,
 ) -> Result<(SplitSink<Ws, Message>, SplitStream<Ws>, TwinId), BusError> {
-    let (ws, _) = tokio_tungstenite::connect_async(url)
-        .await
-        .map_err(|e| BusError::Auth(format!("connect {url}: {e}")))?;
+    let (ws, _) = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::connect_async(url),
+    )
+    .await
+    .map_err(|_| BusError::Auth(format!("connect {url}: no answer within 5 s")))?
+    .map_err(|e| BusError::Auth(format!("connect {url}: {e}")))?;
     let (mut sink, mut stream) = ws.split();
     let (nonce, relay_twin) = match next_frame(&mut stream).await? {
         Frame::Challenge { nonce, relay_twin } => (nonce, relay_twin),

@@ -8,7 +8,7 @@ use crate::frame::{self, Frame};
 use crate::twins::TwinCache;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use futures_util::{SinkExt, StreamExt};
@@ -22,7 +22,19 @@ use tokio::sync::{mpsc, watch};
 /// Frames waiting for one connection. A full queue means that side is not keeping up: what is
 /// routed to it then is refused with an error instead of piling up in the relay's memory.
 pub const QUEUE: usize = 1024;
-const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection must authenticate this soon after the challenge, or it is closed.
+const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most this many connections may wait to authenticate at once; more are refused (503), so
+/// unauthenticated sockets cannot hold the relay's memory.
+pub const MAX_UNAUTHENTICATED: usize = 256;
+/// Dialling another relay (TCP, websocket upgrade, challenge and auth) must finish this soon.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a failed dial, envelopes for that relay are refused at once for this long.
+const DIAL_BACKOFF: Duration = Duration::from_secs(5);
+/// The largest websocket message (an envelope); bus payloads are far smaller.
+const MAX_MESSAGE: usize = 4 << 20;
+/// Per-connection socket buffers: small, since most connections are idle twins.
+const SOCKET_BUFFER: usize = 16 << 10;
 
 pub struct RelayConfig {
     pub identity: Identity,
@@ -34,11 +46,20 @@ pub struct RelayConfig {
     pub tap: Option<mpsc::UnboundedSender<Envelope>>,
 }
 
+type Sessions = HashMap<TwinId, Vec<(u64, mpsc::Sender<Frame>)>>;
+
 struct Relay {
     cfg: RelayConfig,
     twins: TwinCache,
-    sessions: std::sync::RwLock<HashMap<TwinId, (u64, mpsc::Sender<Frame>)>>,
-    links: tokio::sync::Mutex<HashMap<String, mpsc::Sender<Frame>>>,
+    /// Every session of each twin, oldest first: one key may be connected several times (a bot,
+    /// and a `tfgrid bus ping` with the same key), and none takes over another.
+    sessions: std::sync::RwLock<Sessions>,
+    /// Open links to other relays. Never held across a dial: see `dialing`.
+    links: std::sync::Mutex<HashMap<String, mpsc::Sender<Frame>>>,
+    /// One dial at a time per relay URL (callers for that URL wait for it; others do not), and
+    /// when the last dial failed.
+    dialing: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<std::time::Instant>>>>>,
+    unauthenticated: Arc<tokio::sync::Semaphore>,
     stop: watch::Receiver<bool>,
 }
 
@@ -66,6 +87,8 @@ pub fn router(cfg: RelayConfig) -> (Router, RelayStop) {
         twins,
         sessions: Default::default(),
         links: Default::default(),
+        dialing: Default::default(),
+        unauthenticated: Arc::new(tokio::sync::Semaphore::new(MAX_UNAUTHENTICATED)),
         stop,
     });
     (
@@ -75,11 +98,22 @@ pub fn router(cfg: RelayConfig) -> (Router, RelayStop) {
 }
 
 async fn upgrade(State(r): State<Arc<Relay>>, ws: WebSocketUpgrade) -> Response {
-    ws.on_upgrade(move |socket| async move {
-        if let Err(e) = r.session(socket).await {
-            tracing::debug!("relay session ended: {e}");
-        }
-    })
+    let Ok(permit) = r.unauthenticated.clone().try_acquire_owned() else {
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!("{MAX_UNAUTHENTICATED} connections are waiting to authenticate; try again"),
+        )
+            .into_response();
+    };
+    ws.read_buffer_size(SOCKET_BUFFER)
+        .write_buffer_size(SOCKET_BUFFER)
+        .max_message_size(MAX_MESSAGE)
+        .max_frame_size(MAX_MESSAGE)
+        .on_upgrade(move |socket| async move {
+            if let Err(e) = r.session(socket, permit).await {
+                tracing::debug!("relay session ended: {e}");
+            }
+        })
 }
 
 fn norm_url(u: &str) -> &str {
@@ -87,7 +121,11 @@ fn norm_url(u: &str) -> &str {
 }
 
 impl Relay {
-    async fn session(self: Arc<Self>, ws: WebSocket) -> Result<(), String> {
+    async fn session(
+        self: Arc<Self>,
+        ws: WebSocket,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<(), String> {
         let (mut sink, mut stream) = ws.split();
         let mut nonce = [0u8; 32];
         getrandom::getrandom(&mut nonce).map_err(|e| e.to_string())?;
@@ -104,7 +142,13 @@ impl Relay {
         let twin = match auth {
             Some(Ok(Message::Binary(b))) => match Frame::from_bytes(&b) {
                 Ok(Frame::Auth { twin, signature }) => {
-                    match self.check_auth(twin, &nonce, &signature).await {
+                    let checked = tokio::time::timeout(
+                        AUTH_TIMEOUT,
+                        self.check_auth(twin, &nonce, &signature),
+                    )
+                    .await
+                    .unwrap_or_else(|_| Err("the twin lookup timed out".into()));
+                    match checked {
                         Ok(()) => twin,
                         Err(e) => {
                             let _ = sink
@@ -118,12 +162,15 @@ impl Relay {
             },
             _ => return Err("connection closed before auth".into()),
         };
+        drop(permit);
         let (tx, mut rx) = mpsc::channel::<Frame>(QUEUE);
         let session_id = random_id();
         self.sessions
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(twin, (session_id, tx.clone()));
+            .entry(twin)
+            .or_default()
+            .push((session_id, tx.clone()));
         let _ = tx.send(Frame::Ready).await;
         tracing::debug!(twin, "twin connected");
         let writer = tokio::spawn(async move {
@@ -170,8 +217,11 @@ impl Relay {
         }
         {
             let mut s = self.sessions.write().unwrap_or_else(|p| p.into_inner());
-            if s.get(&twin).is_some_and(|(id, _)| *id == session_id) {
-                s.remove(&twin);
+            if let Some(v) = s.get_mut(&twin) {
+                v.retain(|(id, _)| *id != session_id);
+                if v.is_empty() {
+                    s.remove(&twin);
+                }
             }
         }
         writer.abort();
@@ -194,12 +244,19 @@ impl Relay {
             .map_err(|e| e.to_string())
     }
 
-    fn local(&self, twin: TwinId) -> Option<mpsc::Sender<Frame>> {
-        self.sessions
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&twin)
-            .map(|(_, tx)| tx.clone())
+    /// Where an envelope for a local twin goes: a request to the twin's newest session (a
+    /// restarted process takes over from a connection that may linger); an answer or error to
+    /// every session, since only the one that asked is waiting for it and the others drop it.
+    fn local(&self, env: &Envelope) -> Vec<mpsc::Sender<Frame>> {
+        let s = self.sessions.read().unwrap_or_else(|p| p.into_inner());
+        let Some(v) = s.get(&env.header.dst) else {
+            return Vec::new();
+        };
+        if env.header.reply_to.is_some() || matches!(env.body, Body::Error(_)) {
+            v.iter().map(|(_, tx)| tx.clone()).collect()
+        } else {
+            v.last().map(|(_, tx)| tx.clone()).into_iter().collect()
+        }
     }
 
     /// The signed error answering `env`, or `None` when `env` is itself an answer (answering
@@ -243,8 +300,9 @@ impl Relay {
             return self.reply_error(&env, "envelope expired before delivery", back);
         }
         let dst = env.header.dst;
-        if let Some(tx) = self.local(dst) {
-            return self.deliver(env, &tx, back);
+        let to = self.local(&env);
+        if !to.is_empty() {
+            return self.deliver(env, &to, back);
         }
         let record = match self.twins.get(dst).await {
             Ok(Some(r)) => r,
@@ -265,7 +323,10 @@ impl Relay {
         match self.link(&record.relay).await {
             Ok(link) => {
                 if link.try_send(Frame::Forward(env.clone())).is_err() {
-                    self.links.lock().await.remove(&record.relay);
+                    self.links
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&record.relay);
                     self.reply_error(
                         &env,
                         &format!("relay {} is not keeping up or went away", record.relay),
@@ -281,19 +342,29 @@ impl Relay {
         }
     }
 
-    fn deliver(&self, env: Envelope, to: &mpsc::Sender<Frame>, back: &mpsc::Sender<Frame>) {
+    /// Delivers to each of `to` (one session for a request, all for an answer); the sender hears
+    /// of a failure only when no session took it.
+    fn deliver(&self, env: Envelope, to: &[mpsc::Sender<Frame>], back: &mpsc::Sender<Frame>) {
         let dst = env.header.dst;
-        match to.try_send(Frame::Envelope(env)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(Frame::Envelope(env))) => self.reply_error(
-                &env,
-                &format!("twin {dst} is not keeping up (its queue of {QUEUE} is full)"),
-                back,
-            ),
-            Err(mpsc::error::TrySendError::Closed(Frame::Envelope(env))) => {
-                self.reply_error(&env, &format!("twin {dst} disconnected"), back)
+        let mut why = None;
+        let mut delivered = false;
+        for tx in to {
+            match tx.try_send(Frame::Envelope(env.clone())) {
+                Ok(()) => delivered = true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    why = Some(format!(
+                        "twin {dst} is not keeping up (its queue of {QUEUE} is full)"
+                    ))
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    why.get_or_insert(format!("twin {dst} disconnected"));
+                }
             }
-            Err(_) => {}
+        }
+        if !delivered {
+            if let Some(why) = why {
+                self.reply_error(&env, &why, back);
+            }
         }
     }
 
@@ -338,23 +409,22 @@ impl Relay {
             ),
             _ => env,
         };
-        match self.local(env.header.dst) {
-            Some(tx) => {
-                let dst = env.header.dst;
-                if tx.try_send(Frame::Envelope(env.clone())).is_err() {
-                    self.forward_error(
-                        &env,
-                        &format!("twin {dst} is not keeping up or disconnected"),
-                        back,
-                    );
-                }
-            }
+        let to = self.local(&env);
+        let dst = env.header.dst;
+        if to.is_empty() {
             // Our own twin answering through this link, or an error for a twin of ours.
-            None => self.forward_error(
+            return self.forward_error(&env, &format!("twin {dst} is not connected"), back);
+        }
+        let delivered = to
+            .iter()
+            .filter(|tx| tx.try_send(Frame::Envelope(env.clone())).is_ok())
+            .count();
+        if delivered == 0 {
+            self.forward_error(
                 &env,
-                &format!("twin {} is not connected", env.header.dst),
+                &format!("twin {dst} is not keeping up or disconnected"),
                 back,
-            ),
+            );
         }
     }
 
@@ -366,16 +436,53 @@ impl Relay {
         }
     }
 
-    /// The outbound link to another relay, opened on first use and authenticated as this relay's twin.
+    fn open_link(&self, url: &str) -> Option<mpsc::Sender<Frame>> {
+        let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        links.get(url).filter(|l| !l.is_closed()).cloned()
+    }
+
+    /// The outbound link to another relay, opened on first use and authenticated as this relay's
+    /// twin. A dial holds only its own URL's lock, never the links map: a relay address that
+    /// never answers (anyone can put one in their twin record) delays only envelopes to it, for
+    /// at most DIAL_TIMEOUT, and then for DIAL_BACKOFF they are refused at once.
     async fn link(self: &Arc<Self>, url: &str) -> Result<mpsc::Sender<Frame>, String> {
-        let mut links = self.links.lock().await;
-        if let Some(l) = links.get(url).filter(|l| !l.is_closed()) {
-            return Ok(l.clone());
+        if let Some(l) = self.open_link(url) {
+            return Ok(l);
         }
-        let (mut sink, mut stream, other) =
-            crate::peer::open(url, &self.cfg.identity, self.cfg.twin)
-                .await
-                .map_err(|e| e.to_string())?;
+        let slot = {
+            let mut d = self.dialing.lock().unwrap_or_else(|p| p.into_inner());
+            d.entry(url.to_string()).or_default().clone()
+        };
+        let mut last_failure = slot.lock().await;
+        // Another caller may have dialled while this one waited.
+        if let Some(l) = self.open_link(url) {
+            return Ok(l);
+        }
+        if let Some(at) = *last_failure {
+            if at.elapsed() < DIAL_BACKOFF {
+                return Err(format!(
+                    "the last dial failed {} ms ago; not retried yet",
+                    at.elapsed().as_millis()
+                ));
+            }
+        }
+        let dial = tokio::time::timeout(
+            DIAL_TIMEOUT,
+            crate::peer::open(url, &self.cfg.identity, self.cfg.twin),
+        )
+        .await;
+        let (mut sink, mut stream, other) = match dial {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                *last_failure = Some(std::time::Instant::now());
+                return Err(e.to_string());
+            }
+            Err(_) => {
+                *last_failure = Some(std::time::Instant::now());
+                return Err(format!("no answer within {} s", DIAL_TIMEOUT.as_secs()));
+            }
+        };
+        *last_failure = None;
         let (tx, mut rx) = mpsc::channel::<Frame>(QUEUE);
         tokio::spawn(async move {
             while let Some(f) = rx.recv().await {
@@ -407,7 +514,10 @@ impl Relay {
                 }
             }
         });
-        links.insert(url.to_string(), tx.clone());
+        self.links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(url.to_string(), tx.clone());
         Ok(tx)
     }
 }

@@ -551,3 +551,139 @@ async fn a_slow_consumer_does_not_stall_others() {
     }
     let _ = sender.await;
 }
+
+/// A twin whose record names a relay that accepts TCP and never answers: envelopes to it are
+/// refused within the dial timeout (and at once after that), and meanwhile traffic between other
+/// twins across the same relays goes on undisturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_address_that_never_answers_silences_nobody_else() {
+    let net = registry().await;
+    let r1 = start_relay(&net, None).await;
+    let r2 = start_relay(&net, None).await;
+    let (a, _) = peer(&net, &r1).await;
+    let (b, _) = peer(&net, &r2).await;
+    let (m, _) = peer(&net, &r1).await;
+    echo(&b);
+    // The black hole: accepts connections, reads nothing, says nothing.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_url = format!("ws://{}/", hole.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hole.accept().await {
+            held.push(s);
+        }
+    });
+    let victim = register(&net, &Identity::generate(), &hole_url, None).await;
+    // m keeps sending to the black hole while a and b talk across r1 and r2.
+    let m2 = Arc::new(m);
+    let sender = {
+        let m = m2.clone();
+        tokio::spawn(async move {
+            let t0 = std::time::Instant::now();
+            let first = m.call(victim, "echo", b"?", Duration::from_secs(20)).await;
+            (first, t0.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..20u32 {
+        let t0 = std::time::Instant::now();
+        let out = a
+            .call(b.twin(), "echo", format!("m{i}").as_bytes(), T)
+            .await
+            .unwrap();
+        assert_eq!(out, format!("M{i}").as_bytes());
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "a call waited {:?} behind the black hole",
+            t0.elapsed()
+        );
+    }
+    let (first, took) = sender.await.unwrap();
+    assert!(
+        matches!(&first, Err(BusError::Remote(e)) if e.contains("cannot reach relay")),
+        "{first:?}"
+    );
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    // Right after a failed dial, the next envelope is refused at once.
+    let t0 = std::time::Instant::now();
+    let again = m2.call(victim, "echo", b"?", T).await;
+    assert!(again.is_err());
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+}
+
+/// Two sessions of one twin (a bot and `tfgrid bus ping` with the same key): each gets the
+/// answers to its own calls, and when one goes the other stays reachable.
+#[tokio::test]
+async fn two_sessions_of_one_twin_coexist() {
+    let net = registry().await;
+    let relay = start_relay(&net, None).await;
+    let (first, id) = peer(&net, &relay).await;
+    let (b, _) = peer(&net, &relay).await;
+    echo(&b);
+    echo(&first);
+    let second = Peer::start(PeerConfig {
+        identity: id.clone(),
+        twin: first.twin(),
+        relay_url: relay.url.clone(),
+        registry: net.registry.clone(),
+    });
+    second.connected(T).await.unwrap();
+    for _ in 0..5 {
+        assert_eq!(
+            first.call(b.twin(), "echo", b"one", T).await.unwrap(),
+            b"ONE"
+        );
+        assert_eq!(
+            second.call(b.twin(), "echo", b"two", T).await.unwrap(),
+            b"TWO"
+        );
+    }
+    drop(second);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The first session is still the twin's: calls to it and from it go through.
+    assert_eq!(
+        b.call(first.twin(), "echo", b"still", T).await.unwrap(),
+        b"STILL"
+    );
+    assert_eq!(first.call(b.twin(), "echo", b"me", T).await.unwrap(), b"ME");
+}
+
+/// Connections that never authenticate are bounded and closed after the auth timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_connections_are_bounded_and_time_out() {
+    let net = registry().await;
+    let relay = start_relay(&net, None).await;
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..relay::MAX_UNAUTHENTICATED + 20 {
+        match tokio_tungstenite::connect_async(&relay.url).await {
+            Ok((ws, _)) => held.push(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                assert_eq!(r.status(), 503);
+                refused += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(held.len(), relay::MAX_UNAUTHENTICATED);
+    assert_eq!(refused, 20);
+    // Each is closed by the relay once its time to authenticate is up.
+    let mut closed = 0;
+    for ws in held.iter_mut() {
+        let end = tokio::time::timeout(Duration::from_secs(15), async {
+            while let Some(Ok(m)) = ws.next().await {
+                if matches!(m, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+        if end.is_ok() {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, relay::MAX_UNAUTHENTICATED);
+    // And the relay takes new twins again.
+    let (p, _) = peer(&net, &relay).await;
+    assert!(p.connected(T).await.is_ok());
+}
