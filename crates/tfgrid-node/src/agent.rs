@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tfgrid_bus::peer::ensure_registered;
 use tfgrid_bus::{Peer, PeerConfig};
+use tfgrid_core::capacity::human_bytes;
 use tfgrid_core::deployment::Deployment;
 use tfgrid_core::filter::NodeFilter;
 use tfgrid_core::records::PublicConfig;
@@ -82,7 +83,9 @@ impl Drop for RunningNode {
     }
 }
 
-/// What the node offers: discovery, with the operator's overrides applied.
+/// What the node offers: discovery, with the operator's overrides applied. Disk overrides never
+/// offer more than the data filesystem holds (SSD and HDD together, less the node's reserve):
+/// a contract must be able to get what it was sold.
 pub fn offered(d: &Discovered, cfg: &NodeConfig) -> Capacity {
     let mut c = d.offered();
     if let Some(v) = cfg.sru {
@@ -93,6 +96,19 @@ pub fn offered(d: &Discovered, cfg: &NodeConfig) -> Capacity {
     }
     if let Some(v) = cfg.mru {
         c.mru = v.min(d.memory);
+    }
+    let disk = d.disk.size.saturating_sub(crate::capacity::DISK_RESERVE);
+    if c.sru.saturating_add(c.hru) > disk {
+        let (sru, hru) = (c.sru.min(disk), c.hru.min(disk - c.sru.min(disk)));
+        tracing::warn!(
+            "offering sru {} and hru {} instead of {} and {}: the data filesystem holds {}",
+            human_bytes(sru),
+            human_bytes(hru),
+            human_bytes(c.sru),
+            human_bytes(c.hru),
+            human_bytes(d.disk.size)
+        );
+        (c.sru, c.hru) = (sru, hru);
     }
     c
 }
@@ -246,12 +262,10 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
         gateway_addr.map(|a| a.port()),
     );
     if let Some(l) = gateway_listener {
-        let app = crate::kinds::gateway::router(gateway.routes());
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(l, app).await {
-                tracing::error!("gateway proxy stopped: {e}");
-            }
-        }));
+        tasks.push(tokio::spawn(crate::kinds::proxy::serve(
+            l,
+            gateway.routes(),
+        )));
     }
     let kinds = Kinds {
         volume: Volume::new(cfg.data.join("volumes")),

@@ -99,6 +99,30 @@ fn cores() -> Result<u64, CapacityError> {
         })
 }
 
+/// Room the node keeps free on its data filesystem: its store (redb), logs and zdb must always
+/// be able to write, so pulls and volumes that would eat into it are refused up front.
+pub const DISK_RESERVE: u64 = 256 << 20;
+
+/// Bytes an unprivileged process may still write on the filesystem holding `path`.
+pub fn free_space(path: &Path) -> Result<u64, String> {
+    let v = nix::sys::statvfs::statvfs(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(v.blocks_available() * v.fragment_size())
+}
+
+/// Refuses when writing `need` more bytes under `path` would leave less than [`DISK_RESERVE`].
+pub fn check_room(path: &Path, need: u64, what: &str) -> Result<(), String> {
+    let free = free_space(path)?;
+    if free < need.saturating_add(DISK_RESERVE) {
+        return Err(format!(
+            "not enough disk for {what}: it needs {}, {} are free and {} stay reserved for the node",
+            tfgrid_core::capacity::human_bytes(need),
+            tfgrid_core::capacity::human_bytes(free),
+            tfgrid_core::capacity::human_bytes(DISK_RESERVE)
+        ));
+    }
+    Ok(())
+}
+
 fn mem_total(meminfo: &str) -> Result<u64, CapacityError> {
     let line = meminfo
         .lines()

@@ -177,8 +177,32 @@ impl Images {
     ) -> Result<(), String> {
         let blobs = self.dir.join("blobs");
         std::fs::create_dir_all(&blobs).map_err(|e| format!("{}: {e}", blobs.display()))?;
+        let gz = l.media_type.ends_with("gzip") || l.media_type.ends_with(".tar.gzip");
+        // The blob, then its unpacked files (a gzip layer unpacks to a few times its size).
+        let size = u64::try_from(l.size).unwrap_or(0);
+        let need = size.saturating_mul(if gz { 5 } else { 2 });
+        crate::capacity::check_room(&blobs, need, &format!("image layer {}", l.digest))?;
+        tfgrid_core::faults::crash_point("node-before-blob");
         let blob = blobs.join(l.digest.replace(':', "-"));
-        let file = tokio::fs::File::create(&blob)
+        let r = self.fetch_and_unpack(r, l, &blob, gz, dir).await;
+        // Whatever happened, the blob goes, and so does a half-unpacked layer: a failed pull
+        // (a full disk, a broken connection) leaves nothing behind.
+        let _ = std::fs::remove_file(&blob);
+        if r.is_err() {
+            let _ = std::fs::remove_dir_all(dir.with_extension("partial"));
+        }
+        r
+    }
+
+    async fn fetch_and_unpack(
+        &self,
+        r: &Reference,
+        l: &oci_client::manifest::OciDescriptor,
+        blob: &Path,
+        gz: bool,
+        dir: &Path,
+    ) -> Result<(), String> {
+        let file = tokio::fs::File::create(blob)
             .await
             .map_err(|e| format!("{}: {e}", blob.display()))?;
         // oci-client checks the blob against its digest while it streams it.
@@ -186,13 +210,11 @@ impl Images {
             .pull_blob(r, l, file)
             .await
             .map_err(|e| format!("pulling layer {}: {e}", l.digest))?;
-        let gz = l.media_type.ends_with("gzip") || l.media_type.ends_with(".tar.gzip");
-        let (blob2, dir2) = (blob.clone(), dir.to_path_buf());
-        let unpacked = tokio::task::spawn_blocking(move || unpack(&blob2, gz, &dir2))
+        let (blob2, dir2) = (blob.to_path_buf(), dir.to_path_buf());
+        tokio::task::spawn_blocking(move || unpack(&blob2, gz, &dir2))
             .await
-            .map_err(|e| format!("unpacking: {e}"))?;
-        let _ = std::fs::remove_file(&blob);
-        unpacked.map_err(|e| format!("unpacking layer {}: {}", l.digest, chain(&e)))
+            .map_err(|e| format!("unpacking: {e}"))?
+            .map_err(|e| format!("unpacking layer {}: {}", l.digest, chain(&e)))
     }
 }
 

@@ -49,8 +49,13 @@ impl Proc {
 /// Starts `tfgrid args...` and waits for its first stdout line (each command prints one when
 /// it is ready). Its stderr goes to `log`.
 fn spawn(args: &[&str], log: &Path) -> Proc {
+    spawn_env(args, log, &[])
+}
+
+fn spawn_env(args: &[&str], log: &Path, env: &[(&str, &str)]) -> Proc {
     let mut child = Command::new(BIN)
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
@@ -233,9 +238,13 @@ impl Grid {
     }
 
     fn start_node_with(&self, args: Vec<String>, name: &str) -> Node {
+        self.start_node_env(args, name, &[])
+    }
+
+    fn start_node_env(&self, args: Vec<String>, name: &str, env: &[(&str, &str)]) -> Node {
         let log = self.dir.path().join(format!("{name}.log"));
         let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-        let proc = spawn(&refs, &log);
+        let proc = spawn_env(&refs, &log, env);
         // "node N (twin T) up; zdb on ADDR[; gateway proxy on ADDR]"
         let l = proc.first_line.clone();
         let words: Vec<&str> = l.split_whitespace().collect();
@@ -1232,4 +1241,176 @@ async fn images_from_an_https_registry_with_a_private_ca() {
     let (r, app_contract) = deploy_app(&g, &node, &image).await;
     assert_eq!(r.state, ResultState::Ok, "{}", r.message);
     g.delete(&node, app_contract).await;
+}
+
+/// Files under `dir` (recursively), as paths relative to it.
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() && !p.is_symlink() {
+                stack.push(p.clone());
+            }
+            out.push(p.strip_prefix(dir).unwrap().display().to_string());
+        }
+    }
+    out
+}
+
+/// A node whose data filesystem is small (an 800 MiB tmpfs): it offers no more disk than that
+/// holds; a pull that cannot fit is refused before it downloads; a pull that fails when the disk
+/// fills up mid-way leaves no blob and no half-unpacked layer; afterwards the node deploys as
+/// before and stops promptly on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_pulls_cleanly_and_never_wedges_the_node() {
+    if let Some(why) = container_skip() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let g = Grid::start().await;
+    let oci = start_oci_registry(g.dir.path());
+    let small = g.dir.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=800m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let points = g.dir.path().join("points");
+    std::fs::create_dir_all(&points).unwrap();
+    let mut args = g.node_args("small", None);
+    args.extend(["--insecure-registry".to_string(), oci.addr.clone()]);
+    let mut node = g.start_node_env(
+        args,
+        "small",
+        &[
+            ("TFGRID_PAUSE_AT", "node-before-blob"),
+            ("TFGRID_CRASH_ONCE_DIR", points.to_str().unwrap()),
+        ],
+    );
+    // Each pause point fires once: disarmed until the test removes its marker.
+    std::fs::write(points.join("node-before-blob"), b"").unwrap();
+    let rec = g.client.node(node.node_id).await.unwrap();
+    assert!(
+        rec.node.total.sru + rec.node.total.hru <= 800 * MIB,
+        "the node offers {} + {} bytes of disk on an 800 MiB filesystem",
+        rec.node.total.sru,
+        rec.node.total.hru
+    );
+
+    // 300 MiB of layer cannot fit (blob and unpacked files): refused before any download.
+    let big = tfgrid_node::images::push_busybox_image(
+        &oci.addr,
+        "big",
+        &["/bin/sleep", "1000"],
+        &"a".repeat(300 << 20),
+    )
+    .await
+    .unwrap();
+    // A cancelled contract's deployment goes when the node sees the cancel (its 2 s sweep).
+    let signer = g.signer();
+    let cancel = |id: ContractId| {
+        let (s, g, node) = (&signer, &g, &node);
+        async move {
+            s.submit(Call::CancelContract { contract_id: id })
+                .await
+                .unwrap();
+            let t0 = Instant::now();
+            while g.get(node, id).await.is_ok() {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "contract {id} stays"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let (r, id) = deploy_app(&g, &node, &big).await;
+    assert_eq!(r.state, ResultState::Error);
+    assert!(r.message.contains("not enough disk"), "{}", r.message);
+    cancel(id).await;
+    let images = small.join("images");
+    assert!(
+        files_under(&images.join("blobs")).is_empty(),
+        "{:?}",
+        files_under(&images)
+    );
+
+    // 100 MiB fits, but the disk fills up while it downloads: the pull fails and leaves nothing.
+    let medium = tfgrid_node::images::push_busybox_image(
+        &oci.addr,
+        "medium",
+        &["/bin/sleep", "1000"],
+        &"b".repeat(100 << 20),
+    )
+    .await
+    .unwrap();
+    std::fs::remove_file(points.join("node-before-blob")).unwrap();
+    let pending = {
+        let (g2, n2, img) = (&g, &node, medium.clone());
+        async move { deploy_app(g2, n2, &img).await }
+    };
+    let filler = small.join("filler");
+    let fill = async {
+        let flag = points.join("node-before-blob.paused");
+        while !flag.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let free = tfgrid_node::capacity::free_space(&small).unwrap();
+        let f = std::fs::File::create(&filler).unwrap();
+        // tmpfs allocates on write: write, not set_len.
+        let mut w = std::io::BufWriter::new(f);
+        let chunk = vec![7u8; 1 << 20];
+        for _ in 0..(free.saturating_sub(40 * MIB) >> 20) {
+            std::io::Write::write_all(&mut w, &chunk).unwrap();
+        }
+        drop(w);
+        std::fs::remove_file(&flag).unwrap();
+    };
+    let ((r, id), ()) = tokio::join!(pending, fill);
+    assert_eq!(r.state, ResultState::Error);
+    assert!(
+        !r.message.contains("not enough disk")
+            && (r.message.contains("pulling layer") || r.message.contains("unpacking layer")),
+        "not the mid-pull failure: {}",
+        r.message
+    );
+    cancel(id).await;
+    std::fs::remove_file(&filler).unwrap();
+    assert!(
+        files_under(&images.join("blobs")).is_empty(),
+        "a partial blob is left: {:?}",
+        files_under(&images)
+    );
+    let layers = files_under(&images.join("layers"));
+    assert!(
+        !layers.iter().any(|l| l.ends_with(".partial")),
+        "a half-unpacked layer is left: {layers:?}"
+    );
+
+    // The node is not wedged: it deploys, and stops at once when told to.
+    let web = push_image(
+        &oci.addr,
+        "web",
+        &["/bin/httpd", "-f", "-p", "8080", "-h", "/www"],
+    )
+    .await;
+    let (r, _) = deploy_app(&g, &node, &web).await;
+    assert_eq!(r.state, ResultState::Ok, "{}", r.message);
+    let t0 = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &node.proc.child.id().to_string()])
+        .status()
+        .unwrap();
+    let st = node.proc.child.wait().unwrap();
+    assert!(st.success() || st.code().is_some(), "{st:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "SIGTERM took {:?}",
+        t0.elapsed()
+    );
+    drop(node);
 }

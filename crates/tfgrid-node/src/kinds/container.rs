@@ -297,6 +297,7 @@ impl Container {
         let rw = if size > 0 {
             let (img, dir) = (c.join("rw.img"), c.join("rw"));
             if !img.exists() {
+                crate::capacity::check_room(&c, size, &format!("the rootfs of {}", id.key()))?;
                 let f =
                     std::fs::File::create(&img).map_err(|e| format!("{}: {e}", img.display()))?;
                 f.set_len(size)

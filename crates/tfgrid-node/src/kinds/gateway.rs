@@ -3,31 +3,23 @@
 //! name is served only for the twin holding its name contract on the registry.
 
 use super::{Ctx, Kind, Output, WorkloadId};
-use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderName, StatusCode};
-use axum::response::{IntoResponse, Response};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, RwLock};
 use tfgrid_core::deployment::{ResultState, WorkloadData};
 use tfgrid_core::filter::ContractFilter;
 use tfgrid_registry_client::RegistryClient;
 
-/// Request bodies larger than this are refused: the proxy buffers a body before forwarding it.
-const MAX_BODY: usize = 16 << 20;
-
-struct Route {
-    owner: WorkloadId,
-    backends: Vec<String>,
-    next: AtomicUsize,
+pub(crate) struct Route {
+    pub(crate) owner: WorkloadId,
+    pub(crate) backends: Vec<String>,
+    pub(crate) next: AtomicUsize,
 }
 
 #[derive(Clone)]
 pub struct Routes {
-    domain: String,
-    map: Arc<RwLock<HashMap<String, Arc<Route>>>>,
-    http: reqwest::Client,
+    pub(crate) domain: String,
+    pub(crate) map: Arc<RwLock<HashMap<String, Arc<Route>>>>,
 }
 
 pub struct Gateway {
@@ -43,10 +35,6 @@ impl Gateway {
             routes: Routes {
                 domain: domain.unwrap_or_default(),
                 map: Default::default(),
-                http: reqwest::Client::builder()
-                    .redirect(reqwest::redirect::Policy::none())
-                    .build()
-                    .expect("reqwest client"),
             },
             registry,
             public_port,
@@ -146,113 +134,5 @@ impl Kind for Gateway {
 
     async fn recover(&self, ctx: &Ctx<'_>) -> Result<Output, String> {
         self.make(ctx).await
-    }
-}
-
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
-    for (k, v) in from {
-        if !HOP_BY_HOP.contains(&k.as_str()) && k != header::HOST && k != header::CONTENT_LENGTH {
-            to.append(k.clone(), v.clone());
-        }
-    }
-}
-
-fn fail(status: StatusCode, msg: String) -> Response {
-    (status, msg).into_response()
-}
-
-/// The proxy: picks the route by the Host header and forwards the request to one backend
-/// (round robin over the route's backends).
-pub fn router(routes: Routes) -> axum::Router {
-    axum::Router::new().fallback(proxy).with_state(routes)
-}
-
-async fn proxy(State(routes): State<Routes>, req: Request) -> Response {
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or_default();
-    let host = host
-        .split(':')
-        .next()
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    let suffix = format!(".{}", routes.domain);
-    let Some(name) = host.strip_suffix(&suffix) else {
-        return fail(
-            StatusCode::NOT_FOUND,
-            format!(
-                "{host} is not under this gateway's domain {}\n",
-                routes.domain
-            ),
-        );
-    };
-    let route = routes
-        .map
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(name)
-        .cloned();
-    let Some(route) = route else {
-        return fail(
-            StatusCode::NOT_FOUND,
-            format!("no service is named {host}\n"),
-        );
-    };
-    let backend =
-        &route.backends[route.next.fetch_add(1, Ordering::Relaxed) % route.backends.len()];
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let url = format!("{}{}", backend.trim_end_matches('/'), path);
-    let (parts, body) = req.into_parts();
-    let body = match axum::body::to_bytes(body, MAX_BODY).await {
-        Ok(b) => b,
-        Err(e) => return fail(StatusCode::PAYLOAD_TOO_LARGE, format!("{e}\n")),
-    };
-    let mut headers = HeaderMap::new();
-    copy_headers(&parts.headers, &mut headers);
-    if let Ok(v) = host.parse() {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), v);
-    }
-    let resp = routes
-        .http
-        .request(parts.method, &url)
-        .headers(headers)
-        .body(body)
-        .send()
-        .await;
-    match resp {
-        Err(e) => fail(
-            StatusCode::BAD_GATEWAY,
-            format!("backend {backend} did not answer: {e}\n"),
-        ),
-        Ok(r) => {
-            let status = r.status();
-            let mut out = HeaderMap::new();
-            copy_headers(r.headers(), &mut out);
-            match r.bytes().await {
-                Ok(b) => {
-                    let mut resp = Response::new(Body::from(b));
-                    *resp.status_mut() = status;
-                    *resp.headers_mut() = out;
-                    resp
-                }
-                Err(e) => fail(StatusCode::BAD_GATEWAY, format!("backend {backend}: {e}\n")),
-            }
-        }
     }
 }

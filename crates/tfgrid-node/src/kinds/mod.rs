@@ -3,6 +3,7 @@
 
 pub mod container;
 pub mod gateway;
+pub mod proxy;
 pub mod volume;
 pub mod zdb;
 

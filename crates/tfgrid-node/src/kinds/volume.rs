@@ -49,6 +49,8 @@ impl Volume {
         }
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| format!("creating {}: {e}", self.dir.display()))?;
+        // The image is sparse, but its owner was sold all of it: it must be able to fill it.
+        crate::capacity::check_room(&self.dir, spec.size, &format!("volume {}", ctx.id.key()))?;
         let img = self.image(&ctx.id);
         let f =
             std::fs::File::create(&img).map_err(|e| format!("creating {}: {e}", img.display()))?;
