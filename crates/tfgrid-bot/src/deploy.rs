@@ -460,3 +460,27 @@ impl Bot {
         Ok(rec)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every container's writable layer is bounded (256M unless the spec says `disk`) and
+    /// reserved on its contract as SSD, with its volumes.
+    #[test]
+    fn the_writable_layer_is_bounded_and_reserved() {
+        let spec = Spec::parse(
+            "name: a\nservices:\n  s:\n    image: x\n    volumes: [{name: v, size: 1G, path: /v}]\n  t:\n    image: x\n    disk: 2G\n",
+        )
+        .unwrap();
+        let d = Bot::replica_deployment(1, "s", &spec.services["s"]);
+        let rootfs = d.workloads.iter().find_map(|w| match &w.data {
+            WorkloadData::Container(c) => Some(c.rootfs_size),
+            _ => None,
+        });
+        assert_eq!(rootfs, Some(256 << 20));
+        assert_eq!(d.capacity().unwrap().sru, (256 << 20) + (1 << 30));
+        let t = Bot::want(&spec.services["t"]).unwrap();
+        assert_eq!(t.capacity.sru, 2 << 30);
+    }
+}

@@ -117,13 +117,7 @@ impl Bot {
                     changed = true;
                 }
                 Err(e) => {
-                    if rec.state != State::Degraded {
-                        self.event(
-                            &rec.name,
-                            "heal-failed",
-                            format!("{}/{}: {why}; {e}", r.service, r.index),
-                        );
-                    }
+                    self.heal_failed(&rec, format!("{}/{}: {why}; {e}", r.service, r.index));
                     degraded = true;
                 }
             }
@@ -156,14 +150,7 @@ impl Bot {
                     changed = true;
                 }
                 Err(e) => {
-                    // Said once, when the deployment turns degraded; retried every pass.
-                    if rec.state != State::Degraded {
-                        self.event(
-                            &rec.name,
-                            "heal-failed",
-                            format!("gateway node {} is down; {e}", old.node_id),
-                        );
-                    }
+                    self.heal_failed(&rec, format!("gateway node {} is down; {e}", old.node_id));
                     degraded = true;
                 }
             }
@@ -180,6 +167,13 @@ impl Bot {
             self.store.put(&rec)?;
         }
         Ok(())
+    }
+
+    /// Said once, when the deployment turns degraded; the heal is retried every pass.
+    fn heal_failed(&self, rec: &Record, msg: String) {
+        if rec.state != State::Degraded {
+            self.event(&rec.name, "heal-failed", msg);
+        }
     }
 
     /// Stores `rec` (which now holds the replacement) and, in the same transaction, queues the

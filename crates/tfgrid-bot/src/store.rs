@@ -152,13 +152,7 @@ impl Store {
     }
 
     pub fn put(&self, r: &Record) -> Result<(), StoreError> {
-        let tx = self.db.begin_write()?;
-        tx.open_table(DEPLOYMENTS)?.insert(
-            r.name.as_str(),
-            serde_json::to_vec(r).expect("record serializes").as_slice(),
-        )?;
-        tx.commit()?;
-        Ok(())
+        self.put_with_cancels(r, &[])
     }
 
     pub fn get(&self, name: &str) -> Result<Option<Record>, StoreError> {
@@ -180,10 +174,7 @@ impl Store {
     }
 
     pub fn remove(&self, name: &str) -> Result<(), StoreError> {
-        let tx = self.db.begin_write()?;
-        tx.open_table(DEPLOYMENTS)?.remove(name)?;
-        tx.commit()?;
-        Ok(())
+        self.remove_with_cancels(name, &[])
     }
 
     /// Stores `r` and queues cancels in one transaction: what a new version replaces is never
@@ -193,19 +184,7 @@ impl Store {
         r: &Record,
         jobs: &[(ContractId, TwinId)],
     ) -> Result<(), StoreError> {
-        let tx = self.db.begin_write()?;
-        tx.open_table(DEPLOYMENTS)?.insert(
-            r.name.as_str(),
-            serde_json::to_vec(r).expect("record serializes").as_slice(),
-        )?;
-        {
-            let mut t = tx.open_table(CANCELS)?;
-            for (c, twin) in jobs {
-                t.insert(*c, *twin)?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
+        self.write(Some(r), None, jobs)
     }
 
     /// Removes a record and queues its cancels in one transaction.
@@ -214,22 +193,33 @@ impl Store {
         name: &str,
         jobs: &[(ContractId, TwinId)],
     ) -> Result<(), StoreError> {
-        let tx = self.db.begin_write()?;
-        tx.open_table(DEPLOYMENTS)?.remove(name)?;
-        {
-            let mut t = tx.open_table(CANCELS)?;
-            for (c, twin) in jobs {
-                t.insert(*c, *twin)?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
+        self.write(None, Some(name), jobs)
     }
 
     /// Queues cancels (idempotent: a contract queued twice is one entry).
     pub fn queue_cancels(&self, jobs: &[(ContractId, TwinId)]) -> Result<(), StoreError> {
+        self.write(None, None, jobs)
+    }
+
+    /// One transaction: store `put`, remove `remove`, queue `jobs`.
+    fn write(
+        &self,
+        put: Option<&Record>,
+        remove: Option<&str>,
+        jobs: &[(ContractId, TwinId)],
+    ) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
         {
+            let mut d = tx.open_table(DEPLOYMENTS)?;
+            if let Some(r) = put {
+                d.insert(
+                    r.name.as_str(),
+                    serde_json::to_vec(r).expect("record serializes").as_slice(),
+                )?;
+            }
+            if let Some(name) = remove {
+                d.remove(name)?;
+            }
             let mut t = tx.open_table(CANCELS)?;
             for (c, twin) in jobs {
                 t.insert(*c, *twin)?;

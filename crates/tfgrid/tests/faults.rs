@@ -221,6 +221,17 @@ fn the_bot_killed_at_each_step_leaves_the_grid_fully_done_or_fully_undone() {
     assert_eq!(fetch(g.gateway, "web.gw.local").map(|r| r.0), Some(404));
 }
 
+/// `tfgrid deploy FILE` on a thread; join it for the output.
+fn deploy_in_background(g: &Grid, file: PathBuf) -> std::thread::JoinHandle<std::process::Output> {
+    let bot = g.bot.clone();
+    std::thread::spawn(move || {
+        Command::new(BIN)
+            .args(["deploy", file.to_str().unwrap(), "--bot", &bot])
+            .output()
+            .unwrap()
+    })
+}
+
 /// A name contract made with the user's key, outside the bot: an orphan to the bot.
 fn make_orphan(g: &Grid, name: &str) -> u64 {
     let id = tfgrid_core::Identity::load(&g.data.join("user.key")).unwrap();
@@ -333,24 +344,39 @@ fn clients_registries_and_nodes_that_fail_mid_deploy() {
         err.contains("goes on in your bot") && err.contains("tfgrid rm other"),
         "{err}"
     );
-    points.release("bot-after-replicas");
-    wait_for("other to run", Duration::from_secs(30), || {
-        inspect(&g, "other")["state"] == "running"
+    // `tfgrid rm` of a deployment still being made waits for it, then takes all of it back.
+    let bot = g.bot.clone();
+    let rm = std::thread::spawn(move || {
+        Command::new(BIN)
+            .args(["rm", "other", "--bot", &bot])
+            .output()
+            .unwrap()
     });
-    ok(cli(&g, &["rm", "other"]));
-    converged(&g, &[], "after rm other");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!rm.is_finished(), "rm did not wait for the deploy");
+    points.release("bot-after-replicas");
+    let o = rm.join().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        out.contains("removed other") && out.contains("contracts cancelled"),
+        "{out}"
+    );
+    let ev = ok(cli(&g, &["events", "--deployment", "other"]));
+    let (deployed, removed) = (ev.find("deployed").unwrap(), ev.find("removed").unwrap());
+    assert!(deployed < removed, "{ev}");
+    let live = converged(&g, &[], "after rm other");
+    assert!(!listed(&g, "other"));
+    assert_eq!(
+        live.len(),
+        contracts_of(&inspect(&g, "web")).len() + 2,
+        "{live:?}"
+    );
 
     // The registry killed mid-deploy: the cancels of the rollback are queued, said so, and
     // done once a registry answers again.
     points.arm("bot-after-replicas");
-    let rk = spec_file(d, "rk.yaml", &spec(&g, "rk", 1, true));
-    let bot = g.bot.clone();
-    let deploy = std::thread::spawn(move || {
-        Command::new(BIN)
-            .args(["deploy", rk.to_str().unwrap(), "--bot", &bot])
-            .output()
-            .unwrap()
-    });
+    let deploy = deploy_in_background(&g, spec_file(d, "rk.yaml", &spec(&g, "rk", 1, true)));
     points.wait_paused("bot-after-replicas");
     Command::new("kill")
         .args(["-9", &g.registry_pid.to_string()])
@@ -391,14 +417,8 @@ fn clients_registries_and_nodes_that_fail_mid_deploy() {
 
     // Healing goes on while another deployment's deploy is held mid-way.
     points.arm("bot-after-replicas");
-    let slow = spec_file(d, "slow.yaml", &spec(&g, "slow", 1, false));
-    let bot = g.bot.clone();
-    let slow_deploy = std::thread::spawn(move || {
-        Command::new(BIN)
-            .args(["deploy", slow.to_str().unwrap(), "--bot", &bot])
-            .output()
-            .unwrap()
-    });
+    let slow_deploy =
+        deploy_in_background(&g, spec_file(d, "slow.yaml", &spec(&g, "slow", 1, false)));
     points.wait_paused("bot-after-replicas");
     let web = inspect(&g, "web");
     let victim = web["replicas"][0]["node_id"].as_u64().unwrap() as u32;
