@@ -486,3 +486,44 @@ fn a_dead_gateway_node_is_replaced_by_another() {
     assert!(events.contains("gateway-moved"), "{events}");
     ok(cli(&g, &["rm", "one"]));
 }
+
+/// Ctrl-C stops the grid and every workload its nodes ran (no container, mount, netns or bridge
+/// left); `up` again on the same data brings the deployments back, served as before.
+#[test]
+fn ctrl_c_stops_everything_and_the_next_up_brings_it_back() {
+    if let Some(why) = grid_skip() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let gw = free_port();
+    let g = up_with(dir.path(), gw, &[], &[]);
+    let spec = spec_file(
+        dir.path(),
+        "one.yaml",
+        &format!(
+            "name: one\nservices:\n  web:\n    image: {}\n    memory: 32M\n    replicas: 2\n    volumes: [{{name: data, size: 16M, path: /data}}]\n    expose: {{name: one, port: 8080}}\n",
+            g.image
+        ),
+    );
+    ok(cli(&g, &["deploy", spec.to_str().unwrap()]));
+    assert_eq!(fetch(gw, "one.gw.local").map(|r| r.0), Some(200));
+    let before = inspect(&g, "one");
+    let data = g.data.clone();
+    drop(g); // SIGINT, as Ctrl-C, and waits for up to exit
+    assert_eq!(host_leftovers(&data), Vec::<String>::new());
+
+    let g = up_with(dir.path(), gw, &[], &[]);
+    wait_for(
+        "the deployment to serve again",
+        Duration::from_secs(30),
+        || fetch(gw, "one.gw.local").map(|r| r.0) == Some(200),
+    );
+    let after = inspect(&g, "one");
+    assert_eq!(
+        after["replicas"], before["replicas"],
+        "not the same replicas"
+    );
+    let ps = ok(cli(&g, &["ps"]));
+    assert!(ps.contains("running") && ps.contains("2/2"), "{ps}");
+}

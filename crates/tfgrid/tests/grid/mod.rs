@@ -324,7 +324,11 @@ pub fn workload_contracts(g: &Grid, dead: &[u32]) -> Vec<u64> {
 
 /// `tfg<6 hex>` of this grid's bridges (up derives it from the data path).
 fn grid_bridge_prefix(g: &Grid) -> String {
-    let h = blake3::hash(g.data.to_string_lossy().as_bytes());
+    bridge_prefix(&g.data)
+}
+
+fn bridge_prefix(data: &Path) -> String {
+    let h = blake3::hash(data.to_string_lossy().as_bytes());
     let id = u32::from_le_bytes(h.as_bytes()[..4].try_into().unwrap());
     format!("tfg{:06x}", id & 0xff_ffff)
 }
@@ -350,4 +354,48 @@ pub fn converged(g: &Grid, dead: &[u32], what: &str) -> Vec<u64> {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// What a stopped grid left on the host: runc containers of its nodes, mounts under its data,
+/// network namespaces and bridges of its nodes.
+pub fn host_leftovers(data: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for i in 1..=3u32 {
+        let root = data.join(format!("nodes/node{i}/runtime"));
+        let out = Command::new("runc")
+            .arg("--root")
+            .arg(&root)
+            .args(["list", "-q"])
+            .output()
+            .unwrap();
+        for id in String::from_utf8_lossy(&out.stdout).lines() {
+            found.push(format!("container {id} of node{i}"));
+        }
+    }
+    let base = data.to_string_lossy().into_owned();
+    for m in std::fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+    {
+        if m.split_whitespace()
+            .nth(1)
+            .is_some_and(|t| t.starts_with(&base))
+        {
+            found.push(format!("mount {m}"));
+        }
+    }
+    let prefix = bridge_prefix(data);
+    let ns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    for l in String::from_utf8_lossy(&ns.stdout).lines() {
+        if l.starts_with(&format!("tfgrid-{prefix}")) {
+            found.push(format!("netns {l}"));
+        }
+    }
+    let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+    for l in String::from_utf8_lossy(&links.stdout).lines() {
+        if l.contains(&format!(": {prefix}")) {
+            found.push(format!("link {l}"));
+        }
+    }
+    found
 }
