@@ -35,6 +35,8 @@ pub enum BenchCmd {
     Deploy(crate::bench_grid::DeployBench),
     /// Self-heal time: a node dies, its service answers again from another node (root).
     Heal(crate::bench_grid::HealBench),
+    /// The gateway proxy: large downloads (throughput, peak memory) and failover latency.
+    Gateway(crate::bench_gateway::GatewayBench),
 }
 
 #[derive(Args)]
@@ -78,6 +80,7 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Scheduler(b) => crate::bench_grid::scheduler(b),
         BenchCmd::Deploy(b) => crate::bench_grid::deploy(b).await,
         BenchCmd::Heal(b) => crate::bench_grid::heal(b).await,
+        BenchCmd::Gateway(b) => crate::bench_gateway::run(b).await,
     }
 }
 

@@ -22,6 +22,29 @@ pub struct Routes {
     pub(crate) map: Arc<RwLock<HashMap<String, Arc<Route>>>>,
 }
 
+impl Routes {
+    /// A proxy's routes set by hand, not by workloads (for benchmarks): `name -> backends`.
+    pub fn fixed(domain: &str, routes: &[(&str, Vec<String>)]) -> Routes {
+        let map = routes
+            .iter()
+            .map(|(name, backends)| {
+                (
+                    name.to_string(),
+                    Arc::new(Route {
+                        owner: WorkloadId::new(0, name),
+                        backends: backends.clone(),
+                        next: AtomicUsize::new(0),
+                    }),
+                )
+            })
+            .collect();
+        Routes {
+            domain: domain.to_string(),
+            map: Arc::new(RwLock::new(map)),
+        }
+    }
+}
+
 pub struct Gateway {
     routes: Routes,
     registry: RegistryClient,

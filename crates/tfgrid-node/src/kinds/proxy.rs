@@ -299,24 +299,10 @@ fn stream_back(r: reqwest::Response, backend: String, host: String) -> Response 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kinds::gateway::Route;
-    use crate::kinds::WorkloadId;
-    use std::sync::atomic::AtomicUsize;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn gateway(backends: Vec<String>) -> std::net::SocketAddr {
-        let routes = Routes {
-            domain: "gw.test".into(),
-            map: Default::default(),
-        };
-        routes.map.write().unwrap().insert(
-            "app".into(),
-            Arc::new(Route {
-                owner: WorkloadId::new(1, "gw"),
-                backends,
-                next: AtomicUsize::new(0),
-            }),
-        );
+        let routes = Routes::fixed("gw.test", &[("app", backends)]);
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         tokio::spawn(serve(l, routes));
