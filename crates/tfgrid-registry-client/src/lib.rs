@@ -58,6 +58,7 @@ pub struct RegistryClient {
 impl RegistryClient {
     pub fn new(base_url: &str) -> Self {
         let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(256)
             .build()
@@ -230,7 +231,9 @@ impl RegistryClient {
 }
 
 /// Signs calls as one identity and keeps its nonce: the last nonce is read from the registry once,
-/// then counted locally. Calls through one signer are sent one at a time so nonces arrive in order.
+/// then counted locally. Calls through one signer are sent one at a time so nonces arrive in order:
+/// the nonce lock is held across the request on purpose (a second call cannot be signed before the
+/// first one's nonce is known to be used), and the client's timeouts bound how long that is.
 pub struct TwinSigner {
     id: Identity,
     client: RegistryClient,
