@@ -113,13 +113,19 @@ impl Bot {
                     rec.replicas[i] = new;
                     self.replace(&mut rec, &[(r.contract_id, r.node_twin)])
                         .await?;
-                    self.repoint_service(&mut rec, svc, &r.service).await;
                     changed = true;
                 }
                 Err(e) => {
                     self.heal_failed(&rec, format!("{}/{}: {why}; {e}", r.service, r.index));
                     degraded = true;
                 }
+            }
+        }
+        // Every name points at its service's replicas as they are now (after a heal, or a
+        // re-point a crash cut short).
+        for (sname, svc) in &spec.services {
+            if self.repoint_service(&mut rec, svc, sname).await {
+                changed = true;
             }
         }
         // A route whose gateway node is down moves to another gateway (its URL changes with

@@ -164,7 +164,9 @@ impl Bot {
         route: &mut Route,
         backends: Vec<String>,
     ) -> Result<(), String> {
-        let version = route.version + 1;
+        // Higher than any version this route had, also one a crash kept out of the record (the
+        // node holds it, and refuses an update that is not higher): seconds since the epoch.
+        let version = (route.version + 1).max((tfgrid_core::now_millis() / 1000) as u32);
         let mut d = Self::gateway_deployment(
             self.twin,
             &route.service,
@@ -190,11 +192,27 @@ impl Bot {
         Ok(())
     }
 
-    pub(crate) async fn repoint_service(&self, rec: &mut Record, svc: &Service, service: &str) {
-        let Some(ex) = &svc.expose else { return };
+    /// Points every route of `service` whose backends are not its replicas' at them; true when
+    /// one changed. Run every reconcile pass, so a re-point a crash cut short is done later.
+    pub(crate) async fn repoint_service(
+        &self,
+        rec: &mut Record,
+        svc: &Service,
+        service: &str,
+    ) -> bool {
+        let Some(ex) = &svc.expose else { return false };
         let backends = Self::backends(rec, service, ex.port);
+        let mut want = backends.clone();
+        want.sort();
         let name = rec.name.clone();
+        let mut changed = false;
         for route in rec.routes.iter_mut().filter(|r| r.service == service) {
+            let mut have = route.backends.clone();
+            have.sort();
+            if have == want || want.is_empty() {
+                continue;
+            }
+            changed = true;
             match self.repoint(route, backends.clone()).await {
                 Ok(()) => self.event(
                     &name,
@@ -208,5 +226,6 @@ impl Bot {
                 ),
             }
         }
+        changed
     }
 }

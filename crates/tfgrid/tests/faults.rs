@@ -92,11 +92,12 @@ fn contracts_of(rec: &serde_json::Value) -> Vec<u64> {
     v
 }
 
-const BOT_POINTS: [&str; 5] = [
+const BOT_POINTS: [&str; 6] = [
     "bot-after-contract",
     "bot-after-node-deploy",
     "bot-after-replicas",
     "bot-after-commit",
+    "bot-heal-after-commit",
     "bot-during-remove",
 ];
 
@@ -173,7 +174,8 @@ fn the_bot_killed_at_each_step_leaves_the_grid_fully_done_or_fully_undone() {
     ok(deploy_file(&g, dir.path(), "web.yaml", &v1));
     let before = inspect(&g, "web");
     assert_eq!(fetch(g.gateway, "web.gw.local").map(|r| r.0), Some(200));
-    let v2 = spec(&g, "web", 1, true);
+    // The new version: the same two replicas with more memory.
+    let v2 = spec(&g, "web", 2, true).replace("memory: 32M", "memory: 48M");
     points.arm("bot-after-replicas");
     assert!(!deploy_file(&g, dir.path(), "web2.yaml", &v2)
         .status
@@ -202,22 +204,89 @@ fn the_bot_killed_at_each_step_leaves_the_grid_fully_done_or_fully_undone() {
     bot_back(&g);
     let live = converged(&g, &[], "update killed after its commit");
     let now = inspect(&g, "web");
-    assert_eq!(now["replicas"].as_array().unwrap().len(), 1);
+    assert!(now["yaml"].as_str().unwrap().contains("48M"));
     for c in contracts_of(&before) {
         assert!(!live.contains(&c), "old replica contract {c} is still live");
     }
     assert_eq!(fetch(g.gateway, "web.gw.local").map(|r| r.0), Some(200));
 
+    // A heal killed after it stored the replacement, before it cancelled the old replica: the
+    // restarted bot's queue cancels the old one.
+    points.arm("bot-heal-after-commit");
+    // A replica that is not on the gateway node (the last one), so the name keeps its gateway.
+    let gateway_node = now["routes"][0]["node_id"].as_u64().unwrap();
+    let idx = (0..2)
+        .find(|i| now["replicas"][*i]["node_id"].as_u64() != Some(gateway_node))
+        .unwrap();
+    let victim = now["replicas"][idx]["node_id"].as_u64().unwrap() as u32;
+    let old = now["replicas"][idx]["contract_id"].as_u64().unwrap();
+    let pid = g.node_pids.iter().find(|(n, _)| *n == victim).unwrap().1;
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    wait_for(
+        "the heal to reach its crash point",
+        Duration::from_secs(30),
+        || points.fired("bot-heal-after-commit"),
+    );
+    bot_back(&g);
+    let live = converged(&g, &[victim], "heal killed after its commit");
+    assert!(
+        !live.contains(&old),
+        "the replaced replica's contract {old} is live"
+    );
+    let healed = inspect(&g, "web");
+    assert_ne!(
+        healed["replicas"][idx]["node_id"].as_u64(),
+        Some(victim.into())
+    );
+    // The name points at the replicas as they are now (the re-point the crash cut short).
+    let backends_match = || {
+        let w = inspect(&g, "web");
+        let mut want: Vec<String> = w["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| format!("http://{}:8080", r["ip"].as_str().unwrap()))
+            .collect();
+        let mut have: Vec<String> = w["routes"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_str().unwrap().to_string())
+            .collect();
+        want.sort();
+        have.sort();
+        want == have
+    };
+    wait_for(
+        "the route to point at the healed replicas",
+        Duration::from_secs(10),
+        backends_match,
+    );
+    let t0 = Instant::now();
+    while fetch(g.gateway, "web.gw.local").map(|r| r.0) != Some(200) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the healed web does not serve: {:?}\n{}\n{}",
+            fetch(g.gateway, "web.gw.local"),
+            events(&g),
+            inspect(&g, "web")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
     // rm killed mid-way: the restarted bot finishes it and never redeploys.
     points.arm("bot-during-remove");
     assert!(!cli(&g, &["rm", "web"]).status.success());
     bot_back(&g);
-    let live = converged(&g, &[], "rm killed mid-way");
+    let live = converged(&g, &[victim], "rm killed mid-way");
     assert!(live.is_empty(), "contracts left live after rm: {live:?}");
     std::thread::sleep(Duration::from_secs(3));
     assert!(!listed(&g, "web"), "the removed deployment came back");
     assert!(live_contracts(&g).is_empty());
-    assert!(workload_contracts(&g, &[]).is_empty());
+    assert!(workload_contracts(&g, &[victim]).is_empty());
     assert_eq!(fetch(g.gateway, "web.gw.local").map(|r| r.0), Some(404));
 }
 
