@@ -270,6 +270,11 @@ pub async fn grid(nodes: usize, down_after_ms: u64) -> Result<Grid> {
             &oci.addr,
             "--mru",
             "4G",
+            // Containers reserve their writable layer as SSD; this VM's disk says it rotates.
+            "--sru",
+            "8G",
+            "--hru",
+            "8G",
         ]
         .iter()
         .map(|s| s.to_string())
