@@ -48,17 +48,32 @@ pub struct RelayConfig {
 
 type Sessions = HashMap<TwinId, Vec<(u64, mpsc::Sender<Frame>)>>;
 
+/// The outcome of a dial, once there is one.
+type DialOutcome = Option<Result<mpsc::Sender<Frame>, String>>;
+
+enum Dial {
+    InFlight(watch::Receiver<DialOutcome>),
+    Failed(std::time::Instant),
+}
+
+/// What a caller of `link` does about a URL with no open link.
+enum Claim {
+    Lead(watch::Sender<DialOutcome>),
+    Follow(watch::Receiver<DialOutcome>),
+    Refuse(String),
+}
+
 struct Relay {
     cfg: RelayConfig,
     twins: TwinCache,
     /// Every session of each twin, oldest first: one key may be connected several times (a bot,
     /// and a `tfgrid bus ping` with the same key), and none takes over another.
     sessions: std::sync::RwLock<Sessions>,
-    /// Open links to other relays. Never held across a dial: see `dialing`.
+    /// Open links to other relays.
     links: std::sync::Mutex<HashMap<String, mpsc::Sender<Frame>>>,
-    /// One dial at a time per relay URL (callers for that URL wait for it; others do not), and
-    /// when the last dial failed.
-    dialing: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<std::time::Instant>>>>>,
+    /// Dials in flight (callers for the same URL wait for its outcome) and recent failures.
+    /// No lock is held while a dial runs.
+    dialing: std::sync::Mutex<HashMap<String, Dial>>,
     unauthenticated: Arc<tokio::sync::Semaphore>,
     stop: watch::Receiver<bool>,
 }
@@ -442,30 +457,57 @@ impl Relay {
     }
 
     /// The outbound link to another relay, opened on first use and authenticated as this relay's
-    /// twin. A dial holds only its own URL's lock, never the links map: a relay address that
-    /// never answers (anyone can put one in their twin record) delays only envelopes to it, for
-    /// at most DIAL_TIMEOUT, and then for DIAL_BACKOFF they are refused at once.
+    /// twin. One dial per URL at a time, run with no lock held (callers for the same URL wait for
+    /// its outcome, others are not involved): a relay address that never answers (anyone can put
+    /// one in their twin record) delays only envelopes to it, for at most DIAL_TIMEOUT, and then
+    /// for DIAL_BACKOFF they are refused at once.
     async fn link(self: &Arc<Self>, url: &str) -> Result<mpsc::Sender<Frame>, String> {
         if let Some(l) = self.open_link(url) {
             return Ok(l);
         }
-        let slot = {
+        let claim = {
             let mut d = self.dialing.lock().unwrap_or_else(|p| p.into_inner());
-            d.entry(url.to_string()).or_default().clone()
-        };
-        let mut last_failure = slot.lock().await;
-        // Another caller may have dialled while this one waited.
-        if let Some(l) = self.open_link(url) {
-            return Ok(l);
-        }
-        if let Some(at) = *last_failure {
-            if at.elapsed() < DIAL_BACKOFF {
-                return Err(format!(
+            match d.get(url) {
+                Some(Dial::Failed(at)) if at.elapsed() < DIAL_BACKOFF => Claim::Refuse(format!(
                     "the last dial failed {} ms ago; not retried yet",
                     at.elapsed().as_millis()
-                ));
+                )),
+                Some(Dial::InFlight(rx)) => Claim::Follow(rx.clone()),
+                _ => {
+                    let (tx, rx) = watch::channel(None);
+                    d.insert(url.to_string(), Dial::InFlight(rx));
+                    Claim::Lead(tx)
+                }
+            }
+        };
+        match claim {
+            Claim::Refuse(why) => Err(why),
+            Claim::Follow(mut rx) => {
+                let waited =
+                    tokio::time::timeout(DIAL_TIMEOUT * 2, rx.wait_for(|o| o.is_some())).await;
+                match waited {
+                    Ok(Ok(outcome)) => outcome.clone().expect("waited for an outcome"),
+                    _ => Err("the dial in progress did not finish".into()),
+                }
+            }
+            Claim::Lead(tx) => {
+                let outcome = self.dial(url).await;
+                {
+                    let mut d = self.dialing.lock().unwrap_or_else(|p| p.into_inner());
+                    match &outcome {
+                        Ok(_) => d.remove(url),
+                        Err(_) => {
+                            d.insert(url.to_string(), Dial::Failed(std::time::Instant::now()))
+                        }
+                    };
+                }
+                let _ = tx.send(Some(outcome.clone()));
+                outcome
             }
         }
+    }
+
+    async fn dial(self: &Arc<Self>, url: &str) -> Result<mpsc::Sender<Frame>, String> {
         let dial = tokio::time::timeout(
             DIAL_TIMEOUT,
             crate::peer::open(url, &self.cfg.identity, self.cfg.twin),
@@ -473,16 +515,9 @@ impl Relay {
         .await;
         let (mut sink, mut stream, other) = match dial {
             Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                *last_failure = Some(std::time::Instant::now());
-                return Err(e.to_string());
-            }
-            Err(_) => {
-                *last_failure = Some(std::time::Instant::now());
-                return Err(format!("no answer within {} s", DIAL_TIMEOUT.as_secs()));
-            }
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err(format!("no answer within {} s", DIAL_TIMEOUT.as_secs())),
         };
-        *last_failure = None;
         let (tx, mut rx) = mpsc::channel::<Frame>(QUEUE);
         tokio::spawn(async move {
             while let Some(f) = rx.recv().await {
