@@ -732,19 +732,24 @@ fn the_bot_api_refuses_what_its_user_did_not_send() {
     let token = "0123456789abcdef0123";
     let tb = free_port();
     let key = dir.path().join("k2");
+    // `tfgrid bot` against this grid, with its own data directory.
+    let bot_cmd = |data: &str| {
+        let mut c = Command::new(BIN);
+        c.args([
+            "bot",
+            "--registry",
+            &reg_url,
+            "--relay",
+            &relay_url,
+            "--key",
+        ])
+        .arg(&key)
+        .arg("--data")
+        .arg(dir.path().join(data));
+        c
+    };
     let mut bot2 = Killed(
-        Command::new(BIN)
-            .args([
-                "bot",
-                "--registry",
-                &reg_url,
-                "--relay",
-                &relay_url,
-                "--key",
-            ])
-            .arg(&key)
-            .arg("--data")
-            .arg(dir.path().join("b2"))
+        bot_cmd("b2")
             .args(["--listen", &tb.to_string(), "--token", token])
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.path().join("bot2.log")).unwrap())
@@ -779,18 +784,7 @@ fn the_bot_api_refuses_what_its_user_did_not_send() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // Beyond loopback without a token: refused before it listens.
-    let o = Command::new(BIN)
-        .args([
-            "bot",
-            "--registry",
-            &reg_url,
-            "--relay",
-            &relay_url,
-            "--key",
-        ])
-        .arg(&key)
-        .arg("--data")
-        .arg(dir.path().join("b3"))
+    let o = bot_cmd("b3")
         .args(["--listen", "0.0.0.0:0"])
         .env_remove("TFGRID_BOT_TOKEN")
         .output()

@@ -295,16 +295,9 @@ fn up_deploys_heals_and_removes_through_the_cli() {
         "every live node to drop its workloads",
         Duration::from_secs(10),
         || {
-            (1..=3).filter(|i| *i != victim).all(|i| {
-                let root = g.data.join(format!("nodes/node{i}/runtime"));
-                let out = Command::new("runc")
-                    .arg("--root")
-                    .arg(&root)
-                    .args(["list", "-q"])
-                    .output()
-                    .unwrap();
-                String::from_utf8_lossy(&out.stdout).trim().is_empty()
-            })
+            (1..=3)
+                .filter(|i| *i != victim)
+                .all(|i| containers_of(&g.data, i).is_empty())
         },
     );
     let ps = ok(cli(&g, &["ps"]));

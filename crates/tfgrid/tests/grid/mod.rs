@@ -279,14 +279,8 @@ pub fn workload_contracts(g: &Grid, dead: &[u32]) -> Vec<u64> {
             continue;
         }
         let node = g.data.join(format!("nodes/node{i}"));
-        let out = Command::new("runc")
-            .arg("--root")
-            .arg(node.join("runtime"))
-            .args(["list", "-q"])
-            .output()
-            .unwrap();
-        for id in String::from_utf8_lossy(&out.stdout).lines() {
-            ids.extend(contract_of(id.trim()));
+        for id in containers_of(&g.data, i) {
+            ids.extend(contract_of(&id));
         }
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
         let prefix = node.to_string_lossy().into_owned();
@@ -361,14 +355,7 @@ pub fn converged(g: &Grid, dead: &[u32], what: &str) -> Vec<u64> {
 pub fn host_leftovers(data: &Path) -> Vec<String> {
     let mut found = Vec::new();
     for i in 1..=3u32 {
-        let root = data.join(format!("nodes/node{i}/runtime"));
-        let out = Command::new("runc")
-            .arg("--root")
-            .arg(&root)
-            .args(["list", "-q"])
-            .output()
-            .unwrap();
-        for id in String::from_utf8_lossy(&out.stdout).lines() {
+        for id in containers_of(data, i) {
             found.push(format!("container {id} of node{i}"));
         }
     }
@@ -398,4 +385,19 @@ pub fn host_leftovers(data: &Path) -> Vec<String> {
         }
     }
     found
+}
+
+/// The runc container ids of node `i` of the grid in `data`.
+pub fn containers_of(data: &Path, i: u32) -> Vec<String> {
+    let out = Command::new("runc")
+        .arg("--root")
+        .arg(data.join(format!("nodes/node{i}/runtime")))
+        .args(["list", "-q"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
 }
