@@ -7,6 +7,7 @@ mod bench_node;
 mod bench_zdb;
 mod bot_cmd;
 mod bus_cmd;
+mod net_cmd;
 mod node_cmd;
 mod up;
 mod zdb_cmd;
@@ -98,6 +99,11 @@ enum Cmd {
     },
     /// Run the node agent: this host becomes capacity on the grid.
     Node(Box<node_cmd::NodeArgs>),
+    /// The overlay: run a userspace WireGuard interface, make keys.
+    Net {
+        #[command(subcommand)]
+        cmd: net_cmd::NetCmd,
+    },
     /// Talk to twins over the bus.
     Bus {
         #[command(subcommand)]
@@ -352,6 +358,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench { cmd } => bench::run(cmd).await,
+        Cmd::Net { cmd } => net_cmd::run(cmd).await,
         Cmd::Relay(a) => bus_cmd::relay(a).await,
         Cmd::Zdb(a) => zdb_cmd::run(a).await,
         Cmd::Node(a) => node_cmd::run(*a).await,

@@ -1,4 +1,6 @@
 //! What the process tests share: whether they may run here.
+// Each test binary includes this module and uses only some of it.
+#![allow(dead_code)]
 
 use std::process::{Command, Stdio};
 

@@ -1,0 +1,635 @@
+//! The data path: packets the kernel routes into the TUN device are encrypted for the peer whose
+//! allowed IPs hold their destination and sent to it; datagrams from peers are decrypted and
+//! written to the TUN device only when their inner source is one of that peer's allowed IPs
+//! (WireGuard's cryptokey routing, which is what keeps one peer from speaking for another).
+//!
+//! boringtun's own `device` module would do this, but it owns its TUN and UDP sockets and has no
+//! way to send a peer's datagrams anywhere else; the relayed path needs exactly that, so this module
+//! drives `boringtun::noise::Tunn` itself. Two blocking threads carry the packets (TUN to UDP and
+//! UDP to TUN: on two cores, threads in blocking reads beat an async runtime's wake-ups per
+//! packet), and a third runs the protocol timers.
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519;
+use ipnet::IpNet;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::{Error, PeerConfig, WgPublic, WgSecret};
+
+/// Where a peer's datagrams go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Path {
+    /// Nothing has come from the peer yet (or not for a while).
+    None,
+    /// Straight over UDP: the peer's datagrams arrive over UDP.
+    Direct,
+    /// Through the relay: only relayed datagrams arrive from the peer.
+    Relay,
+}
+
+/// Carries a datagram to a peer by some other way than UDP (the bus relay). Called on the data
+/// path: it must not block (queue and return).
+pub type RelaySink = Arc<dyn Fn(WgPublic, &[u8]) + Send + Sync>;
+
+pub struct DeviceOptions {
+    /// TUN interface name (at most 15 bytes).
+    pub name: String,
+    pub secret: WgSecret,
+    /// UDP address to listen on; port 0 picks one.
+    pub listen: SocketAddr,
+    /// Addresses of the interface: at most one IPv4, any number of IPv6.
+    pub addresses: Vec<IpNet>,
+    pub mtu: u16,
+    /// Add a route through the interface for each peer's allowed IPs (as wg-quick does).
+    pub routes: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PeerStatus {
+    pub public_key: WgPublic,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<IpNet>,
+    pub path: Path,
+    /// Seconds since the last completed handshake.
+    pub last_handshake_s: Option<f64>,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+}
+
+/// A datagram not received for this long means the path it came by is no longer known to work.
+const PATH_FRESH: Duration = Duration::from_secs(20);
+/// Socket buffers: at 1 Gbit/s a 64 KiB default holds half a millisecond, and a datagram that
+/// finds it full is lost (wireguard-go's losses here were exactly that).
+const SOCKET_BUFFER: libc::c_int = 4 << 20;
+/// Largest datagram read: boringtun needs room for the packet plus 32 bytes, and 148 at least.
+const BUF: usize = 65536;
+
+struct Peer {
+    public: WgPublic,
+    tunn: Mutex<Tunn>,
+    endpoint: Mutex<Option<SocketAddr>>,
+    allowed: Vec<IpNet>,
+    /// Device-clock milliseconds (+1, so 0 is never) of the last authentic datagram by each path.
+    udp_rx: AtomicU64,
+    relay_rx: AtomicU64,
+}
+
+#[derive(Default)]
+struct Table {
+    by_key: HashMap<WgPublic, Arc<Peer>>,
+    by_index: HashMap<u32, Arc<Peer>>,
+    /// Allowed IPs, most specific first. A node has peers for the hosts it shares a network or a
+    /// gateway route with (tens, not thousands), so a scan beats a trie's pointer chasing.
+    routes: Vec<(IpNet, Arc<Peer>)>,
+}
+
+struct Inner {
+    name: String,
+    secret: x25519::StaticSecret,
+    public: x25519::PublicKey,
+    tun: tun_rs::SyncDevice,
+    udp: UdpSocket,
+    table: RwLock<Table>,
+    limiter: RateLimiter,
+    relay: RwLock<Option<RelaySink>>,
+    next_index: AtomicU32,
+    start: Instant,
+    stop: AtomicBool,
+    routes: bool,
+    own_nets: Vec<IpNet>,
+}
+
+/// A running WireGuard interface. Dropping it stops its threads and removes the interface.
+pub struct Device {
+    inner: Arc<Inner>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+enum Source {
+    Udp(SocketAddr),
+    Relay(WgPublic),
+}
+
+impl Device {
+    pub fn start(opts: DeviceOptions) -> Result<Device, Error> {
+        if opts.name.is_empty() || opts.name.len() > 15 {
+            return Err(Error::Invalid(format!(
+                "interface name {:?}: 1 to 15 bytes",
+                opts.name
+            )));
+        }
+        let mut b = tun_rs::DeviceBuilder::new()
+            .name(&opts.name)
+            .mtu(opts.mtu)
+            .enable(true);
+        let mut v4 = 0;
+        for a in &opts.addresses {
+            match a {
+                IpNet::V4(n) => {
+                    v4 += 1;
+                    b = b.ipv4(n.addr(), n.prefix_len(), None);
+                }
+                IpNet::V6(n) => b = b.ipv6(n.addr(), n.prefix_len()),
+            }
+        }
+        if v4 > 1 {
+            return Err(Error::Invalid("at most one IPv4 address".into()));
+        }
+        let tun = b
+            .build_sync()
+            .map_err(Error::io(format!("TUN device {}", opts.name)))?;
+        tun.set_nonblocking(true)
+            .map_err(Error::io("TUN non-blocking"))?;
+        let udp =
+            UdpSocket::bind(opts.listen).map_err(Error::io(format!("UDP {}", opts.listen)))?;
+        for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+            // Root may exceed net.core.[rw]mem_max; elsewhere the kernel's cap applies.
+            let ok = setsockopt(&udp, opt, SOCKET_BUFFER);
+            if !ok {
+                let plain = if opt == libc::SO_RCVBUFFORCE {
+                    libc::SO_RCVBUF
+                } else {
+                    libc::SO_SNDBUF
+                };
+                setsockopt(&udp, plain, SOCKET_BUFFER);
+            }
+        }
+        // The readers wake this often to see a stop.
+        udp.set_read_timeout(Some(Duration::from_millis(200)))
+            .map_err(Error::io("UDP timeout"))?;
+        let secret = opts.secret.x25519();
+        let public = x25519::PublicKey::from(&secret);
+        let mut first = [0u8; 4];
+        getrandom::getrandom(&mut first).expect("the OS random source");
+        let inner = Arc::new(Inner {
+            name: opts.name,
+            limiter: RateLimiter::new(&public, 100),
+            secret,
+            public,
+            tun,
+            udp,
+            table: RwLock::new(Table::default()),
+            relay: RwLock::new(None),
+            // boringtun keeps the low 8 bits of a session index for itself.
+            next_index: AtomicU32::new(u32::from_le_bytes(first) >> 8),
+            start: Instant::now(),
+            stop: AtomicBool::new(false),
+            routes: opts.routes,
+            own_nets: opts.addresses.iter().map(|a| a.trunc()).collect(),
+        });
+        let mut threads = Vec::new();
+        for (name, f) in [
+            ("wg-tun", Inner::tun_loop as fn(&Inner)),
+            ("wg-udp", Inner::udp_loop),
+            ("wg-timers", Inner::timer_loop),
+        ] {
+            let i = inner.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(name.into())
+                    .spawn(move || f(&i))
+                    .map_err(Error::io("thread"))?,
+            );
+        }
+        Ok(Device { inner, threads })
+    }
+
+    pub fn public_key(&self) -> WgPublic {
+        WgPublic(self.inner.public.to_bytes())
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    pub fn listen_port(&self) -> u16 {
+        self.inner.udp.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Sets where datagrams go for peers that no UDP reaches (and while a peer's direct path is
+    /// not yet known to work).
+    pub fn set_relay(&self, sink: Option<RelaySink>) {
+        *self.inner.relay.write().unwrap() = sink;
+    }
+
+    /// Adds a peer, or replaces the one with the same key (its session is kept when only the
+    /// endpoint changes, so a roaming update costs no handshake).
+    pub fn set_peer(&self, cfg: &PeerConfig) -> Result<(), Error> {
+        if cfg.public_key.0 == self.inner.public.to_bytes() {
+            return Err(Error::Invalid("a peer with this device's own key".into()));
+        }
+        let mut t = self.inner.table.write().unwrap();
+        if let Some(old) = t.by_key.get(&cfg.public_key) {
+            if old.allowed == cfg.allowed_ips {
+                if cfg.endpoint.is_some() {
+                    *old.endpoint.lock().unwrap() = cfg.endpoint;
+                }
+                return Ok(());
+            }
+        }
+        for (net, p) in &t.routes {
+            if p.public != cfg.public_key && cfg.allowed_ips.iter().any(|a| a == net) {
+                return Err(Error::Invalid(format!(
+                    "allowed IP {net} is already peer {}'s",
+                    p.public
+                )));
+            }
+        }
+        let index = self.inner.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
+        let peer = Arc::new(Peer {
+            public: cfg.public_key,
+            tunn: Mutex::new(Tunn::new(
+                self.inner.secret.clone(),
+                x25519::PublicKey::from(cfg.public_key.0),
+                None,
+                cfg.persistent_keepalive,
+                index,
+                None,
+            )),
+            endpoint: Mutex::new(cfg.endpoint),
+            allowed: cfg.allowed_ips.clone(),
+            udp_rx: AtomicU64::new(0),
+            relay_rx: AtomicU64::new(0),
+        });
+        remove_from(&mut t, &cfg.public_key);
+        t.by_key.insert(cfg.public_key, peer.clone());
+        t.by_index.insert(index, peer.clone());
+        for net in &cfg.allowed_ips {
+            t.routes.push((net.trunc(), peer.clone()));
+        }
+        t.routes
+            .sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
+        drop(t);
+        if self.inner.routes {
+            for net in &cfg.allowed_ips {
+                let net = net.trunc();
+                if !self.inner.own_nets.iter().any(|o| o.contains(&net)) {
+                    ip(&[
+                        "route",
+                        "replace",
+                        &net.to_string(),
+                        "dev",
+                        &self.inner.name,
+                    ])?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn remove_peer(&self, key: &WgPublic) -> bool {
+        let removed = {
+            let mut t = self.inner.table.write().unwrap();
+            remove_from(&mut t, key)
+        };
+        if let (true, Some(p)) = (self.inner.routes, &removed) {
+            for net in &p.allowed {
+                let net = net.trunc();
+                if !self.inner.own_nets.iter().any(|o| o.contains(&net)) {
+                    let _ = ip(&["route", "del", &net.to_string(), "dev", &self.inner.name]);
+                }
+            }
+        }
+        removed.is_some()
+    }
+
+    /// A datagram that came for this device through the relay, from the twin whose overlay key is
+    /// `from` (the bus authenticated it). It is taken only if its session is `from`'s.
+    pub fn receive_relayed(&self, from: WgPublic, datagram: &[u8]) {
+        thread_local! {
+            static OUT: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; BUF]);
+        }
+        OUT.with(|out| {
+            self.inner
+                .receive(Source::Relay(from), datagram, &mut out.borrow_mut())
+        });
+    }
+
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        let t = self.inner.table.read().unwrap();
+        let now = self.inner.now_ms();
+        let mut v: Vec<PeerStatus> = t
+            .by_key
+            .values()
+            .map(|p| {
+                let (hs, tx, rx, _, _) = p.tunn.lock().unwrap().stats();
+                PeerStatus {
+                    public_key: p.public,
+                    endpoint: *p.endpoint.lock().unwrap(),
+                    allowed_ips: p.allowed.clone(),
+                    path: p.path(now),
+                    last_handshake_s: hs.map(|d| d.as_secs_f64()),
+                    tx_bytes: tx as u64,
+                    rx_bytes: rx as u64,
+                }
+            })
+            .collect();
+        v.sort_by_key(|s| s.public_key);
+        v
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn remove_from(t: &mut Table, key: &WgPublic) -> Option<Arc<Peer>> {
+    let p = t.by_key.remove(key)?;
+    t.by_index.retain(|_, q| !Arc::ptr_eq(q, &p));
+    t.routes.retain(|(_, q)| !Arc::ptr_eq(q, &p));
+    Some(p)
+}
+
+fn setsockopt(s: &UdpSocket, opt: libc::c_int, v: libc::c_int) -> bool {
+    // SAFETY: a valid socket fd and a c_int option value of the right size.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), Error> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(Error::io("ip"))?;
+    if !out.status.success() {
+        return Err(Error::Invalid(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+fn fresh(now: u64, at: u64) -> bool {
+    at != 0 && now + 1 - at < PATH_FRESH.as_millis() as u64
+}
+
+impl Peer {
+    fn path(&self, now: u64) -> Path {
+        if fresh(now, self.udp_rx.load(Ordering::Relaxed)) {
+            Path::Direct
+        } else if fresh(now, self.relay_rx.load(Ordering::Relaxed)) {
+            Path::Relay
+        } else {
+            Path::None
+        }
+    }
+}
+
+impl Inner {
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Sends a datagram by UDP when the peer's datagrams arrive by UDP; otherwise by UDP (if it has
+    /// an endpoint) and through the relay both, until one path proves itself.
+    fn send(&self, peer: &Peer, datagram: &[u8]) {
+        let endpoint = *peer.endpoint.lock().unwrap();
+        let direct = fresh(self.now_ms(), peer.udp_rx.load(Ordering::Relaxed));
+        if let Some(e) = endpoint {
+            // A full socket buffer or an unreachable host loses the datagram, as a wire would.
+            let _ = self.udp.send_to(datagram, e);
+        }
+        if !direct {
+            if let Some(sink) = self.relay.read().unwrap().as_ref() {
+                sink(peer.public, datagram);
+            }
+        }
+    }
+
+    fn route(&self, dst: IpAddr) -> Option<Arc<Peer>> {
+        let t = self.table.read().unwrap();
+        t.routes
+            .iter()
+            .find(|(n, _)| n.contains(&dst))
+            .map(|(_, p)| p.clone())
+    }
+
+    fn tun_loop(&self) {
+        let mut src = vec![0u8; BUF];
+        let mut out = vec![0u8; BUF];
+        let fd = self.tun.as_raw_fd();
+        while !self.stop.load(Ordering::Relaxed) {
+            let n = match self.tun.recv(&mut src) {
+                Ok(n) => n,
+                // Non-blocking, so a busy path costs one read per packet and an idle one wakes
+                // to see a stop.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    readable(fd, 200);
+                    continue;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!(iface = %self.name, "TUN read: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            let packet = &src[..n];
+            let Some(dst) = Tunn::dst_address(packet) else {
+                continue;
+            };
+            let Some(peer) = self.route(dst) else {
+                continue;
+            };
+            let r = peer.tunn.lock().unwrap().encapsulate(packet, &mut out);
+            match r {
+                TunnResult::WriteToNetwork(d) => self.send(&peer, d),
+                TunnResult::Err(e) => tracing::debug!("encapsulate: {e:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    fn udp_loop(&self) {
+        let mut src = vec![0u8; BUF];
+        let mut out = vec![0u8; BUF];
+        while !self.stop.load(Ordering::Relaxed) {
+            let (n, from) = match self.udp.recv_from(&mut src) {
+                Ok(x) => x,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                            // An ICMP unreachable for an earlier send.
+                            | std::io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    tracing::warn!(iface = %self.name, "UDP read: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            self.receive(Source::Udp(from), &src[..n], &mut out);
+        }
+    }
+
+    fn receive(&self, from: Source, datagram: &[u8], out: &mut [u8]) {
+        let src_ip = match &from {
+            Source::Udp(a) => Some(a.ip()),
+            Source::Relay(_) => None,
+        };
+        // Checks the MACs and, under a handshake flood, answers with a cookie instead of doing
+        // the Diffie-Hellman work below.
+        let packet = match self.limiter.verify_packet(src_ip, datagram, out) {
+            Ok(p) => p,
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                if let Source::Udp(a) = from {
+                    let _ = self.udp.send_to(cookie, a);
+                }
+                return;
+            }
+            Err(_) => return,
+        };
+        let peer = {
+            let t = self.table.read().unwrap();
+            match &packet {
+                Packet::HandshakeInit(h) => parse_handshake_anon(&self.secret, &self.public, h)
+                    .ok()
+                    .and_then(|hh| t.by_key.get(&WgPublic(hh.peer_static_public)).cloned()),
+                Packet::HandshakeResponse(p) => t.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+                Packet::PacketCookieReply(p) => t.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+                Packet::PacketData(p) => t.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+            }
+        };
+        let Some(peer) = peer else {
+            return;
+        };
+        if let Source::Relay(k) = &from {
+            if *k != peer.public {
+                return;
+            }
+        }
+        let mut tunn = peer.tunn.lock().unwrap();
+        let r = tunn.decapsulate(src_ip, datagram, out);
+        let authentic = !matches!(r, TunnResult::Err(_));
+        match r {
+            TunnResult::WriteToNetwork(d) => {
+                drop(tunn);
+                self.reply(&from, d);
+                // Packets queued while the handshake ran go out now.
+                let mut more = vec![0u8; BUF];
+                loop {
+                    let r = peer.tunn.lock().unwrap().decapsulate(None, &[], &mut more);
+                    match r {
+                        TunnResult::WriteToNetwork(d) => self.send(&peer, d),
+                        _ => break,
+                    }
+                }
+            }
+            TunnResult::WriteToTunnelV4(p, inner_src) => {
+                drop(tunn);
+                self.deliver(&peer, p, inner_src.into());
+            }
+            TunnResult::WriteToTunnelV6(p, inner_src) => {
+                drop(tunn);
+                self.deliver(&peer, p, inner_src.into());
+            }
+            TunnResult::Done => {}
+            TunnResult::Err(e) => tracing::debug!("decapsulate: {e:?}"),
+        }
+        if authentic {
+            let now = self.now_ms();
+            match from {
+                Source::Udp(a) => {
+                    peer.udp_rx.store(now, Ordering::Relaxed);
+                    // Roaming, as WireGuard does: answer where the peer now is.
+                    let mut e = peer.endpoint.lock().unwrap();
+                    if *e != Some(a) {
+                        *e = Some(a);
+                    }
+                }
+                Source::Relay(_) => peer.relay_rx.store(now, Ordering::Relaxed),
+            }
+        }
+    }
+
+    fn reply(&self, from: &Source, d: &[u8]) {
+        match from {
+            Source::Udp(a) => {
+                let _ = self.udp.send_to(d, a);
+            }
+            Source::Relay(k) => {
+                if let Some(sink) = self.relay.read().unwrap().as_ref() {
+                    sink(*k, d);
+                }
+            }
+        }
+    }
+
+    fn deliver(&self, peer: &Peer, packet: &[u8], inner_src: IpAddr) {
+        if !peer.allowed.iter().any(|n| n.contains(&inner_src)) {
+            tracing::debug!(peer = %peer.public, "dropped a packet from {inner_src}: not its allowed IP");
+            return;
+        }
+        if let Err(e) = self.tun.send(packet) {
+            tracing::debug!("TUN write: {e}");
+        }
+    }
+
+    fn timer_loop(&self) {
+        let mut out = vec![0u8; BUF];
+        let mut last_reset = Instant::now();
+        while !self.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(100));
+            if last_reset.elapsed() >= Duration::from_secs(1) {
+                self.limiter.reset_count();
+                last_reset = Instant::now();
+            }
+            let peers: Vec<Arc<Peer>> = self
+                .table
+                .read()
+                .unwrap()
+                .by_key
+                .values()
+                .cloned()
+                .collect();
+            for p in peers {
+                let r = p.tunn.lock().unwrap().update_timers(&mut out);
+                match r {
+                    TunnResult::WriteToNetwork(d) => self.send(&p, d),
+                    TunnResult::Err(e) => tracing::trace!("timers: {e:?}"),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// Waits up to `ms` for `fd` to be readable.
+fn readable(fd: i32, ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, ms) > 0 }
+}
