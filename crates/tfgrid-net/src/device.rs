@@ -8,6 +8,12 @@
 //! drives `boringtun::noise::Tunn` itself. Two blocking threads carry the packets (TUN to UDP and
 //! UDP to TUN: on two cores, threads in blocking reads beat an async runtime's wake-ups per
 //! packet), and a third runs the protocol timers.
+//!
+//! Per-packet system calls are what cost most, so both directions work in batches: the TUN device
+//! runs with offloads (tun-rs: the kernel hands over up to 64 KiB of a TCP stream at once, which
+//! is cut into MTU-sized packets here, and packets written back are coalesced the same way), and
+//! the UDP socket sends a run of equal-sized datagrams to one peer in one call (UDP GSO) and
+//! receives many per call (recvmmsg, UDP GRO), both through quinn-udp.
 
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
@@ -72,6 +78,11 @@ const PATH_FRESH: Duration = Duration::from_secs(20);
 const SOCKET_BUFFER: libc::c_int = 4 << 20;
 /// Largest datagram read: boringtun needs room for the packet plus 32 bytes, and 148 at least.
 const BUF: usize = 65536;
+/// Largest payload of one GSO send (a UDP datagram's 65,507 bytes, rounded down).
+const GSO_MAX_BYTES: usize = 65000;
+/// Packets per batch in each direction.
+const BATCH: usize = 64;
+const HDR: usize = tun_rs::VIRTIO_NET_HDR_LEN;
 
 struct Peer {
     public: WgPublic,
@@ -98,6 +109,8 @@ struct Inner {
     public: x25519::PublicKey,
     tun: tun_rs::SyncDevice,
     udp: UdpSocket,
+    udp_state: quinn_udp::UdpSocketState,
+    mtu: usize,
     table: RwLock<Table>,
     limiter: RateLimiter,
     relay: RwLock<Option<RelaySink>>,
@@ -130,6 +143,7 @@ impl Device {
         let mut b = tun_rs::DeviceBuilder::new()
             .name(&opts.name)
             .mtu(opts.mtu)
+            .offload(true)
             .enable(true);
         let mut v4 = 0;
         for a in &opts.addresses {
@@ -163,9 +177,12 @@ impl Device {
                 setsockopt(&udp, plain, SOCKET_BUFFER);
             }
         }
-        // The readers wake this often to see a stop.
-        udp.set_read_timeout(Some(Duration::from_millis(200)))
-            .map_err(Error::io("UDP timeout"))?;
+        let udp_state = quinn_udp::UdpSocketState::new((&udp).into())
+            .map_err(Error::io("UDP socket options"))?;
+        // quinn-udp's recvmmsg waits for a whole batch on a blocking socket; non-blocking, a
+        // reader takes what is there and polls when nothing is (waking to see a stop).
+        udp.set_nonblocking(true)
+            .map_err(Error::io("UDP non-blocking"))?;
         let secret = opts.secret.x25519();
         let public = x25519::PublicKey::from(&secret);
         let mut first = [0u8; 4];
@@ -177,6 +194,8 @@ impl Device {
             public,
             tun,
             udp,
+            udp_state,
+            mtu: opts.mtu as usize,
             table: RwLock::new(Table::default()),
             relay: RwLock::new(None),
             // boringtun keeps the low 8 bits of a session index for itself.
@@ -306,11 +325,15 @@ impl Device {
     /// `from` (the bus authenticated it). It is taken only if its session is `from`'s.
     pub fn receive_relayed(&self, from: WgPublic, datagram: &[u8]) {
         thread_local! {
-            static OUT: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; BUF]);
+            static OUT: std::cell::RefCell<(Vec<u8>, tun_rs::GROTable)> =
+                std::cell::RefCell::new((vec![0u8; BUF], tun_rs::GROTable::default()));
         }
-        OUT.with(|out| {
-            self.inner
-                .receive(Source::Relay(from), datagram, &mut out.borrow_mut())
+        OUT.with(|o| {
+            let (out, gro) = &mut *o.borrow_mut();
+            if let Some(n) = self.inner.receive(Source::Relay(from), datagram, out) {
+                let mut one = [packet_buf(&out[..n])];
+                self.inner.write_tun(gro, &mut one);
+            }
         });
     }
 
@@ -387,6 +410,16 @@ fn fresh(now: u64, at: u64) -> bool {
 }
 
 impl Peer {
+    /// Cryptokey routing: a packet is taken from a peer only from one of its allowed IPs.
+    fn admits(&self, len: usize, inner_src: IpAddr) -> Option<usize> {
+        if self.allowed.iter().any(|n| n.contains(&inner_src)) {
+            Some(len)
+        } else {
+            tracing::debug!(peer = %self.public, "dropped a packet from {inner_src}: not its allowed IP");
+            None
+        }
+    }
+
     fn path(&self, now: u64) -> Path {
         if fresh(now, self.udp_rx.load(Ordering::Relaxed)) {
             Path::Direct
@@ -428,13 +461,16 @@ impl Inner {
     }
 
     fn tun_loop(&self) {
-        let mut src = vec![0u8; BUF];
-        let mut out = vec![0u8; BUF];
+        let mut orig = vec![0u8; HDR + 65535];
+        let mut segs = vec![vec![0u8; self.mtu + 64]; BATCH];
+        let mut sizes = vec![0usize; BATCH];
+        let mut scratch = vec![0u8; BUF];
+        let mut run = Run::default();
         let fd = self.tun.as_raw_fd();
         while !self.stop.load(Ordering::Relaxed) {
-            let n = match self.tun.recv(&mut src) {
+            let n = match self.tun.recv_multiple(&mut orig, &mut segs, &mut sizes, 0) {
                 Ok(n) => n,
-                // Non-blocking, so a busy path costs one read per packet and an idle one wakes
+                // Non-blocking, so a busy path costs one read per batch and an idle one wakes
                 // to see a stop.
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     readable(fd, 200);
@@ -447,28 +483,91 @@ impl Inner {
                     continue;
                 }
             };
-            let packet = &src[..n];
-            let Some(dst) = Tunn::dst_address(packet) else {
-                continue;
-            };
-            let Some(peer) = self.route(dst) else {
-                continue;
-            };
-            let r = peer.tunn.lock().unwrap().encapsulate(packet, &mut out);
-            match r {
-                TunnResult::WriteToNetwork(d) => self.send(&peer, d),
-                TunnResult::Err(e) => tracing::debug!("encapsulate: {e:?}"),
-                _ => {}
+            for (seg, &len) in segs.iter().zip(&sizes).take(n) {
+                let packet = &seg[..len];
+                let Some(dst) = Tunn::dst_address(packet) else {
+                    continue;
+                };
+                let Some(peer) = self.route(dst) else {
+                    continue;
+                };
+                let r = peer.tunn.lock().unwrap().encapsulate(packet, &mut scratch);
+                match r {
+                    TunnResult::WriteToNetwork(d) => self.queue(&mut run, &peer, d),
+                    TunnResult::Err(e) => tracing::debug!("encapsulate: {e:?}"),
+                    _ => {}
+                }
             }
+            self.flush(&mut run);
         }
     }
 
+    /// Adds a datagram to the run of equal-sized datagrams to one address that goes out in one
+    /// GSO send; what is not direct also goes to the relay.
+    fn queue(&self, run: &mut Run, peer: &Arc<Peer>, d: &[u8]) {
+        let endpoint = *peer.endpoint.lock().unwrap();
+        let direct = fresh(self.now_ms(), peer.udp_rx.load(Ordering::Relaxed));
+        if !direct {
+            if let Some(sink) = self.relay.read().unwrap().as_ref() {
+                sink(peer.public, d);
+            }
+        }
+        let Some(e) = endpoint else {
+            return;
+        };
+        let fits = run.takes(e, d.len(), self.udp_state.max_gso_segments());
+        if !fits {
+            self.flush(run);
+            run.dest = Some(e);
+            run.seg = d.len();
+        }
+        run.buf.extend_from_slice(d);
+        run.count += 1;
+    }
+
+    fn flush(&self, run: &mut Run) {
+        if let (Some(dest), false) = (run.dest, run.buf.is_empty()) {
+            let t = quinn_udp::Transmit {
+                destination: dest,
+                ecn: None,
+                contents: &run.buf,
+                segment_size: (run.count > 1).then_some(run.seg),
+                src_ip: None,
+            };
+            let mut r = self.udp_state.try_send((&self.udp).into(), &t);
+            if matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock) {
+                // A full send buffer: wait for room briefly (back pressure on the TUN reader,
+                // so TCP slows down) rather than drop a whole run.
+                writable(self.udp.as_raw_fd(), 10);
+                r = self.udp_state.try_send((&self.udp).into(), &t);
+            }
+            // What still fails (an unreachable host, no room) is lost, as on a wire.
+            if let Err(e) = r {
+                tracing::debug!("UDP send of {} bytes to {dest}: {e}", run.buf.len());
+            }
+        }
+        run.buf.clear();
+        run.count = 0;
+        run.dest = None;
+    }
+
     fn udp_loop(&self) {
-        let mut src = vec![0u8; BUF];
-        let mut out = vec![0u8; BUF];
+        let per = BATCH.min(quinn_udp::BATCH_SIZE);
+        let mut bufs = vec![vec![0u8; BUF]; per];
+        let mut meta = vec![quinn_udp::RecvMeta::default(); per];
+        let mut scratch = vec![0u8; BUF];
+        let mut out: Vec<Vec<u8>> = (0..BATCH).map(|_| packet_buf(&[])).collect();
+        let mut gro = tun_rs::GROTable::default();
         while !self.stop.load(Ordering::Relaxed) {
-            let (n, from) = match self.udp.recv_from(&mut src) {
-                Ok(x) => x,
+            let mut slices: Vec<std::io::IoSliceMut> = bufs
+                .iter_mut()
+                .map(|b| std::io::IoSliceMut::new(b))
+                .collect();
+            let n = match self
+                .udp_state
+                .recv((&self.udp).into(), &mut slices, &mut meta)
+            {
+                Ok(n) => n,
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -487,11 +586,41 @@ impl Inner {
                     continue;
                 }
             };
-            self.receive(Source::Udp(from), &src[..n], &mut out);
+            drop(slices);
+            let mut k = 0;
+            for (b, m) in bufs.iter().zip(&meta).take(n) {
+                // With GRO one buffer holds several datagrams of `stride` bytes.
+                for d in b[..m.len].chunks(m.stride.max(1)) {
+                    if let Some(len) = self.receive(Source::Udp(m.addr), d, &mut scratch) {
+                        out[k].truncate(HDR);
+                        out[k].extend_from_slice(&scratch[..len]);
+                        k += 1;
+                        if k == out.len() {
+                            self.write_tun(&mut gro, &mut out[..k]);
+                            k = 0;
+                        }
+                    }
+                }
+            }
+            if k > 0 {
+                self.write_tun(&mut gro, &mut out[..k]);
+            }
         }
     }
 
-    fn receive(&self, from: Source, datagram: &[u8], out: &mut [u8]) {
+    /// Writes packets (each after `HDR` bytes of room) to the TUN device, coalescing segments of
+    /// one TCP stream into one write.
+    fn write_tun(&self, gro: &mut tun_rs::GROTable, bufs: &mut [Vec<u8>]) {
+        if let Err(e) = self.tun.send_multiple(gro, bufs, HDR) {
+            tracing::debug!("TUN write: {e}");
+        }
+        for b in bufs.iter_mut() {
+            b.truncate(HDR);
+        }
+    }
+
+    /// Handles one datagram; returns the length of a packet for the TUN device left in `out`.
+    fn receive(&self, from: Source, datagram: &[u8], out: &mut [u8]) -> Option<usize> {
         let src_ip = match &from {
             Source::Udp(a) => Some(a.ip()),
             Source::Relay(_) => None,
@@ -504,9 +633,9 @@ impl Inner {
                 if let Source::Udp(a) = from {
                     let _ = self.udp.send_to(cookie, a);
                 }
-                return;
+                return None;
             }
-            Err(_) => return,
+            Err(_) => return None,
         };
         let peer = {
             let t = self.table.read().unwrap();
@@ -519,17 +648,16 @@ impl Inner {
                 Packet::PacketData(p) => t.by_index.get(&(p.receiver_idx >> 8)).cloned(),
             }
         };
-        let Some(peer) = peer else {
-            return;
-        };
+        let peer = peer?;
         if let Source::Relay(k) = &from {
             if *k != peer.public {
-                return;
+                return None;
             }
         }
         let mut tunn = peer.tunn.lock().unwrap();
         let r = tunn.decapsulate(src_ip, datagram, out);
         let authentic = !matches!(r, TunnResult::Err(_));
+        let mut delivered = None;
         match r {
             TunnResult::WriteToNetwork(d) => {
                 drop(tunn);
@@ -545,12 +673,10 @@ impl Inner {
                 }
             }
             TunnResult::WriteToTunnelV4(p, inner_src) => {
-                drop(tunn);
-                self.deliver(&peer, p, inner_src.into());
+                delivered = peer.admits(p.len(), inner_src.into());
             }
             TunnResult::WriteToTunnelV6(p, inner_src) => {
-                drop(tunn);
-                self.deliver(&peer, p, inner_src.into());
+                delivered = peer.admits(p.len(), inner_src.into());
             }
             TunnResult::Done => {}
             TunnResult::Err(e) => tracing::debug!("decapsulate: {e:?}"),
@@ -569,6 +695,7 @@ impl Inner {
                 Source::Relay(_) => peer.relay_rx.store(now, Ordering::Relaxed),
             }
         }
+        delivered
     }
 
     fn reply(&self, from: &Source, d: &[u8]) {
@@ -581,16 +708,6 @@ impl Inner {
                     sink(*k, d);
                 }
             }
-        }
-    }
-
-    fn deliver(&self, peer: &Peer, packet: &[u8], inner_src: IpAddr) {
-        if !peer.allowed.iter().any(|n| n.contains(&inner_src)) {
-            tracing::debug!(peer = %peer.public, "dropped a packet from {inner_src}: not its allowed IP");
-            return;
-        }
-        if let Err(e) = self.tun.send(packet) {
-            tracing::debug!("TUN write: {e}");
         }
     }
 
@@ -623,13 +740,97 @@ impl Inner {
     }
 }
 
+/// Datagrams waiting to go to one address in one send.
+#[derive(Default)]
+struct Run {
+    dest: Option<SocketAddr>,
+    seg: usize,
+    count: usize,
+    buf: Vec<u8>,
+}
+
+impl Run {
+    /// Whether a datagram of `len` bytes to `dest` can join this run: same address, room for one
+    /// more segment, no longer than the run's segment size, and only the last may be shorter.
+    fn takes(&self, dest: SocketAddr, len: usize, max_segments: usize) -> bool {
+        self.dest == Some(dest)
+            && self.count < max_segments
+            // One GSO send is one UDP datagram to the kernel: 64 KiB at most.
+            && self.buf.len() + len <= GSO_MAX_BYTES
+            && len <= self.seg
+            && self.buf.len().is_multiple_of(self.seg)
+    }
+}
+
+/// A TUN write buffer: `HDR` bytes of room for the offload header, then the packet.
+fn packet_buf(packet: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(HDR + 2048);
+    v.resize(HDR, 0);
+    v.extend_from_slice(packet);
+    v
+}
+
 /// Waits up to `ms` for `fd` to be readable.
 fn readable(fd: i32, ms: i32) -> bool {
+    wait(fd, libc::POLLIN, ms)
+}
+
+fn writable(fd: i32, ms: i32) -> bool {
+    wait(fd, libc::POLLOUT, ms)
+}
+
+fn wait(fd: i32, events: libc::c_short, ms: i32) -> bool {
     let mut p = libc::pollfd {
         fd,
-        events: libc::POLLIN,
+        events,
         revents: 0,
     };
     // SAFETY: one valid pollfd.
     unsafe { libc::poll(&mut p, 1, ms) > 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gso_runs_stay_within_what_the_kernel_takes() {
+        let dest: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let other: SocketAddr = "192.0.2.2:51820".parse().unwrap();
+        let mut run = Run::default();
+        let mut sends = Vec::new();
+        let mut push = |run: &mut Run, to: SocketAddr, len: usize| {
+            if !run.takes(to, len, 64) {
+                if !run.buf.is_empty() {
+                    sends.push((run.dest, run.seg, run.count, run.buf.len()));
+                }
+                *run = Run {
+                    dest: Some(to),
+                    seg: len,
+                    ..Run::default()
+                };
+            }
+            run.buf.extend(std::iter::repeat_n(0u8, len));
+            run.count += 1;
+        };
+        // A TSO burst of 60 full packets, a short tail, then another peer.
+        for _ in 0..60 {
+            push(&mut run, dest, 1452);
+        }
+        push(&mut run, dest, 200);
+        push(&mut run, dest, 1452);
+        push(&mut run, other, 1452);
+        let sends_len = sends.len();
+        assert!(sends_len >= 3, "{sends:?}");
+        for (_, seg, count, bytes) in &sends {
+            assert!(*bytes <= GSO_MAX_BYTES, "{sends:?}");
+            assert!(
+                *bytes <= seg * count && *bytes > seg * (count - 1),
+                "{sends:?}"
+            );
+        }
+        // 44 full packets fit in 64 KiB; the burst is cut there, not at 64 segments.
+        assert_eq!(sends[0].2, 44);
+        assert_eq!(sends[0].3, 44 * 1452);
+    }
 }

@@ -37,6 +37,8 @@ pub enum BenchCmd {
     Heal(crate::bench_grid::HealBench),
     /// The gateway proxy: large downloads (throughput, peak memory) and failover latency.
     Gateway(crate::bench_gateway::GatewayBench),
+    /// Overlay throughput and latency between two hosts: plain, ours, wireguard-go (root).
+    Net(crate::bench_net::NetBench),
 }
 
 #[derive(Args)]
@@ -81,6 +83,7 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Deploy(b) => crate::bench_grid::deploy(b).await,
         BenchCmd::Heal(b) => crate::bench_grid::heal(b).await,
         BenchCmd::Gateway(b) => crate::bench_gateway::run(b).await,
+        BenchCmd::Net(b) => tokio::task::spawn_blocking(move || crate::bench_net::run(b)).await?,
     }
 }
 

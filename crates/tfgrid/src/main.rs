@@ -3,6 +3,7 @@
 mod bench;
 mod bench_gateway;
 mod bench_grid;
+mod bench_net;
 mod bench_node;
 mod bench_zdb;
 mod bot_cmd;
