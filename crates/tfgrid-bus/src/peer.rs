@@ -26,6 +26,9 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 pub type Handler =
     Arc<dyn Fn(TwinId, Vec<u8>) -> BoxFuture<'static, Result<Vec<u8>, String>> + Send + Sync>;
 
+/// Takes a one-way message: the sender's twin and the payload. Nothing is answered.
+pub type Notify = Arc<dyn Fn(TwinId, Vec<u8>) + Send + Sync>;
+
 /// Connects to `url` and answers its challenge as `twin`. Returns the authenticated socket halves.
 /// Also returns the relay's own twin id, which it signs its error envelopes with.
 pub async fn open(
@@ -35,7 +38,8 @@ pub async fn open(
 ) -> Result<(SplitSink<Ws, Message>, SplitStream<Ws>, TwinId), BusError> {
     let (ws, _) = tokio::time::timeout(
         Duration::from_secs(5),
-        tokio_tungstenite::connect_async(url),
+        // Small frames (calls, relayed datagrams) must not wait for Nagle's algorithm.
+        tokio_tungstenite::connect_async_with_config(url, None, true),
     )
     .await
     .map_err(|_| BusError::Auth(format!("connect {url}: no answer within 5 s")))?
@@ -137,6 +141,7 @@ struct Inner {
     relay_twin: Mutex<Option<TwinId>>,
     pending: Mutex<HashMap<u64, Pending>>,
     handlers: std::sync::RwLock<HashMap<String, Handler>>,
+    notifies: std::sync::RwLock<HashMap<String, Notify>>,
     shared: Mutex<HashMap<TwinId, (tfgrid_core::records::X25519Key, SharedKey)>>,
     /// (source, id) of every envelope accepted and not yet expired: a second copy (a relay
     /// replaying it) is dropped.
@@ -173,6 +178,7 @@ impl Peer {
             relay_twin: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
             handlers: Default::default(),
+            notifies: Default::default(),
             shared: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
             connected,
@@ -238,6 +244,46 @@ impl Peer {
                     .map_err(|e| format!("{name}: cannot encode the answer: {e}"))
             }
         });
+    }
+
+    /// Takes one-way messages for `cmd` (see [`notify`](Self::notify)): authenticated like any
+    /// envelope, never answered, not even with an error.
+    pub fn on_notify<F>(&self, cmd: &str, f: F)
+    where
+        F: Fn(TwinId, Vec<u8>) + Send + Sync + 'static,
+    {
+        self.inner
+            .notifies
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(cmd.to_string(), Arc::new(f));
+    }
+
+    /// Sends a one-way message (sealed when `dst` has an encryption key; signed otherwise) valid
+    /// for `ttl`. For traffic that carries its own acknowledgements, such as the overlay's
+    /// relayed WireGuard datagrams: an answer per message would double the load.
+    pub async fn notify(
+        &self,
+        dst: TwinId,
+        cmd: &str,
+        payload: &[u8],
+        ttl: Duration,
+    ) -> Result<(), BusError> {
+        let inner = &self.inner;
+        let key = inner.shared_key(dst).await?;
+        let header = Header {
+            id: random_id(),
+            src: inner.twin,
+            dst,
+            cmd: cmd.to_string(),
+            expiry: now_millis() + ttl.as_millis() as u64,
+            reply_to: None,
+        };
+        let env = match &key {
+            Some(k) => Envelope::sealed(header, k, payload),
+            None => Envelope::new(&inner.id, header, Body::Plain(payload.to_vec())),
+        };
+        inner.send(Frame::Envelope(env)).await
     }
 
     /// [`call`](Self::call) with a JSON request and a typed JSON answer.
@@ -398,6 +444,18 @@ impl Inner {
                 if let Some((_, tx)) = pending.remove(&req) {
                     let _ = tx.send(opened);
                 }
+            }
+            return;
+        }
+        let notify = self
+            .notifies
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&h.cmd)
+            .cloned();
+        if let Some(f) = notify {
+            if let Ok(payload) = opened {
+                f(h.src, payload);
             }
             return;
         }

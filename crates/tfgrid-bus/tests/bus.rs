@@ -687,3 +687,41 @@ async fn unauthenticated_connections_are_bounded_and_time_out() {
     let (p, _) = peer(&net, &relay).await;
     assert!(p.connected(T).await.is_ok());
 }
+
+#[tokio::test]
+async fn notifications_are_one_way_sealed_and_unanswered() {
+    let net = registry().await;
+    let (tap_tx, mut tap) = mpsc::unbounded_channel();
+    let relay = start_relay(&net, Some(tap_tx)).await;
+    let (a, _) = peer(&net, &relay).await;
+    let (b, _) = peer(&net, &relay).await;
+    let (got_tx, mut got) = mpsc::unbounded_channel();
+    b.on_notify("net.wg", move |src, payload| {
+        let _ = got_tx.send((src, payload));
+    });
+    for i in 0..3u8 {
+        a.notify(b.twin(), "net.wg", &[i; 100], T).await.unwrap();
+    }
+    // Each envelope is handled in its own task, so their order is not promised.
+    let mut all = Vec::new();
+    for _ in 0..3u8 {
+        let (src, payload) = tokio::time::timeout(T, got.recv()).await.unwrap().unwrap();
+        assert_eq!(src, a.twin());
+        all.push(payload);
+    }
+    all.sort();
+    assert_eq!(all, (0..3u8).map(|i| vec![i; 100]).collect::<Vec<_>>());
+    // The relay carried three sealed envelopes and nothing came back.
+    for _ in 0..3 {
+        let env = tap.recv().await.unwrap();
+        assert_eq!(env.header.src, a.twin());
+        assert!(matches!(env.body, Body::Sealed { .. }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(tap.try_recv().is_err(), "a notification was answered");
+    // A call to a one-way command gets no answer either (it times out).
+    let r = a
+        .call(b.twin(), "net.wg", b"x", Duration::from_millis(300))
+        .await;
+    assert!(matches!(r, Err(BusError::Timeout(_))), "{r:?}");
+}

@@ -147,6 +147,10 @@ impl Lab {
         Ipv4Addr::new(198, 18, self.third, i as u8)
     }
 
+    fn wan_net(&self) -> String {
+        format!("198.18.{}.0/24", self.third)
+    }
+
     fn add_ns(&mut self, ns: &str) -> Result<(), Error> {
         ip(&["netns", "add", ns])?;
         self.namespaces.push(ns.to_string());
@@ -178,17 +182,9 @@ impl Lab {
         let host = match kind {
             HostKind::Public | HostKind::UdpBlocked => {
                 let addr = self.wan(10 + i);
+                // No default route: the WAN's /24 is all a host can reach, so nothing a test runs
+                // can send a packet past the lab.
                 self.uplink(&ns, &format!("h{i}"), "eth0", addr)?;
-                ip(&[
-                    "-n",
-                    &ns,
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &self.wan(1).to_string(),
-                ])
-                .or_else(|_| ip(&["-n", &ns, "route", "add", "default", "dev", "eth0"]))?;
                 if kind == HostKind::UdpBlocked {
                     nft(
                         &ns,
@@ -242,7 +238,7 @@ impl Lab {
                     &ns,
                     "route",
                     "add",
-                    "default",
+                    &self.wan_net(),
                     "via",
                     &lan.to_string(),
                 ])?;
@@ -297,7 +293,7 @@ impl Lab {
             "veth",
             "peer",
             "name",
-            "m",
+            "machine0",
             "netns",
             &self.wan_ns,
         ])?;
@@ -306,7 +302,7 @@ impl Lab {
             &self.wan_ns,
             "link",
             "set",
-            "m",
+            "machine0",
             "master",
             "wan",
             "up",

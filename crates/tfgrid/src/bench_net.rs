@@ -127,6 +127,17 @@ fn conf(
 }
 
 fn ours(lab: &Lab, h: &Host, dir: &std::path::Path, name: &str, text: String) -> Result<Killed> {
+    ours_with(lab, h, dir, name, text, &[])
+}
+
+fn ours_with(
+    lab: &Lab,
+    h: &Host,
+    dir: &std::path::Path,
+    name: &str,
+    text: String,
+    extra: &[String],
+) -> Result<Killed> {
     let f = dir.join(format!("{name}.conf"));
     std::fs::write(&f, text)?;
     let exe = std::env::current_exe()?;
@@ -134,6 +145,7 @@ fn ours(lab: &Lab, h: &Host, dir: &std::path::Path, name: &str, text: String) ->
         .command(h, exe.to_str().context("exe path")?)
         .args(["net", "run", "--name", name, "--config"])
         .arg(&f)
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;
@@ -203,6 +215,7 @@ pub fn run(b: NetBench) -> Result<()> {
     let mut lab = Lab::new()?;
     let a = lab.add_host("a", HostKind::Public)?;
     let h = lab.add_host("b", HostKind::Public)?;
+    let r = lab.add_host("r", HostKind::UdpBlocked)?;
     println!(
         "net: two hosts on a veth WAN; iperf3 1 TCP stream for {} s, {} pings 5 ms apart, overlay MTU {}",
         b.seconds, b.pings, b.mtu
@@ -294,11 +307,137 @@ pub fn run(b: NetBench) -> Result<()> {
         measure(&lab, &a, &h, "10.78.0.2", &b)?
     };
     print("wireguard-go (Debian)", &wg);
+
+    let rel = relayed(&mut lab, &a, &r, dir.path(), &b)?;
+    print("tfgrid overlay, relayed", &rel);
     println!(
         "  overlay / wireguard-go: throughput {:.2}x, rtt p50 {:.2}x; overlay adds {:.3} ms p50 over the baseline",
         ov.gbit / wg.gbit,
         ov.rtt_p50_ms / wg.rtt_p50_ms,
         ov.rtt_p50_ms - base.rtt_p50_ms
     );
+    println!(
+        "  relayed / direct: throughput {:.2}x; relayed adds {:.3} ms p50 over the baseline",
+        rel.gbit / ov.gbit,
+        rel.rtt_p50_ms - base.rtt_p50_ms
+    );
     Ok(())
+}
+
+/// Our overlay between `a` and a host whose UDP is blocked, so every datagram goes through a
+/// relay (and a registry for the twins) on the machine.
+fn relayed(
+    lab: &mut Lab,
+    a: &Host,
+    r: &Host,
+    dir: &std::path::Path,
+    b: &NetBench,
+) -> Result<Figures> {
+    let exe = std::env::current_exe()?;
+    let m = lab.connect_machine()?;
+    let port =
+        |ip| -> Result<u16> { Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port()) };
+    let reg_addr = format!("{m}:{}", port(m)?);
+    let reg = format!("http://{reg_addr}");
+    let _registry = Killed(
+        Command::new(&exe)
+            .args(["registry", "--listen", &reg_addr, "--data"])
+            .arg(dir.join("registry"))
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let relay_addr = format!("{m}:{}", port(m)?);
+    let relay = format!("ws://{relay_addr}/");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(&reg_addr).is_err() {
+        if Instant::now() > deadline {
+            bail!("the registry never listened");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _relay = Killed(
+        Command::new(&exe)
+            .args([
+                "relay",
+                "--listen",
+                &relay_addr,
+                "--registry",
+                &reg,
+                "--key",
+            ])
+            .arg(dir.join("relay.key"))
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    while std::net::TcpStream::connect(&relay_addr).is_err() {
+        if Instant::now() > deadline {
+            bail!("the relay never listened");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let twin = |name: &str| -> Result<u32> {
+        let key = dir.join(format!("{name}.key"));
+        let mut c = Command::new(&exe);
+        c.args(["key", "new", "--key"]).arg(&key);
+        out(c)?;
+        let mut c = Command::new(&exe);
+        c.args([
+            "twin",
+            "register",
+            "--registry",
+            &reg,
+            "--relay",
+            &relay,
+            "--key",
+        ])
+        .arg(&key);
+        Ok(out(c)?.trim().trim_start_matches("twin id: ").parse()?)
+    };
+    let (ta, tr) = (twin("ra")?, twin("rr")?);
+    let (ka, kr) = (WgSecret::generate(), WgSecret::generate());
+    let bus = |name: &str, peer: &WgSecret, t: u32| -> Vec<String> {
+        vec![
+            "--relay".into(),
+            relay.clone(),
+            "--registry".into(),
+            reg.clone(),
+            "--key".into(),
+            dir.join(format!("{name}.key")).display().to_string(),
+            "--peer-twin".into(),
+            format!("{}={t}", peer.public()),
+        ]
+    };
+    let _x = ours_with(
+        lab,
+        a,
+        dir,
+        "tfrelay",
+        conf(
+            &ka,
+            "10.79.0.1",
+            51850,
+            &kr,
+            format!("{}:51850", r.addr),
+            "10.79.0.2",
+            b.mtu,
+        ),
+        &bus("ra", &kr, tr),
+    )?;
+    let _y = ours_with(
+        lab,
+        r,
+        dir,
+        "tfrelay",
+        conf(
+            &kr,
+            "10.79.0.2",
+            51850,
+            &ka,
+            format!("{}:51850", a.addr),
+            "10.79.0.1",
+            b.mtu,
+        ),
+        &bus("rr", &ka, ta),
+    )?;
+    measure(lab, a, r, "10.79.0.2", b)
 }

@@ -50,6 +50,11 @@ pub async fn start_relay(
         tap: None,
     });
     let server = tokio::spawn(async move {
+        use axum::serve::ListenerExt;
+        // Small frames (calls, relayed datagrams) must not wait for Nagle's algorithm.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         if let Err(e) = axum::serve(listener, router).await {
             tracing::error!("relay stopped: {e}");
         }

@@ -3,11 +3,22 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use std::collections::HashMap;
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
-use tfgrid_net::{Config, Device, DeviceOptions, WgSecret};
+use tfgrid_bus::peer::ensure_registered;
+use tfgrid_bus::{Peer, PeerConfig};
+use tfgrid_core::Identity;
+use tfgrid_net::{Config, Device, DeviceOptions, RelaySink, WgPublic, WgSecret};
+use tfgrid_registry_client::{RegistryClient, TwinSigner};
+
+/// The bus command that carries WireGuard datagrams (one-way, sealed).
+const WG_CMD: &str = "net.wg";
+/// Datagrams waiting for the bus; past this they are dropped, as a full link drops them.
+const RELAY_QUEUE: usize = 4096;
 
 #[derive(Subcommand)]
 pub enum NetCmd {
@@ -31,6 +42,28 @@ pub struct RunArgs {
     /// Rewrite this file with the peers' state (JSON) every second.
     #[arg(long)]
     status: Option<PathBuf>,
+    /// Relay (bus) URL: datagrams for peers that UDP does not reach go through it, sealed for
+    /// the peer's twin. Needs --registry, --key and a --peer-twin for each such peer.
+    #[arg(long, requires_all = ["registry", "key"])]
+    relay: Option<String>,
+    #[arg(long, env = "TFGRID_REGISTRY")]
+    registry: Option<String>,
+    /// This side's twin key (created if missing) for the bus.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// `PUBLIC_KEY=TWIN`: the twin that speaks for a peer's WireGuard key on the bus. Relayed
+    /// datagrams are taken from a twin only as its own peer's.
+    #[arg(long = "peer-twin", value_parser = parse_peer_twin)]
+    peer_twins: Vec<(WgPublic, u32)>,
+}
+
+fn parse_peer_twin(s: &str) -> Result<(WgPublic, u32), String> {
+    let (k, t) = s
+        .rsplit_once('=')
+        .ok_or_else(|| format!("{s:?}: expected PUBLIC_KEY=TWIN"))?;
+    let key: WgPublic = k.parse().map_err(|e| format!("{e}"))?;
+    let twin = t.parse().map_err(|e| format!("twin {t:?}: {e}"))?;
+    Ok((key, twin))
 }
 
 pub async fn run(cmd: NetCmd) -> Result<()> {
@@ -69,15 +102,22 @@ async fn run_device(a: RunArgs) -> Result<()> {
         dev.set_peer(p)
             .with_context(|| format!("peer {}", p.public_key))?;
     }
+    let dev = Arc::new(dev);
+    let bus = match &a.relay {
+        Some(relay) => Some(relay_path(&a, relay, &dev).await?),
+        None => None,
+    };
     println!(
-        "tfgrid net: {} up, public key {}, UDP port {}, {} peers",
+        "tfgrid net: {} up, public key {}, UDP port {}, {} peers{}",
         dev.name(),
         dev.public_key(),
         dev.listen_port(),
-        cfg.peers.len()
+        cfg.peers.len(),
+        bus.as_ref()
+            .map(|p| format!(", relay as twin {}", p.twin()))
+            .unwrap_or_default()
     );
     let status = a.status.clone();
-    let dev = std::sync::Arc::new(dev);
     let d2 = dev.clone();
     let writer = tokio::spawn(async move {
         let Some(path) = status else { return };
@@ -93,7 +133,60 @@ async fn run_device(a: RunArgs) -> Result<()> {
     crate::shutdown_signal().await;
     writer.abort();
     let _ = writer.await;
+    dev.set_relay(None);
+    drop(bus);
     // The device's threads stop and the interface goes with its file descriptor.
     drop(dev);
     Ok(())
+}
+
+/// Joins the bus and makes it the device's relayed path: datagrams for a peer go to its twin as
+/// one-way sealed messages, and messages from a peer's twin are fed to the device as that peer's.
+async fn relay_path(a: &RunArgs, relay: &str, dev: &Arc<Device>) -> Result<Peer> {
+    let (registry, key) = (
+        a.registry.as_deref().context("--relay needs --registry")?,
+        a.key.as_deref().context("--relay needs --key")?,
+    );
+    let (identity, _) = Identity::load_or_generate(key)?;
+    let client = RegistryClient::new(registry);
+    let twin = ensure_registered(&TwinSigner::new(identity.clone(), client.clone()), relay)
+        .await
+        .context("registering the twin")?;
+    let peer = Peer::start(PeerConfig {
+        identity,
+        twin,
+        relay_url: relay.to_string(),
+        registry: client,
+    });
+    peer.connected(Duration::from_secs(10))
+        .await
+        .with_context(|| format!("connecting to the relay {relay}"))?;
+    let twin_of: HashMap<WgPublic, u32> = a.peer_twins.iter().copied().collect();
+    let key_of: HashMap<u32, WgPublic> = a.peer_twins.iter().map(|(k, t)| (*t, *k)).collect();
+    let d = dev.clone();
+    peer.on_notify(WG_CMD, move |src, datagram| {
+        if let Some(k) = key_of.get(&src) {
+            d.receive_relayed(*k, &datagram);
+        }
+    });
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u32, Vec<u8>)>(RELAY_QUEUE);
+    let sink: RelaySink = Arc::new(move |key, datagram| {
+        if let Some(t) = twin_of.get(&key) {
+            // Called on the data path: never wait for the bus.
+            let _ = tx.try_send((*t, datagram.to_vec()));
+        }
+    });
+    dev.set_relay(Some(sink));
+    let p = peer.clone();
+    tokio::spawn(async move {
+        while let Some((twin, datagram)) = rx.recv().await {
+            if let Err(e) = p
+                .notify(twin, WG_CMD, &datagram, Duration::from_secs(5))
+                .await
+            {
+                tracing::debug!("relaying a datagram to twin {twin}: {e}");
+            }
+        }
+    });
+    Ok(peer)
 }

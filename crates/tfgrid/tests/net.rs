@@ -36,6 +36,17 @@ impl Drop for Killed {
 
 /// `tfgrid net run` on `host` with `config`; returns once it says it is up.
 fn overlay(lab: &Lab, host: &Host, dir: &Path, name: &str, config: &str) -> Killed {
+    overlay_with(lab, host, dir, name, config, &[])
+}
+
+fn overlay_with(
+    lab: &Lab,
+    host: &Host,
+    dir: &Path,
+    name: &str,
+    config: &str,
+    extra: &[String],
+) -> Killed {
     let file = dir.join(format!("{name}.conf"));
     std::fs::write(&file, config).unwrap();
     let mut child = lab
@@ -44,6 +55,7 @@ fn overlay(lab: &Lab, host: &Host, dir: &Path, name: &str, config: &str) -> Kill
         .arg(&file)
         .arg("--status")
         .arg(dir.join(format!("{name}.json")))
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
         .spawn()
@@ -381,4 +393,156 @@ fn two_overlays_across_a_nat_and_cryptokey_routing() {
     // b still reaches a.
     assert!(pings(&lab, &b, "10.99.0.1"), "b -> a after c");
     assert!(delivered() > before);
+}
+
+/// A free TCP port on `ip` (bound and released; the test binds it again at once).
+fn free_port(ip: std::net::Ipv4Addr) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_http(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !Command::new("curl")
+        .args(["-sf", "-m", "1", url])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(Instant::now() < deadline, "{url} never answered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_host_with_udp_blocked_is_reached_through_the_relay() {
+    if let Some(why) = skip(&[]) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut lab = Lab::new().unwrap();
+    let a = lab.add_host("a", HostKind::Public).unwrap();
+    let b = lab.add_host("b", HostKind::UdpBlocked).unwrap();
+    // The registry and the relay run on the machine, which the lab joins to its WAN.
+    let m = lab.connect_machine().unwrap();
+    let reg = format!("http://{m}:{}", free_port(m));
+    let _registry = Killed(
+        Command::new(BIN)
+            .args(["registry", "--listen", reg.trim_start_matches("http://")])
+            .arg("--data")
+            .arg(dir.path().join("registry"))
+            .stderr(std::fs::File::create(dir.path().join("registry.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_http(&format!("{reg}/health"));
+    let relay_addr = format!("{m}:{}", free_port(m));
+    let relay = format!("ws://{relay_addr}/");
+    let _relay = Killed(
+        Command::new(BIN)
+            .args([
+                "relay",
+                "--listen",
+                &relay_addr,
+                "--registry",
+                &reg,
+                "--key",
+            ])
+            .arg(dir.path().join("relay.key"))
+            .stderr(std::fs::File::create(dir.path().join("relay.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(&relay_addr).is_err() {
+        assert!(Instant::now() < deadline, "the relay never listened");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let twin = |name: &str| -> u32 {
+        ok(Command::new(BIN)
+            .args(["key", "new", "--key"])
+            .arg(dir.path().join(format!("{name}.key")))
+            .output()
+            .unwrap());
+        let o = Command::new(BIN)
+            .args([
+                "twin",
+                "register",
+                "--registry",
+                &reg,
+                "--relay",
+                &relay,
+                "--key",
+            ])
+            .arg(dir.path().join(format!("{name}.key")))
+            .output()
+            .unwrap();
+        ok(o)
+            .trim()
+            .trim_start_matches("twin id: ")
+            .parse()
+            .unwrap()
+    };
+    let (ta, tb) = (twin("a"), twin("b"));
+    let (ka, kb) = (WgSecret::generate(), WgSecret::generate());
+    let with_bus = |name: &str, peer_key: &tfgrid_net::WgPublic, peer_twin: u32| -> Vec<String> {
+        vec![
+            "--relay".into(),
+            relay.clone(),
+            "--registry".into(),
+            reg.clone(),
+            "--key".into(),
+            dir.path().join(format!("{name}.key")).display().to_string(),
+            "--peer-twin".into(),
+            format!("{peer_key}={peer_twin}"),
+        ]
+    };
+    // b has an endpoint for a, but none of its UDP leaves the host.
+    let _a = overlay_with(
+        &lab,
+        &a,
+        dir.path(),
+        "rla",
+        &format!(
+            "[Interface]\nPrivateKey = {}\nAddress = 10.98.0.1/24\nListenPort = 51820\n\n\
+             [Peer]\nPublicKey = {}\nEndpoint = {}:51820\nAllowedIPs = 10.98.0.2/32\n",
+            ka.to_base64(),
+            kb.public(),
+            b.addr
+        ),
+        &with_bus("a", &kb.public(), tb),
+    );
+    let _b = overlay_with(
+        &lab,
+        &b,
+        dir.path(),
+        "rlb",
+        &format!(
+            "[Interface]\nPrivateKey = {}\nAddress = 10.98.0.2/24\nListenPort = 51820\n\n\
+             [Peer]\nPublicKey = {}\nEndpoint = {}:51820\nAllowedIPs = 10.98.0.1/32\n",
+            kb.to_base64(),
+            ka.public(),
+            a.addr
+        ),
+        &with_bus("b", &ka.public(), ta),
+    );
+    assert!(pings(&lab, &a, "10.98.0.2"), "a -> b through the relay");
+    transfer(&lab, &b, &a, "10.98.0.2", dir.path());
+    // Both sides say the path is the relay; the 4 MiB went b -> a.
+    for (name, key, field) in [
+        ("rla", kb.public(), "rx_bytes"),
+        ("rlb", ka.public(), "tx_bytes"),
+    ] {
+        peer_status(dir.path(), name, &key, |p| {
+            p["path"] == "relay" && p[field].as_u64().unwrap() > 4 << 20
+        });
+    }
+    // Nothing came by UDP: b's uplink dropped every datagram both ways.
+    let udp_in = ok(sh(&lab, &b, "nft list ruleset"));
+    assert!(udp_in.contains("udp drop"), "{udp_in}");
 }
