@@ -11,6 +11,7 @@ pub mod faults;
 pub mod filter;
 pub mod keys;
 pub mod node_api;
+pub mod prefix;
 pub mod records;
 pub mod tx;
 

@@ -2,6 +2,7 @@
 
 use crate::capacity::Capacity;
 use crate::keys::{hex_bytes, PublicKey};
+use crate::prefix::Ipv4Prefix;
 use crate::{FarmId, Millis, NodeId, TwinId};
 use serde::{Deserialize, Serialize};
 
@@ -93,6 +94,9 @@ pub struct Node {
     pub last_seen: Millis,
     /// Seconds the node said it has been up in its last report.
     pub uptime: u64,
+    /// The node's share of the grid's workload range, handed out once at registration and kept
+    /// for the node's life: its workloads' addresses come from it.
+    pub workload_prefix: Ipv4Prefix,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -170,6 +174,11 @@ pub struct RegistryConfig {
     pub down_after_ms: u64,
     /// Smallest capacity a node may register with.
     pub min_node: Capacity,
+    /// Every workload address of the grid comes from here: node `id` gets the `(id - 1)`th
+    /// prefix of length `node_prefix_len` (ids are dense and never reused, so none is given
+    /// twice). Registration is refused when it runs out.
+    pub workload_range: Ipv4Prefix,
+    pub node_prefix_len: u8,
 }
 
 impl Default for RegistryConfig {
@@ -183,6 +192,10 @@ impl Default for RegistryConfig {
                 mru: 256 * crate::capacity::MIB,
                 ..Default::default()
             },
+            // 16,384 nodes of /24 (253 workloads each).
+            workload_range: Ipv4Prefix::new(std::net::Ipv4Addr::new(10, 64, 0, 0), 10)
+                .expect("a valid prefix"),
+            node_prefix_len: 24,
         }
     }
 }

@@ -49,7 +49,6 @@ pub struct NodeConfig {
     pub bridge: String,
     /// OCI runtime binary: runc or crun.
     pub oci_runtime: String,
-    pub subnet: String,
     /// Registries spoken to over plain HTTP (host:port).
     pub insecure_registries: Vec<String>,
     /// PEM files of CAs trusted for HTTPS image registries, besides the system's.
@@ -223,7 +222,16 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
         }
     })];
 
-    let net = Net::new(&cfg.bridge, &cfg.subnet).map_err(|e| setup("network", &e))?;
+    // The registry hands out each node's share of the grid's workload range, so no two
+    // workloads on the grid share an address.
+    let prefix = client
+        .node(node_id)
+        .await
+        .map_err(|e| AgentError::Registry(e.to_string()))?
+        .node
+        .workload_prefix;
+    let net = Net::new(&cfg.bridge, &prefix.to_string()).map_err(|e| setup("network", &e))?;
+    tracing::info!(%prefix, "workload prefix");
     if nix::unistd::geteuid().is_root() {
         net.setup().await.map_err(|e| setup("node bridge", &e))?;
     } else {

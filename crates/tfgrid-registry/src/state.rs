@@ -413,6 +413,18 @@ impl State {
             return Ok(Outcome::NodeUpdated { node_id: id });
         }
         let id = next_id(&self.nodes) as NodeId;
+        let c = &self.config;
+        let workload_prefix = c
+            .workload_range
+            .nth(c.node_prefix_len, u64::from(id) - 1)
+            .ok_or_else(|| {
+                TxError::Conflict(format!(
+                    "the grid's workload range {} has room for {} nodes (a /{} each); none is left for node {id}",
+                    c.workload_range,
+                    c.workload_range.count(c.node_prefix_len),
+                    c.node_prefix_len
+                ))
+            })?;
         self.nodes.insert(
             id,
             Node {
@@ -428,6 +440,7 @@ impl State {
                 updated_at: now,
                 last_seen: now,
                 uptime: 0,
+                workload_prefix,
             },
         );
         self.node_by_twin.insert(twin, id);

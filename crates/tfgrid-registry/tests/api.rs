@@ -1129,3 +1129,73 @@ async fn search_over_http_filters_sorts_pages_and_counts() {
         vec![2, 4]
     );
 }
+
+#[tokio::test]
+async fn each_node_gets_its_own_workload_prefix_until_the_range_is_full() {
+    let g = start(RegistryConfig {
+        workload_range: "10.200.0.0/22".parse().unwrap(),
+        node_prefix_len: 24,
+        ..Default::default()
+    })
+    .await;
+    let mut farmer = Actor::new();
+    farmer.twin(&g).await;
+    let farm = farmer.farm(&g, "prefixes").await;
+    let mut prefixes = Vec::new();
+    let mut nodes = Vec::new();
+    for _ in 0..4 {
+        let mut n = Actor::new();
+        n.twin(&g).await;
+        let r = n
+            .send(&g, Call::RegisterNode(spec(farm, 2, 8)))
+            .await
+            .unwrap();
+        let Outcome::NodeRegistered { node_id } = r.outcome else {
+            panic!("{r:?}")
+        };
+        prefixes.push(
+            g.client
+                .node(node_id)
+                .await
+                .unwrap()
+                .node
+                .workload_prefix
+                .to_string(),
+        );
+        nodes.push((n, node_id));
+    }
+    assert_eq!(
+        prefixes,
+        [
+            "10.200.0.0/24",
+            "10.200.1.0/24",
+            "10.200.2.0/24",
+            "10.200.3.0/24"
+        ]
+    );
+    // Registering again (an update) keeps the prefix.
+    let (n, id) = &mut nodes[1];
+    n.send(&g, Call::RegisterNode(spec(farm, 4, 8)))
+        .await
+        .unwrap();
+    assert_eq!(
+        g.client
+            .node(*id)
+            .await
+            .unwrap()
+            .node
+            .workload_prefix
+            .to_string(),
+        "10.200.1.0/24"
+    );
+    // The fifth has no room, and is told why; nothing is registered.
+    let mut n = Actor::new();
+    n.twin(&g).await;
+    assert_refused(
+        n.send(&g, Call::RegisterNode(spec(farm, 2, 8))).await,
+        409,
+        "conflict",
+        "10.200.0.0/22 has room for 4 nodes",
+    );
+    assert_eq!(g.client.stats().await.unwrap().nodes, 4);
+}

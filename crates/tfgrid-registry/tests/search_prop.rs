@@ -47,6 +47,10 @@ fn arb_node(id: u32) -> impl Strategy<Value = Node> {
                 };
                 Node {
                     id,
+                    workload_prefix: RegistryConfig::default()
+                        .workload_range
+                        .nth(24, u64::from(id) - 1)
+                        .unwrap(),
                     farm_id: farm,
                     twin_id: 100 + id,
                     total,

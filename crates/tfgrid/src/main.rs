@@ -205,6 +205,12 @@ struct RegistryTuning {
     /// Fewest cores a node may register with.
     #[arg(long, default_value_t = RegistryConfig::default().min_node.cru)]
     min_node_cru: u64,
+    /// The grid's workload addresses: each node gets one prefix of it.
+    #[arg(long, default_value_t = RegistryConfig::default().workload_range)]
+    workload_range: tfgrid_core::prefix::Ipv4Prefix,
+    /// Length of each node's prefix (16 to 29: its bridge takes the first address).
+    #[arg(long, default_value_t = RegistryConfig::default().node_prefix_len)]
+    node_prefix_len: u8,
 }
 
 impl RegistryTuning {
@@ -212,9 +218,18 @@ impl RegistryTuning {
         if self.down_after_ms < self.report_interval_ms {
             bail!("--down-after-ms must be at least --report-interval-ms, or every node flaps to down");
         }
+        if self.node_prefix_len < self.workload_range.prefix_len() || self.node_prefix_len > 29 {
+            bail!(
+                "--node-prefix-len {} must be between the range's length ({}) and 29",
+                self.node_prefix_len,
+                self.workload_range.prefix_len()
+            );
+        }
         let mut c = RegistryConfig {
             report_interval_ms: self.report_interval_ms,
             down_after_ms: self.down_after_ms,
+            workload_range: self.workload_range,
+            node_prefix_len: self.node_prefix_len,
             ..Default::default()
         };
         c.min_node.mru = self.min_node_mru;

@@ -54,9 +54,6 @@ struct RunArgs {
     /// OCI runtime that runs containers (runc or crun), by name or path.
     #[arg(long, default_value = "runc")]
     oci_runtime: String,
-    /// Workload subnet; the bridge takes its first address.
-    #[arg(long, default_value = "10.42.0.0/24")]
-    subnet: String,
     /// Registry (host:port) to pull images from over plain HTTP; repeatable.
     #[arg(long = "insecure-registry")]
     insecure_registries: Vec<String>,
@@ -156,7 +153,6 @@ pub async fn run(a: NodeArgs) -> Result<()> {
         zdb_listen: r.zdb_listen,
         bridge: r.bridge,
         oci_runtime: r.oci_runtime,
-        subnet: r.subnet,
         insecure_registries: r.insecure_registries,
         registry_logins: logins(&r.registry_logins)?,
         registry_cas: r.registry_cas,

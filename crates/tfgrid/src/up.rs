@@ -135,6 +135,9 @@ pub async fn up(a: UpArgs) -> Result<()> {
         &a.registry_listen.to_string(),
         "--down-after-ms",
         &a.down_after_ms.to_string(),
+        // Addresses are host-wide while these hosts share one: each grid its own range.
+        "--workload-range",
+        &workload_range(&data),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -274,8 +277,9 @@ fn bridge(data: &Path, i: u32) -> String {
     format!("tfg{:06x}n{i}", net_id(data) & 0xff_ffff)
 }
 
-fn subnet(data: &Path, i: u32) -> String {
-    format!("10.{}.{i}.0/24", 64 + net_id(data) % 128)
+/// The registry gives node `id` the `(id - 1)`th /24 of this.
+fn workload_range(data: &Path) -> String {
+    format!("10.{}.0.0/16", 64 + net_id(data) % 128)
 }
 
 async fn stop_nodes(a: &UpArgs, data: &Path) {
@@ -356,8 +360,6 @@ async fn start_children(
                 "127.0.0.1:0",
                 "--bridge",
                 &bridge(data, i),
-                "--subnet",
-                &subnet(data, i),
                 "--mru",
                 &mru.to_string(),
                 "--sru",

@@ -24,6 +24,7 @@ use tfgrid_registry_client::{RegistryClient, TwinSigner};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tfgrid");
 static SEQ: AtomicU32 = AtomicU32::new(0);
+static GRIDS: AtomicU32 = AtomicU32::new(0);
 
 struct Proc {
     child: Child,
@@ -129,6 +130,12 @@ impl Grid {
                 "500",
                 "--down-after-ms",
                 "5000",
+                // Bridges share the host: each test's grid its own range.
+                "--workload-range",
+                &format!(
+                    "10.{}.0.0/16",
+                    100 + (std::process::id() + GRIDS.fetch_add(1, Ordering::Relaxed)) % 100
+                ),
             ],
             &d.join("registry.log"),
         );
@@ -217,8 +224,6 @@ impl Grid {
             "127.0.0.1:0",
             "--bridge",
             &format!("tfgt{}x{n}", pid % 10000),
-            "--subnet",
-            &format!("10.{}.{}.0/24", 100 + n % 100, pid % 250),
             "--sru",
             "8G",
             "--hru",
@@ -766,6 +771,18 @@ async fn container_served_through_the_gateway_survives_an_agent_kill_and_is_remo
     let r = &info.results["web"];
     assert_eq!(r.state, ResultState::Ok, "{}", r.message);
     let ip = r.data["ip"].clone();
+    // Its address is from the prefix the registry gave this node (and only this node).
+    let prefix = g
+        .client
+        .node(node.node_id)
+        .await
+        .unwrap()
+        .node
+        .workload_prefix;
+    assert!(
+        prefix.contains(ip.parse().unwrap()),
+        "{ip} is not in the node's workload prefix {prefix}"
+    );
 
     // The gateway serves it by name, for the twin holding the name contract only.
     let route = deployment(
