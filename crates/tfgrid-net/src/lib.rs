@@ -2,6 +2,7 @@
 //! protocol; this crate moves packets between a TUN device, a UDP socket and, for peers no UDP
 //! reaches, a relay the caller provides), wg-quick configuration files, and keys.
 
+pub mod batch;
 mod config;
 mod device;
 pub mod hosts;

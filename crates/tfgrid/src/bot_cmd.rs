@@ -463,13 +463,20 @@ pub async fn nodes(o: BotOpt, q: NodeQuery) -> Result<()> {
     }
     let nodes: Vec<NodeView> = serde_json::from_value(page)?;
     println!(
-        "{:<5} {:<5} {:<8} {:<6} {:<9} {:<22} {:<20} DOMAIN",
-        "ID", "FARM", "COUNTRY", "STATUS", "CORES", "MEMORY free/total", "DISK free/total"
+        "{:<5} {:<5} {:<8} {:<6} {:<9} {:<22} {:<20} {:<18} DOMAIN",
+        "ID",
+        "FARM",
+        "COUNTRY",
+        "STATUS",
+        "CORES",
+        "MEMORY free/total",
+        "DISK free/total",
+        "WORKLOAD PREFIX"
     );
     for n in nodes {
         let (t, f) = (n.node.total, n.free);
         println!(
-            "{:<5} {:<5} {:<8} {:<6} {:<9} {:<22} {:<20} {}",
+            "{:<5} {:<5} {:<8} {:<6} {:<9} {:<22} {:<20} {:<18} {}",
             n.node.id,
             n.node.farm_id,
             if n.node.location.country.is_empty() {
@@ -485,6 +492,7 @@ pub async fn nodes(o: BotOpt, q: NodeQuery) -> Result<()> {
                 human_bytes(f.sru + f.hru),
                 human_bytes(t.sru + t.hru)
             ),
+            n.node.workload_prefix.to_string(),
             n.node.public_config.domain.unwrap_or_default()
         );
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tfgrid_bus::peer::ensure_registered;
 use tfgrid_bus::{Peer, PeerConfig};
 use tfgrid_core::Identity;
-use tfgrid_net::{Config, Device, DeviceOptions, RelaySink, WgPublic, WgSecret};
+use tfgrid_net::{batch, Config, Device, DeviceOptions, RelaySink, WgPublic, WgSecret};
 use tfgrid_registry_client::{RegistryClient, TwinSigner};
 
 /// The bus command that carries WireGuard datagrams (one-way, sealed).
@@ -140,6 +140,16 @@ async fn run_device(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
+async fn send_batch(p: &Peer, twin: u32, b: &mut Vec<u8>) {
+    if b.is_empty() {
+        return;
+    }
+    if let Err(e) = p.notify(twin, WG_CMD, b, Duration::from_secs(5)).await {
+        tracing::debug!("relaying {} bytes to twin {twin}: {e}", b.len());
+    }
+    b.clear();
+}
+
 /// Joins the bus and makes it the device's relayed path: datagrams for a peer go to its twin as
 /// one-way sealed messages, and messages from a peer's twin are fed to the device as that peer's.
 async fn relay_path(a: &RunArgs, relay: &str, dev: &Arc<Device>) -> Result<Peer> {
@@ -164,9 +174,12 @@ async fn relay_path(a: &RunArgs, relay: &str, dev: &Arc<Device>) -> Result<Peer>
     let twin_of: HashMap<WgPublic, u32> = a.peer_twins.iter().copied().collect();
     let key_of: HashMap<u32, WgPublic> = a.peer_twins.iter().map(|(k, t)| (*t, *k)).collect();
     let d = dev.clone();
-    peer.on_notify(WG_CMD, move |src, datagram| {
-        if let Some(k) = key_of.get(&src) {
-            d.receive_relayed(*k, &datagram);
+    peer.on_notify(WG_CMD, move |src, batch| {
+        let (Some(k), Some(datagrams)) = (key_of.get(&src), batch::unpack(&batch)) else {
+            return;
+        };
+        for datagram in datagrams {
+            d.receive_relayed(*k, datagram);
         }
     });
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(u32, Vec<u8>)>(RELAY_QUEUE);
@@ -179,13 +192,32 @@ async fn relay_path(a: &RunArgs, relay: &str, dev: &Arc<Device>) -> Result<Peer>
     dev.set_relay(Some(sink));
     let p = peer.clone();
     tokio::spawn(async move {
-        while let Some((twin, datagram)) = rx.recv().await {
-            if let Err(e) = p
-                .notify(twin, WG_CMD, &datagram, Duration::from_secs(5))
-                .await
-            {
-                tracing::debug!("relaying a datagram to twin {twin}: {e}");
+        // What queued while the last message went out goes in the next, one batch per twin.
+        let mut batches: Vec<(u32, Vec<u8>)> = Vec::new();
+        while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            while let Some((twin, datagram)) = next.take().or_else(|| rx.try_recv().ok()) {
+                match batches.iter_mut().find(|(t, _)| *t == twin) {
+                    Some((_, b)) => {
+                        if !batch::push(b, &datagram) {
+                            send_batch(&p, twin, b).await;
+                            batch::push(b, &datagram);
+                        }
+                    }
+                    None => {
+                        let mut b = Vec::new();
+                        batch::push(&mut b, &datagram);
+                        batches.push((twin, b));
+                    }
+                }
+                if batches.len() > 64 {
+                    break;
+                }
             }
+            for (twin, b) in batches.iter_mut() {
+                send_batch(&p, *twin, b).await;
+            }
+            batches.clear();
         }
     });
     Ok(peer)

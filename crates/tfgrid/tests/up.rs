@@ -60,6 +60,14 @@ fn up_deploys_heals_and_removes_through_the_cli() {
         1,
         "{nodes}"
     );
+    // Every node has its own workload prefix (the registry's; the bridges take theirs from it).
+    let all = ok(cli(&g, &["nodes"]));
+    let prefixes: std::collections::BTreeSet<&str> = all
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().find(|w| w.ends_with("/24")))
+        .collect();
+    assert_eq!(prefixes.len(), 3, "{all}");
 
     // The dashboard shows the nodes and the deployment (headless Chromium).
     if have("chromium") {
