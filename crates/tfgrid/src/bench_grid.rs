@@ -211,6 +211,8 @@ pub async fn grid(nodes: usize, down_after_ms: u64) -> Result<Grid> {
     let dir = tempfile::tempdir()?;
     let config = RegistryConfig {
         down_after_ms,
+        // Bridges share this host with any other grid: the bench's nodes get 10.251.<n-1>.0/24.
+        workload_range: "10.251.0.0/16".parse().expect("a valid prefix"),
         ..Default::default()
     };
     let registry = Registry::open(&dir.path().join("registry"), config)?;
@@ -264,8 +266,6 @@ pub async fn grid(nodes: usize, down_after_ms: u64) -> Result<Grid> {
             "127.0.0.1:0",
             "--bridge",
             &format!("tfgbench{i}"),
-            "--subnet",
-            &format!("10.251.{i}.0/24"),
             "--insecure-registry",
             &oci.addr,
             "--mru",
