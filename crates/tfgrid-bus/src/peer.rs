@@ -269,21 +269,8 @@ impl Peer {
         payload: &[u8],
         ttl: Duration,
     ) -> Result<(), BusError> {
-        let inner = &self.inner;
-        let key = inner.shared_key(dst).await?;
-        let header = Header {
-            id: random_id(),
-            src: inner.twin,
-            dst,
-            cmd: cmd.to_string(),
-            expiry: now_millis() + ttl.as_millis() as u64,
-            reply_to: None,
-        };
-        let env = match &key {
-            Some(k) => Envelope::sealed(header, k, payload),
-            None => Envelope::new(&inner.id, header, Body::Plain(payload.to_vec())),
-        };
-        inner.send(Frame::Envelope(env)).await
+        let env = self.inner.request(dst, cmd, payload, ttl).await?;
+        self.inner.send(Frame::Envelope(env)).await
     }
 
     /// [`call`](Self::call) with a JSON request and a typed JSON answer.
@@ -311,20 +298,8 @@ impl Peer {
         timeout: Duration,
     ) -> Result<Vec<u8>, BusError> {
         let inner = &self.inner;
-        let key = inner.shared_key(dst).await?;
-        let header = Header {
-            id: random_id(),
-            src: inner.twin,
-            dst,
-            cmd: cmd.to_string(),
-            expiry: now_millis() + timeout.as_millis() as u64,
-            reply_to: None,
-        };
-        let id = header.id;
-        let env = match &key {
-            Some(k) => Envelope::sealed(header, k, payload),
-            None => Envelope::new(&inner.id, header, Body::Plain(payload.to_vec())),
-        };
+        let env = inner.request(dst, cmd, payload, timeout).await?;
+        let id = env.header.id;
         let (tx, rx) = oneshot::channel();
         inner
             .pending
@@ -357,6 +332,30 @@ impl Peer {
 }
 
 impl Inner {
+    /// A new envelope from this twin to `dst`, valid for `ttl`: sealed when `dst` has published
+    /// an encryption key, signed otherwise.
+    async fn request(
+        &self,
+        dst: TwinId,
+        cmd: &str,
+        payload: &[u8],
+        ttl: Duration,
+    ) -> Result<Envelope, BusError> {
+        let key = self.shared_key(dst).await?;
+        let header = Header {
+            id: random_id(),
+            src: self.twin,
+            dst,
+            cmd: cmd.to_string(),
+            expiry: now_millis() + ttl.as_millis() as u64,
+            reply_to: None,
+        };
+        Ok(match &key {
+            Some(k) => Envelope::sealed(header, k, payload),
+            None => Envelope::new(&self.id, header, Body::Plain(payload.to_vec())),
+        })
+    }
+
     async fn send(&self, f: Frame) -> Result<(), BusError> {
         let out = self
             .out
