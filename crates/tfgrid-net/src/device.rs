@@ -436,20 +436,12 @@ impl Inner {
         self.start.elapsed().as_millis() as u64 + 1
     }
 
-    /// Sends a datagram by UDP when the peer's datagrams arrive by UDP; otherwise by UDP (if it has
-    /// an endpoint) and through the relay both, until one path proves itself.
-    fn send(&self, peer: &Peer, datagram: &[u8]) {
-        let endpoint = *peer.endpoint.lock().unwrap();
-        let direct = fresh(self.now_ms(), peer.udp_rx.load(Ordering::Relaxed));
-        if let Some(e) = endpoint {
-            // A full socket buffer or an unreachable host loses the datagram, as a wire would.
-            let _ = self.udp.send_to(datagram, e);
-        }
-        if !direct {
-            if let Some(sink) = self.relay.read().unwrap().as_ref() {
-                sink(peer.public, datagram);
-            }
-        }
+    /// Sends one datagram the way [`queue`](Self::queue) decides (for the timers and the
+    /// packets a handshake released, which come one at a time).
+    fn send(&self, peer: &Arc<Peer>, datagram: &[u8]) {
+        let mut run = Run::default();
+        self.queue(&mut run, peer, datagram);
+        self.flush(&mut run);
     }
 
     fn route(&self, dst: IpAddr) -> Option<Arc<Peer>> {
