@@ -97,7 +97,22 @@ pub struct Node {
     /// The node's share of the grid's workload range, handed out once at registration and kept
     /// for the node's life: its workloads' addresses come from it.
     pub workload_prefix: Ipv4Prefix,
+    /// How other nodes reach its workloads over the grid overlay; absent on nodes that run none.
+    #[serde(default)]
+    pub overlay: Option<Overlay>,
 }
+
+/// A node's place on the grid overlay: its WireGuard public key (an x25519 key) and the UDP
+/// addresses it listens on. A node behind NAT lists its own (private) address: peers learn
+/// where it really is from its first authentic datagram, as WireGuard's roaming does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Overlay {
+    pub wg_key: X25519Key,
+    pub endpoints: Vec<std::net::SocketAddr>,
+}
+
+/// At most this many endpoints per node: a peer tries them in order.
+pub const MAX_OVERLAY_ENDPOINTS: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

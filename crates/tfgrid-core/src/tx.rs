@@ -4,7 +4,7 @@ use crate::canonical::{self, Hash};
 use crate::capacity::Capacity;
 use crate::error::CoreError;
 use crate::keys::{Identity, PublicKey, Signature};
-use crate::records::{Gpu, Location, PublicConfig, X25519Key};
+use crate::records::{Gpu, Location, Overlay, PublicConfig, X25519Key};
 use crate::{ContractId, FarmId, Millis, NodeId, TwinId};
 use serde::{Deserialize, Serialize};
 
@@ -86,6 +86,8 @@ pub struct NodeSpec {
     pub location: Location,
     #[serde(default)]
     pub public_config: PublicConfig,
+    #[serde(default)]
+    pub overlay: Option<Overlay>,
 }
 
 impl Call {
@@ -280,6 +282,7 @@ mod tests {
                             domain,
                             ..Default::default()
                         },
+                        overlay: None,
                     })
                 }),
             any::<u64>().prop_map(|uptime| Call::ReportUptime { uptime }),

@@ -8,7 +8,9 @@ use tfgrid_core::capacity::Capacity;
 use tfgrid_core::contract::{
     Contract, ContractKind, ContractState, DeleteCause, NameContract, NodeContract,
 };
-use tfgrid_core::records::{Farm, FarmIp, Node, NodeStatus, RegistryConfig, Twin, X25519Key};
+use tfgrid_core::records::{
+    Farm, FarmIp, Node, NodeStatus, RegistryConfig, Twin, X25519Key, MAX_OVERLAY_ENDPOINTS,
+};
 use tfgrid_core::tx::{Call, NodeSpec, Outcome, SignedTx};
 use tfgrid_core::{ContractId, FarmId, Hash, Millis, NodeId, PublicKey, TwinId};
 
@@ -407,6 +409,7 @@ impl State {
             node.gpus = spec.gpus.clone();
             node.location = spec.location.clone();
             node.public_config = spec.public_config.clone();
+            node.overlay = spec.overlay.clone();
             node.updated_at = now;
             node.last_seen = now;
             ch.nodes.insert(id);
@@ -441,6 +444,7 @@ impl State {
                 last_seen: now,
                 uptime: 0,
                 workload_prefix,
+                overlay: spec.overlay.clone(),
             },
         );
         self.node_by_twin.insert(twin, id);
@@ -843,6 +847,21 @@ fn check_node_spec(spec: &NodeSpec, min: &Capacity) -> Result<(), TxError> {
         };
         if d.len() > 253 || !d.split('.').all(label_ok) {
             return Err(malformed(format!("domain {d:?} is not a valid DNS name")));
+        }
+    }
+    if let Some(o) = &spec.overlay {
+        if o.endpoints.len() > MAX_OVERLAY_ENDPOINTS {
+            return Err(malformed(format!(
+                "overlay: at most {MAX_OVERLAY_ENDPOINTS} endpoints"
+            )));
+        }
+        for e in &o.endpoints {
+            let ip = e.ip();
+            if e.port() == 0 || ip.is_unspecified() || ip.is_multicast() {
+                return Err(malformed(format!(
+                    "overlay endpoint {e}: an address other nodes can send to (not unspecified or multicast; port not 0)"
+                )));
+            }
         }
     }
     for g in &spec.gpus {

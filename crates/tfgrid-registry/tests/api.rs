@@ -5,7 +5,7 @@ use common::*;
 use tfgrid_core::capacity::GIB;
 use tfgrid_core::contract::ContractState;
 use tfgrid_core::filter::{ContractFilter, NodeFilter};
-use tfgrid_core::records::{NodeStatus, RegistryConfig, X25519Key};
+use tfgrid_core::records::{NodeStatus, Overlay, RegistryConfig, X25519Key};
 use tfgrid_core::tx::{Call, Outcome, SignedTx, Tx};
 use tfgrid_core::{Capacity, Hash, Identity};
 
@@ -1198,4 +1198,56 @@ async fn each_node_gets_its_own_workload_prefix_until_the_range_is_full() {
         "10.200.0.0/22 has room for 4 nodes",
     );
     assert_eq!(g.client.stats().await.unwrap().nodes, 4);
+}
+
+#[tokio::test]
+async fn a_node_publishes_its_overlay_key_and_endpoints() {
+    let g = start(RegistryConfig::default()).await;
+    let mut farmer = Actor::new();
+    farmer.twin(&g).await;
+    let farm = farmer.farm(&g, "overlay").await;
+    let mut n = Actor::new();
+    n.twin(&g).await;
+    let overlay = |endpoints: &[&str]| {
+        Some(Overlay {
+            wg_key: X25519Key([7; 32]),
+            endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
+        })
+    };
+    let with = |o: Option<Overlay>| {
+        let mut s = spec(farm, 2, 8);
+        s.overlay = o;
+        Call::RegisterNode(s)
+    };
+    for (bad, why) in [
+        (
+            overlay(&["0.0.0.0:51820"]),
+            "overlay endpoint 0.0.0.0:51820",
+        ),
+        (overlay(&["198.18.0.2:0"]), "port not 0"),
+        (overlay(&["224.0.0.1:51820"]), "multicast"),
+        (overlay(&["198.18.0.2:51820"; 9]), "at most 8 endpoints"),
+    ] {
+        assert_refused(n.send(&g, with(bad)).await, 400, "malformed", why);
+    }
+    assert_eq!(g.client.stats().await.unwrap().nodes, 0);
+    let r = n
+        .send(
+            &g,
+            with(overlay(&["198.18.0.2:51820", "[2001:db8::2]:51820"])),
+        )
+        .await
+        .unwrap();
+    let Outcome::NodeRegistered { node_id } = r.outcome else {
+        panic!("{r:?}")
+    };
+    let got = g.client.node(node_id).await.unwrap().node.overlay.unwrap();
+    assert_eq!(got.wg_key, X25519Key([7; 32]));
+    assert_eq!(got.endpoints.len(), 2);
+    // A node that moves publishes its new endpoints by registering again.
+    n.send(&g, with(overlay(&["198.18.0.9:4000"])))
+        .await
+        .unwrap();
+    let got = g.client.node(node_id).await.unwrap().node.overlay.unwrap();
+    assert_eq!(got.endpoints, ["198.18.0.9:4000".parse().unwrap()]);
 }

@@ -78,6 +78,7 @@ fn arb_node(id: u32) -> impl Strategy<Value = Node> {
                     updated_at: 0,
                     last_seen: NOW - age,
                     uptime: 0,
+                    overlay: None,
                 }
             },
         )

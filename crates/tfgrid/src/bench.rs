@@ -344,6 +344,7 @@ async fn build_grid(client: &RegistryClient, b: &RegistryBench) -> Result<Vec<u3
                 domain: rng.gen_ratio(1, 100).then(|| format!("gw{i}.grid.test")),
                 ..Default::default()
             },
+            overlay: None,
         };
         items.push((
             id.clone(),

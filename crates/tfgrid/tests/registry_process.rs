@@ -145,6 +145,7 @@ async fn graceful_restart_keeps_every_record() {
             domain: Some("gw.grid.test".into()),
             ..Default::default()
         },
+        overlay: None,
     };
     ok(&c, SignedTx::new(&node, 2, Call::RegisterNode(spec))).await;
     ok(

@@ -143,6 +143,7 @@ pub fn spec(farm_id: u32, cru: u64, mru_gib: u64) -> NodeSpec {
             longitude: Some(3.71),
         },
         public_config: PublicConfig::default(),
+        overlay: None,
     }
 }
 
