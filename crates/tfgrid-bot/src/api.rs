@@ -50,6 +50,7 @@ pub fn router(bot: Arc<Bot>, registry_url: &str, token: Option<String>) -> Route
         .route("/api/deployments/{name}/logs", get(logs))
         .route("/api/events", get(events))
         .route("/api/nodes", get(nodes))
+        .route("/api/nodes/{id}/overlay", get(overlay))
         .layer(axum::middleware::from_fn_with_state(app.clone(), guard))
         // A spec is a few kilobytes; past the parser's bound (spec::MAX_YAML) it gets a clear
         // 400 from the parser, and far past it the body is not even read.
@@ -269,6 +270,13 @@ struct EventsQuery {
 
 async fn events(State(a): State<App>, Query(q): Query<EventsQuery>) -> Response {
     match a.bot.events(q.since, q.deployment.as_deref()) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn overlay(State(a): State<App>, Path(id): Path<u32>) -> Response {
+    match a.bot.overlay(id).await {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
     }

@@ -409,4 +409,24 @@ impl Bot {
             .map_err(|e| BotError::Failed(format!("node {}: {e}", r.node_id)))?;
         Ok(logs.text)
     }
+
+    /// A node's overlay peers and their paths, from the node itself.
+    pub async fn overlay(
+        &self,
+        node: tfgrid_core::NodeId,
+    ) -> Result<node_api::OverlayStatus, BotError> {
+        let n = self.registry.node(node).await.map_err(|e| match e.code() {
+            Some("not_found") => BotError::NotFound(format!("no node {node}")),
+            _ => BotError::Registry(e.to_string()),
+        })?;
+        self.peer
+            .call_json(
+                n.node.twin_id,
+                node_api::OVERLAY,
+                &serde_json::json!({}),
+                QUICK,
+            )
+            .await
+            .map_err(|e| BotError::Failed(format!("node {node}: {e}")))
+    }
 }

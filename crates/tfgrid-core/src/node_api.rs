@@ -3,7 +3,7 @@
 //! (its image puller, runtime and store).
 
 use crate::deployment::{Deployment, WorkloadResult};
-use crate::{Capacity, ContractId};
+use crate::{Capacity, ContractId, NodeId, TwinId};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -16,6 +16,7 @@ pub const LIST: &str = "deployment.list";
 pub const STATISTICS: &str = "node.statistics";
 pub const VERSION: &str = "node.version";
 pub const LOGS: &str = "workload.logs";
+pub const OVERLAY: &str = "node.overlay";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ContractRef {
@@ -70,4 +71,29 @@ pub struct Logs {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Version {
     pub version: String,
+}
+
+/// A node's place on the grid overlay: its key and port, and the peers it has made.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OverlayStatus {
+    /// WireGuard public key, base64.
+    pub public_key: String,
+    pub listen_port: u16,
+    pub peers: Vec<OverlayPeer>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OverlayPeer {
+    /// The node whose prefix the peer holds, and its twin.
+    pub node_id: Option<NodeId>,
+    pub twin_id: Option<TwinId>,
+    pub public_key: String,
+    /// Where its datagrams come from (after roaming: a NAT's address for a node behind one).
+    pub endpoint: Option<std::net::SocketAddr>,
+    pub allowed_ips: Vec<String>,
+    /// `direct` (UDP), `relay` (over the bus) or `none` (nothing heard for a while).
+    pub path: String,
+    pub last_handshake_s: Option<f64>,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
 }

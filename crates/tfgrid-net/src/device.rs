@@ -15,6 +15,7 @@
 //! the UDP socket sends a run of equal-sized datagrams to one peer in one call (UDP GSO) and
 //! receives many per call (recvmmsg, UDP GRO), both through quinn-udp.
 
+use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
@@ -45,6 +46,11 @@ pub enum Path {
 /// Carries a datagram to a peer by some other way than UDP (the bus relay). Called on the data
 /// path: it must not block (queue and return).
 pub type RelaySink = Arc<dyn Fn(WgPublic, &[u8]) + Send + Sync>;
+
+/// Told of a packet whose destination no peer's allowed IPs hold (the packet is dropped), so the
+/// caller can look up who has that address and add the peer. Called on the data path: it must
+/// not block, and is called for every such packet (the caller rate-limits its look-ups).
+pub type MissHook = Arc<dyn Fn(IpAddr) + Send + Sync>;
 
 pub struct DeviceOptions {
     /// TUN interface name (at most 15 bytes).
@@ -80,6 +86,11 @@ const SOCKET_BUFFER: libc::c_int = 4 << 20;
 const BUF: usize = 65536;
 /// Largest payload of one GSO send (a UDP datagram's 65,507 bytes, rounded down).
 const GSO_MAX_BYTES: usize = 65000;
+/// Digests of relayed datagrams kept per peer (see `Peer::relayed`).
+const RELAYED_KEPT: usize = 256;
+/// Packets held for a peer being looked up: how many and for how long.
+const PENDING_MAX: usize = 64;
+const PENDING_FOR: Duration = Duration::from_secs(3);
 /// Packets per batch in each direction.
 const BATCH: usize = 64;
 const HDR: usize = tun_rs::VIRTIO_NET_HDR_LEN;
@@ -92,6 +103,12 @@ struct Peer {
     /// Device-clock milliseconds (+1, so 0 is never) of the last authentic datagram by each path.
     udp_rx: AtomicU64,
     relay_rx: AtomicU64,
+    /// Digests of the last datagrams that came by the relay. While the direct path is not yet
+    /// known to work, a peer sends each datagram both ways, and the relay's copy often wins:
+    /// the UDP copy is then refused as a replay and, without this, would never show that UDP
+    /// works. A UDP datagram identical to one the relay brought is the peer's own (only it can
+    /// make one that authenticates), so it shows the direct path, and where the peer is.
+    relayed: Mutex<std::collections::VecDeque<[u8; 16]>>,
 }
 
 #[derive(Default)]
@@ -114,6 +131,10 @@ struct Inner {
     table: RwLock<Table>,
     limiter: RateLimiter,
     relay: RwLock<Option<RelaySink>>,
+    miss: RwLock<Option<MissHook>>,
+    /// Packets that found no peer, kept briefly: a peer made for them (the miss hook's look-up)
+    /// takes them, so a connection's first packet is not lost to the look-up.
+    pending: Mutex<std::collections::VecDeque<(Instant, Vec<u8>)>>,
     next_index: AtomicU32,
     start: Instant,
     stop: AtomicBool,
@@ -198,6 +219,8 @@ impl Device {
             mtu: opts.mtu as usize,
             table: RwLock::new(Table::default()),
             relay: RwLock::new(None),
+            miss: RwLock::new(None),
+            pending: Mutex::default(),
             // boringtun keeps the low 8 bits of a session index for itself.
             next_index: AtomicU32::new(u32::from_le_bytes(first) >> 8),
             start: Instant::now(),
@@ -240,6 +263,30 @@ impl Device {
         *self.inner.relay.write().unwrap() = sink;
     }
 
+    /// Sets who is told of packets for addresses no peer holds.
+    pub fn set_miss_hook(&self, hook: Option<MissHook>) {
+        *self.inner.miss.write().unwrap() = hook;
+    }
+
+    /// Starts a handshake with a peer now instead of on its first packet: the side that learns
+    /// of a peer second calls this, so neither waits for a handshake to time out and be retried.
+    /// False if there is no such peer.
+    pub fn initiate(&self, key: &WgPublic) -> bool {
+        let Some(peer) = self.inner.table.read().unwrap().by_key.get(key).cloned() else {
+            return false;
+        };
+        let mut out = vec![0u8; 256];
+        let r = peer
+            .tunn
+            .lock()
+            .unwrap()
+            .format_handshake_initiation(&mut out, false);
+        if let TunnResult::WriteToNetwork(d) = r {
+            self.inner.send(&peer, d);
+        }
+        true
+    }
+
     /// Adds a peer, or replaces the one with the same key (its session is kept when only the
     /// endpoint changes, so a roaming update costs no handshake).
     pub fn set_peer(&self, cfg: &PeerConfig) -> Result<(), Error> {
@@ -278,6 +325,7 @@ impl Device {
             allowed: cfg.allowed_ips.clone(),
             udp_rx: AtomicU64::new(0),
             relay_rx: AtomicU64::new(0),
+            relayed: Mutex::default(),
         });
         remove_from(&mut t, &cfg.public_key);
         t.by_key.insert(cfg.public_key, peer.clone());
@@ -288,6 +336,7 @@ impl Device {
         t.routes
             .sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
         drop(t);
+        self.inner.release(&peer);
         if self.inner.routes {
             for net in &cfg.allowed_ips {
                 let net = net.trunc();
@@ -377,6 +426,11 @@ fn remove_from(t: &mut Table, key: &WgPublic) -> Option<Arc<Peer>> {
     Some(p)
 }
 
+fn digest(d: &[u8]) -> [u8; 16] {
+    let h = blake3::hash(d);
+    h.as_bytes()[..16].try_into().expect("16 of 32 bytes")
+}
+
 fn setsockopt(s: &UdpSocket, opt: libc::c_int, v: libc::c_int) -> bool {
     // SAFETY: a valid socket fd and a c_int option value of the right size.
     unsafe {
@@ -390,7 +444,7 @@ fn setsockopt(s: &UdpSocket, opt: libc::c_int, v: libc::c_int) -> bool {
     }
 }
 
-fn ip(args: &[&str]) -> Result<(), Error> {
+pub(crate) fn ip(args: &[&str]) -> Result<(), Error> {
     let out = std::process::Command::new("ip")
         .args(args)
         .output()
@@ -481,6 +535,10 @@ impl Inner {
                     continue;
                 };
                 let Some(peer) = self.route(dst) else {
+                    if let Some(hook) = self.miss.read().unwrap().as_ref() {
+                        self.hold(packet);
+                        hook(dst);
+                    }
                     continue;
                 };
                 let r = peer.tunn.lock().unwrap().encapsulate(packet, &mut scratch);
@@ -491,6 +549,40 @@ impl Inner {
                 }
             }
             self.flush(&mut run);
+        }
+    }
+
+    fn hold(&self, packet: &[u8]) {
+        let mut q = self.pending.lock().unwrap();
+        while q.len() >= PENDING_MAX || q.front().is_some_and(|(t, _)| t.elapsed() > PENDING_FOR) {
+            q.pop_front();
+        }
+        q.push_back((Instant::now(), packet.to_vec()));
+    }
+
+    /// Sends what was held for addresses `peer` now holds (boringtun queues them until the
+    /// handshake completes).
+    fn release(&self, peer: &Arc<Peer>) {
+        let taken: Vec<Vec<u8>> = {
+            let mut q = self.pending.lock().unwrap();
+            let mut taken = Vec::new();
+            q.retain(|(t, p)| {
+                let mine = t.elapsed() <= PENDING_FOR
+                    && Tunn::dst_address(p)
+                        .is_some_and(|d| peer.allowed.iter().any(|n| n.contains(&d)));
+                if mine {
+                    taken.push(p.clone());
+                }
+                !mine
+            });
+            taken
+        };
+        let mut out = vec![0u8; BUF];
+        for p in taken {
+            let r = peer.tunn.lock().unwrap().encapsulate(&p, &mut out);
+            if let TunnResult::WriteToNetwork(d) = r {
+                self.send(peer, d);
+            }
         }
     }
 
@@ -648,7 +740,21 @@ impl Inner {
         }
         let mut tunn = peer.tunn.lock().unwrap();
         let r = tunn.decapsulate(src_ip, datagram, out);
-        let authentic = !matches!(r, TunnResult::Err(_));
+        let authentic = match (&r, &from) {
+            (TunnResult::Err(WireGuardError::DuplicateCounter), Source::Udp(_)) => {
+                peer.relayed.lock().unwrap().contains(&digest(datagram))
+            }
+            (TunnResult::Err(_), _) => false,
+            (_, Source::Relay(_)) => {
+                let mut q = peer.relayed.lock().unwrap();
+                if q.len() >= RELAYED_KEPT {
+                    q.pop_front();
+                }
+                q.push_back(digest(datagram));
+                true
+            }
+            _ => true,
+        };
         let mut delivered = None;
         match r {
             TunnResult::WriteToNetwork(d) => {

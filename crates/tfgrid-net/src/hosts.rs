@@ -313,6 +313,28 @@ impl Lab {
         Ok(a)
     }
 
+    /// Makes `cmd` run on `host` by entering its network namespace alone. Unlike `ip netns
+    /// exec` (see [`command`](Self::command)), which also remounts /sys for the namespace and so
+    /// hides the cgroup mounts under it, this leaves the mounts as they are: what a node agent
+    /// needs to run containers.
+    pub fn enter(&self, host: &Host, cmd: &mut Command) -> Result<(), Error> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let path = format!("/var/run/netns/{}", host.ns);
+        let f = std::fs::File::open(&path).map_err(Error::io(path))?;
+        // SAFETY: setns is async-signal-safe and the closure allocates nothing; the file stays
+        // open (close-on-exec) for as long as the command does.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(())
+    }
+
     /// A command that runs on `host`.
     pub fn command(&self, host: &Host, program: &str) -> Command {
         let mut c = Command::new("ip");

@@ -1,15 +1,18 @@
 //! The overlay that joins nodes on separate hosts: WireGuard in userspace (boringtun does the
 //! protocol; this crate moves packets between a TUN device, a UDP socket and, for peers no UDP
-//! reaches, a relay the caller provides), wg-quick configuration files, and keys.
+//! reaches, the bus relay), a node's place on the grid overlay (peers made on demand from the
+//! registry), wg-quick configuration files, and keys.
 
 pub mod batch;
 mod config;
 mod device;
+pub mod grid;
 pub mod hosts;
 mod key;
+pub mod relay;
 
 pub use config::{Config, InterfaceConfig, PeerConfig};
-pub use device::{Device, DeviceOptions, Path, PeerStatus, RelaySink};
+pub use device::{Device, DeviceOptions, MissHook, Path, PeerStatus, RelaySink};
 pub use key::{WgPublic, WgSecret};
 
 #[derive(Debug, thiserror::Error)]

@@ -18,7 +18,7 @@ use tfgrid_bus::{Peer, PeerConfig};
 use tfgrid_core::capacity::human_bytes;
 use tfgrid_core::deployment::Deployment;
 use tfgrid_core::filter::NodeFilter;
-use tfgrid_core::records::PublicConfig;
+use tfgrid_core::records::{Overlay, PublicConfig};
 use tfgrid_core::tx::{Call, NodeSpec, Outcome};
 use tfgrid_core::{Capacity, FarmId, Identity, NodeId, TwinId};
 use tfgrid_registry_client::{RegistryClient, TwinSigner};
@@ -61,6 +61,12 @@ pub struct NodeConfig {
     pub mru: Option<u64>,
     pub country: String,
     pub city: String,
+    /// UDP address of the grid overlay (port 0: one picked at first start and kept); None runs
+    /// no overlay (workloads are then reachable only from this host).
+    pub overlay_listen: Option<SocketAddr>,
+    /// Endpoints to publish for the overlay instead of this host's own addresses (a port
+    /// forwarded on a router, say).
+    pub overlay_endpoints: Vec<SocketAddr>,
 }
 
 pub struct RunningNode {
@@ -70,6 +76,10 @@ pub struct RunningNode {
     pub gateway: Option<SocketAddr>,
     pub zdb: SocketAddr,
     pub total: Capacity,
+    /// The overlay's device, for status (its peers and their paths).
+    pub overlay: Option<Arc<tfgrid_net::Device>>,
+    // Dropped before the device: the route into it goes first.
+    _grid: Option<Arc<tfgrid_net::grid::Grid>>,
     _peer: Peer,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -152,7 +162,8 @@ async fn register(signer: &TwinSigner, twin: TwinId, spec: NodeSpec) -> Result<N
             && n.node.total == spec.total
             && n.node.gpus == spec.gpus
             && n.node.location == spec.location
-            && n.node.public_config == spec.public_config;
+            && n.node.public_config == spec.public_config
+            && n.node.overlay == spec.overlay;
         if same {
             return Ok(n.node.id);
         }
@@ -182,6 +193,19 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
     let twin = ensure_registered(&signer, &cfg.relay)
         .await
         .map_err(|e| AgentError::Registry(e.to_string()))?;
+    let range = client
+        .config()
+        .await
+        .map_err(|e| AgentError::Registry(e.to_string()))?;
+    let root = nix::unistd::geteuid().is_root();
+    let overlay = match (&cfg.overlay_listen, root) {
+        (Some(listen), true) => Some(start_overlay(&cfg, &identity, *listen, &range)?),
+        (Some(_), false) => {
+            tracing::warn!("not root: no overlay (it needs a TUN device)");
+            None
+        }
+        _ => None,
+    };
     let node_id = register(
         &signer,
         twin,
@@ -198,6 +222,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
                 domain: cfg.domain.clone(),
                 ..Default::default()
             },
+            overlay: overlay.as_ref().map(|(_, o)| o.clone()),
         },
     )
     .await?;
@@ -231,8 +256,9 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
         .node
         .workload_prefix;
     let net = Net::new(&cfg.bridge, &prefix.to_string()).map_err(|e| setup("network", &e))?;
+    let net_gateway = net.gateway();
     tracing::info!(%prefix, "workload prefix");
-    if nix::unistd::geteuid().is_root() {
+    if root {
         net.setup().await.map_err(|e| setup("node bridge", &e))?;
     } else {
         tracing::warn!(
@@ -314,6 +340,30 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
         registry: client.clone(),
     });
     serve_bus(&peer, engine.clone(), cfg.domain.clone());
+    let grid = match &overlay {
+        Some((dev, _)) => {
+            // Workload packets cross the host between the bridge and the overlay.
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+                .map_err(|e| setup("enabling IPv4 forwarding", &e))?;
+            Some(Arc::new(
+                tfgrid_net::grid::Grid::attach(
+                    dev.clone(),
+                    &peer,
+                    client.clone(),
+                    tfgrid_net::grid::GridOptions {
+                        range: range.workload_range,
+                        node_prefix_len: range.node_prefix_len,
+                        own_node: node_id,
+                        src: net_gateway,
+                        metric: 100 + node_id,
+                    },
+                )
+                .map_err(|e| setup("overlay route", &e))?,
+            ))
+        }
+        None => None,
+    };
+    serve_overlay(&peer, grid.clone());
     // Ready means reachable: callers may deploy as soon as start returns.
     if let Err(e) = peer.connected(Duration::from_secs(10)).await {
         tracing::warn!("not connected to the relay {} yet: {e}", cfg.relay);
@@ -349,9 +399,91 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
         gateway: gateway_addr,
         zdb: zdb_addr,
         total,
+        overlay: overlay.map(|(d, _)| d),
+        _grid: grid,
         _peer: peer,
         tasks,
     })
+}
+
+/// The overlay's TUN name: the bridge's with a suffix, kept within Linux's 15 bytes.
+pub fn overlay_name(bridge: &str) -> String {
+    let h = blake3::hash(bridge.as_bytes());
+    if bridge.len() <= 14 {
+        format!("{bridge}w")
+    } else {
+        format!("tw{}", &h.to_hex()[..12])
+    }
+}
+
+/// Starts the overlay's device with the node's WireGuard key (derived from its twin key, so it
+/// lasts as long as the node) on the port it had before, and says how peers reach it.
+fn start_overlay(
+    cfg: &NodeConfig,
+    identity: &Identity,
+    listen: SocketAddr,
+    reg: &tfgrid_core::records::RegistryConfig,
+) -> Result<(Arc<tfgrid_net::Device>, Overlay), AgentError> {
+    let setup = |what: &str, e: &dyn std::fmt::Display| AgentError::Setup(format!("{what}: {e}"));
+    let port_file = cfg.data.join("overlay-port");
+    let kept: Option<u16> = std::fs::read_to_string(&port_file)
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    let secret = tfgrid_net::WgSecret::derive(&identity.seed());
+    let opts = |port: u16| tfgrid_net::DeviceOptions {
+        name: overlay_name(&cfg.bridge),
+        secret: secret.clone(),
+        listen: SocketAddr::new(listen.ip(), port),
+        addresses: Vec::new(),
+        mtu: 1420,
+        routes: false,
+    };
+    let dev = match (listen.port(), kept) {
+        (0, Some(p)) => tfgrid_net::Device::start(opts(p)).or_else(|e| {
+            tracing::warn!("overlay port {p} (kept from the last start): {e}; taking another");
+            tfgrid_net::Device::start(opts(0))
+        }),
+        (p, _) => tfgrid_net::Device::start(opts(p)),
+    }
+    .map_err(|e| setup("overlay device", &e))?;
+    let port = dev.listen_port();
+    std::fs::write(&port_file, port.to_string()).map_err(|e| setup("overlay port", &e))?;
+    let endpoints = if !cfg.overlay_endpoints.is_empty() {
+        cfg.overlay_endpoints.clone()
+    } else if !listen.ip().is_unspecified() {
+        vec![SocketAddr::new(listen.ip(), port)]
+    } else {
+        host_addresses(&reg.workload_range)
+            .into_iter()
+            .take(tfgrid_core::records::MAX_OVERLAY_ENDPOINTS)
+            .map(|ip| SocketAddr::new(ip.into(), port))
+            .collect()
+    };
+    tracing::info!(key = %dev.public_key(), ?endpoints, "overlay up on {}", dev.name());
+    let overlay = Overlay {
+        wg_key: tfgrid_core::records::X25519Key(dev.public_key().0),
+        endpoints,
+    };
+    Ok((Arc::new(dev), overlay))
+}
+
+/// The host's global IPv4 addresses, less those of the grid's workload range (bridges).
+fn host_addresses(range: &tfgrid_core::prefix::Ipv4Prefix) -> Vec<std::net::Ipv4Addr> {
+    let Ok(out) = std::process::Command::new("ip")
+        .args(["-o", "-4", "addr", "show", "scope", "global"])
+        .output()
+    else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let i = w.iter().position(|x| *x == "inet")?;
+            w.get(i + 1)?.split('/').next()?.parse().ok()
+        })
+        .filter(|ip| !range.contains(*ip))
+        .collect()
 }
 
 /// A deployment whose contract was cancelled (or no longer exists) on the registry is removed.
@@ -444,6 +576,40 @@ fn serve_bus(peer: &Peer, engine: Arc<Engine>, domain: Option<String>) {
     });
 }
 
+/// `node.overlay`: the node's overlay peers and the path each uses (open to any twin, as
+/// statistics are: it says which nodes this one talks to, never what they say).
+fn serve_overlay(peer: &Peer, grid: Option<Arc<tfgrid_net::grid::Grid>>) {
+    peer.handle_json(api::OVERLAY, move |_, _: serde_json::Value| {
+        let grid = grid.clone();
+        async move {
+            let g = grid.ok_or_else(|| "this node runs no overlay".to_string())?;
+            let dev = g.device();
+            Ok(api::OverlayStatus {
+                public_key: dev.public_key().to_string(),
+                listen_port: dev.listen_port(),
+                peers: g
+                    .peers()
+                    .into_iter()
+                    .map(|(p, node_id, twin_id)| api::OverlayPeer {
+                        node_id,
+                        twin_id,
+                        public_key: p.public_key.to_string(),
+                        endpoint: p.endpoint,
+                        allowed_ips: p.allowed_ips.iter().map(|n| n.to_string()).collect(),
+                        path: serde_json::to_value(p.path)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_string))
+                            .unwrap_or_default(),
+                        last_handshake_s: p.last_handshake_s,
+                        tx_bytes: p.tx_bytes,
+                        rx_bytes: p.rx_bytes,
+                    })
+                    .collect(),
+            })
+        }
+    });
+}
+
 /// Stops everything a node agent left running on the host, keeping its persisted state: the
 /// runtime's containers, mounts under `data`, the bridge's network namespaces and the bridge.
 /// For a local grid shutting down; the next agent start remakes the workloads from its store.
@@ -484,7 +650,7 @@ pub async fn stop_workloads(data: &std::path::Path, runtime: &str, bridge: &str)
             }
         }
     }
-    if std::path::Path::new(&format!("/sys/class/net/{bridge}")).exists() {
+    if crate::net::link_exists(bridge).await {
         let _ = run("ip", &["link", "del", bridge]).await;
     }
 }

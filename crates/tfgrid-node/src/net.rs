@@ -57,7 +57,7 @@ impl Net {
 
     /// Creates the bridge with the gateway address, or finds it there already.
     pub async fn setup(&self) -> Result<(), String> {
-        if !PathBuf::from(format!("/sys/class/net/{}", self.bridge)).exists() {
+        if !link_exists(&self.bridge).await {
             run("ip", &["link", "add", &self.bridge, "type", "bridge"]).await?;
         }
         let cidr = format!("{}/{}", self.gateway(), self.prefix);
@@ -124,7 +124,7 @@ impl Net {
             run("ip", &["netns", "del", &self.netns(key)]).await?;
         }
         let host = self.veth(key);
-        if PathBuf::from(format!("/sys/class/net/{host}")).exists() {
+        if link_exists(&host).await {
             // The kernel removes the host end with the namespace, asynchronously: it may vanish
             // between the check and the delete.
             match run("ip", &["link", "del", &host]).await {
@@ -143,6 +143,13 @@ impl Net {
     pub fn cgroup(&self, key: &str) -> String {
         format!("/tfgrid/{}/{key}", self.bridge)
     }
+}
+
+/// Whether this network namespace has a link of that name. Asked of the kernel, not read from
+/// /sys/class/net: a process that entered a namespace with setns alone (as `tfgrid up --hosts`
+/// starts nodes, keeping the host's cgroup mounts) still sees the sysfs of the one it came from.
+pub async fn link_exists(name: &str) -> bool {
+    run("ip", &["link", "show", "dev", name]).await.is_ok()
 }
 
 #[cfg(test)]

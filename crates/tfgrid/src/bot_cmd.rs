@@ -498,3 +498,45 @@ pub async fn nodes(o: BotOpt, q: NodeQuery) -> Result<()> {
     }
     Ok(())
 }
+
+pub async fn overlay(o: BotOpt, node: u32) -> Result<()> {
+    let c = Client::new(&o);
+    let v: Value = c
+        .get(&format!("/api/nodes/{node}/overlay"))
+        .await?
+        .json()
+        .await?;
+    if o.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let s: tfgrid_core::node_api::OverlayStatus = serde_json::from_value(v)?;
+    println!(
+        "node {node}: key {}, UDP port {}, {} peers",
+        s.public_key,
+        s.listen_port,
+        s.peers.len()
+    );
+    if s.peers.is_empty() {
+        return Ok(());
+    }
+    println!(
+        "{:<6} {:<7} {:<22} {:<15} {:<10} {:<10} {:<10} KEY",
+        "NODE", "PATH", "ENDPOINT", "PREFIX", "HANDSHAKE", "TX", "RX"
+    );
+    for p in s.peers {
+        println!(
+            "{:<6} {:<7} {:<22} {:<15} {:<10} {:<10} {:<10} {}",
+            p.node_id.map_or("-".into(), |n| n.to_string()),
+            p.path,
+            p.endpoint.map_or("-".into(), |e| e.to_string()),
+            p.allowed_ips.join(","),
+            p.last_handshake_s
+                .map_or("-".into(), |s| format!("{s:.0}s ago")),
+            human_bytes(p.tx_bytes),
+            human_bytes(p.rx_bytes),
+            p.public_key
+        );
+    }
+    Ok(())
+}

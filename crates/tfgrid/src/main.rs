@@ -98,6 +98,12 @@ enum Cmd {
         #[command(flatten)]
         opt: bot_cmd::BotOpt,
     },
+    /// A node's overlay peers: which nodes it reaches and by which path (direct UDP or the relay).
+    Overlay {
+        node: u32,
+        #[command(flatten)]
+        opt: bot_cmd::BotOpt,
+    },
     /// Run the node agent: this host becomes capacity on the grid.
     Node(Box<node_cmd::NodeArgs>),
     /// The overlay: run a userspace WireGuard interface, make keys.
@@ -396,6 +402,7 @@ async fn run(cli: Cli) -> Result<()> {
             opt,
         } => bot_cmd::events(opt, deployment, follow).await,
         Cmd::Nodes { query, opt } => bot_cmd::nodes(opt, query).await,
+        Cmd::Overlay { node, opt } => bot_cmd::overlay(opt, node).await,
         Cmd::Bus { cmd } => bus_cmd::bus(cmd).await,
     }
 }

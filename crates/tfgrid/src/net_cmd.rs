@@ -3,7 +3,6 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use std::collections::HashMap;
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -12,13 +11,8 @@ use std::time::Duration;
 use tfgrid_bus::peer::ensure_registered;
 use tfgrid_bus::{Peer, PeerConfig};
 use tfgrid_core::Identity;
-use tfgrid_net::{batch, Config, Device, DeviceOptions, RelaySink, WgPublic, WgSecret};
+use tfgrid_net::{Config, Device, DeviceOptions, WgPublic, WgSecret};
 use tfgrid_registry_client::{RegistryClient, TwinSigner};
-
-/// The bus command that carries WireGuard datagrams (one-way, sealed).
-const WG_CMD: &str = "net.wg";
-/// Datagrams waiting for the bus; past this they are dropped, as a full link drops them.
-const RELAY_QUEUE: usize = 4096;
 
 #[derive(Subcommand)]
 pub enum NetCmd {
@@ -140,18 +134,7 @@ async fn run_device(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
-async fn send_batch(p: &Peer, twin: u32, b: &mut Vec<u8>) {
-    if b.is_empty() {
-        return;
-    }
-    if let Err(e) = p.notify(twin, WG_CMD, b, Duration::from_secs(5)).await {
-        tracing::debug!("relaying {} bytes to twin {twin}: {e}", b.len());
-    }
-    b.clear();
-}
-
-/// Joins the bus and makes it the device's relayed path: datagrams for a peer go to its twin as
-/// one-way sealed messages, and messages from a peer's twin are fed to the device as that peer's.
+/// Joins the bus and makes it the device's relayed path for the `--peer-twin` pairs.
 async fn relay_path(a: &RunArgs, relay: &str, dev: &Arc<Device>) -> Result<Peer> {
     let (registry, key) = (
         a.registry.as_deref().context("--relay needs --registry")?,
@@ -171,54 +154,10 @@ async fn relay_path(a: &RunArgs, relay: &str, dev: &Arc<Device>) -> Result<Peer>
     peer.connected(Duration::from_secs(10))
         .await
         .with_context(|| format!("connecting to the relay {relay}"))?;
-    let twin_of: HashMap<WgPublic, u32> = a.peer_twins.iter().copied().collect();
-    let key_of: HashMap<u32, WgPublic> = a.peer_twins.iter().map(|(k, t)| (*t, *k)).collect();
-    let d = dev.clone();
-    peer.on_notify(WG_CMD, move |src, batch| {
-        let (Some(k), Some(datagrams)) = (key_of.get(&src), batch::unpack(&batch)) else {
-            return;
-        };
-        for datagram in datagrams {
-            d.receive_relayed(*k, datagram);
-        }
-    });
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u32, Vec<u8>)>(RELAY_QUEUE);
-    let sink: RelaySink = Arc::new(move |key, datagram| {
-        if let Some(t) = twin_of.get(&key) {
-            // Called on the data path: never wait for the bus.
-            let _ = tx.try_send((*t, datagram.to_vec()));
-        }
-    });
-    dev.set_relay(Some(sink));
-    let p = peer.clone();
-    tokio::spawn(async move {
-        // What queued while the last message went out goes in the next, one batch per twin.
-        let mut batches: Vec<(u32, Vec<u8>)> = Vec::new();
-        while let Some(first) = rx.recv().await {
-            let mut next = Some(first);
-            while let Some((twin, datagram)) = next.take().or_else(|| rx.try_recv().ok()) {
-                match batches.iter_mut().find(|(t, _)| *t == twin) {
-                    Some((_, b)) => {
-                        if !batch::push(b, &datagram) {
-                            send_batch(&p, twin, b).await;
-                            batch::push(b, &datagram);
-                        }
-                    }
-                    None => {
-                        let mut b = Vec::new();
-                        batch::push(&mut b, &datagram);
-                        batches.push((twin, b));
-                    }
-                }
-                if batches.len() > 64 {
-                    break;
-                }
-            }
-            for (twin, b) in batches.iter_mut() {
-                send_batch(&p, *twin, b).await;
-            }
-            batches.clear();
-        }
-    });
+    tfgrid_net::relay::attach(
+        &peer,
+        dev,
+        Arc::new(tfgrid_net::relay::Fixed(a.peer_twins.clone())),
+    );
     Ok(peer)
 }

@@ -80,6 +80,17 @@ struct RunArgs {
     country: String,
     #[arg(long, default_value = "")]
     city: String,
+    /// UDP address of the grid overlay (userspace WireGuard) that makes this node's workloads
+    /// reachable from other hosts; port 0 picks one at first start and keeps it.
+    #[arg(long, default_value = "0.0.0.0:0")]
+    overlay_listen: SocketAddr,
+    /// Run no overlay: workloads are reachable from this host only.
+    #[arg(long)]
+    no_overlay: bool,
+    /// Endpoint (ip:port) to publish for the overlay instead of this host's addresses, e.g. a
+    /// port forwarded on the router; repeatable.
+    #[arg(long = "overlay-endpoint")]
+    overlay_endpoints: Vec<SocketAddr>,
 }
 
 fn logins(v: &[String]) -> Result<HashMap<String, (String, String)>> {
@@ -161,6 +172,8 @@ pub async fn run(a: NodeArgs) -> Result<()> {
         mru: r.mru,
         country: r.country,
         city: r.city,
+        overlay_listen: (!r.no_overlay).then_some(r.overlay_listen),
+        overlay_endpoints: r.overlay_endpoints,
     };
     let node = agent::start(cfg).await.context("starting the node agent")?;
     println!(

@@ -45,6 +45,51 @@ pub struct UpArgs {
     /// How long a node may miss uptime reports before the registry calls it down.
     #[arg(long, default_value_t = 3000)]
     down_after_ms: u64,
+    /// Run each node on a host of its own: a network namespace on a simulated WAN (198.18.x.0/24),
+    /// as separate machines. Hosts take turns being public, behind a NAT router and public with
+    /// UDP blocked (so only the relay reaches it); gateways are public. The registry, relay and
+    /// image registry listen on this machine's address on that WAN (the ports given above).
+    #[arg(long)]
+    hosts: bool,
+}
+
+/// Where each node runs in `--hosts` mode, and the machine's own address on the WAN.
+struct Hosts {
+    // Held for its drop: it kills what runs on the hosts and deletes their namespaces.
+    lab: tfgrid_net::hosts::Lab,
+    machine: std::net::Ipv4Addr,
+    nodes: Vec<tfgrid_net::hosts::Host>,
+}
+
+impl Hosts {
+    fn make(a: &UpArgs) -> Result<Hosts> {
+        use tfgrid_net::hosts::{HostKind, Lab};
+        if let Some(why) = tfgrid_net::hosts::unavailable() {
+            bail!("--hosts {why}");
+        }
+        let mut lab = Lab::new()?;
+        let machine = lab.connect_machine()?;
+        let first_gateway = a.nodes.saturating_sub(a.gateways.max(1)) + 1;
+        let mut nodes = Vec::new();
+        for i in 1..=a.nodes {
+            let kind = if i >= first_gateway {
+                HostKind::Public
+            } else {
+                [HostKind::Public, HostKind::Nat, HostKind::UdpBlocked][(i as usize - 1) % 3]
+            };
+            nodes.push(lab.add_host(&format!("n{i}"), kind)?);
+        }
+        Ok(Hosts {
+            lab,
+            machine,
+            nodes,
+        })
+    }
+
+    /// `addr` moved onto the machine's WAN address (same port).
+    fn on_machine(&self, addr: SocketAddr) -> SocketAddr {
+        SocketAddr::new(self.machine.into(), addr.port())
+    }
 }
 
 struct Proc {
@@ -55,8 +100,22 @@ struct Proc {
 /// Starts `tfgrid args...` with stderr to `<logs>/<name>.log` and returns it with its first
 /// stdout line (each command prints one when it is ready).
 fn spawn(name: &str, args: &[String], logs: &Path) -> Result<(Proc, String)> {
+    spawn_in(None, name, args, logs)
+}
+
+/// [`spawn`] on one of the `--hosts` hosts.
+fn spawn_in(
+    host: Option<(&Hosts, usize)>,
+    name: &str,
+    args: &[String],
+    logs: &Path,
+) -> Result<(Proc, String)> {
     let log = logs.join(format!("{name}.log"));
-    let mut child = Command::new(std::env::current_exe()?)
+    let mut cmd = Command::new(std::env::current_exe()?);
+    if let Some((h, i)) = host {
+        h.lab.enter(&h.nodes[i], &mut cmd)?;
+    }
+    let mut child = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -112,7 +171,7 @@ fn terminate(procs: &mut Vec<Proc>) {
     procs.clear();
 }
 
-pub async fn up(a: UpArgs) -> Result<()> {
+pub async fn up(mut a: UpArgs) -> Result<()> {
     let root = nix::unistd::geteuid().is_root();
     if a.gateways > a.nodes && a.nodes > 0 {
         bail!("--gateways {} is more than --nodes {}", a.gateways, a.nodes);
@@ -124,6 +183,15 @@ pub async fn up(a: UpArgs) -> Result<()> {
              (sudo), or with --nodes 0 for the registry, relay and bot alone."
         );
     }
+    let hosts = if a.hosts && a.nodes > 0 {
+        let h = Hosts::make(&a)?;
+        a.registry_listen = h.on_machine(a.registry_listen);
+        a.relay_listen = h.on_machine(a.relay_listen);
+        a.images_listen = h.on_machine(a.images_listen);
+        Some(h)
+    } else {
+        None
+    };
     let data = std::path::absolute(&a.data)?;
     let logs = data.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
@@ -180,7 +248,16 @@ pub async fn up(a: UpArgs) -> Result<()> {
     // Held until the grid stops: dropping it stops docker-registry.
     let mut oci = None;
     let result = start_children(
-        &a, &data, &logs, &url, &relay_url, &signer, twin, &mut procs, &mut oci,
+        &a,
+        &data,
+        &logs,
+        &url,
+        &relay_url,
+        &signer,
+        twin,
+        &mut procs,
+        &mut oci,
+        hosts.as_ref(),
     )
     .await;
     let (images, mut node_lines, bot_url, bot_args) = match result {
@@ -188,6 +265,7 @@ pub async fn up(a: UpArgs) -> Result<()> {
         Err(e) => {
             terminate(&mut procs);
             stop_nodes(&a, &data).await;
+            drop(hosts);
             return Err(e);
         }
     };
@@ -202,6 +280,17 @@ pub async fn up(a: UpArgs) -> Result<()> {
     for l in &node_lines {
         println!("  {l}");
     }
+    if let Some(h) = &hosts {
+        for (i, host) in h.nodes.iter().enumerate() {
+            println!(
+                "  host n{:<7} {:?} at {} (namespace {})",
+                i + 1,
+                host.kind,
+                host.addr,
+                host.ns
+            );
+        }
+    }
     println!(
         "  your key   {} ({})",
         key_path.display(),
@@ -213,10 +302,17 @@ pub async fn up(a: UpArgs) -> Result<()> {
     println!();
     println!("Try:");
     if a.nodes > 0 {
-        println!("  tfgrid deploy examples/web.yaml");
+        match (&hosts, &images) {
+            // The example's image is on 127.0.0.1, which is this machine only.
+            (Some(_), Some(img)) => println!(
+                "  tfgrid deploy examples/web.yaml   (with its image set to {img}: hosts pull from this machine's WAN address)"
+            ),
+            _ => println!("  tfgrid deploy examples/web.yaml"),
+        }
         println!(
             "  curl -H 'Host: web.{}' http://{}/",
-            a.domain, a.gateway_listen
+            a.domain,
+            gateway_addr(&a, hosts.as_ref(), a.nodes)
         );
         println!("  tfgrid ps; tfgrid events; tfgrid nodes");
     } else {
@@ -235,6 +331,8 @@ pub async fn up(a: UpArgs) -> Result<()> {
     println!("stopping...");
     terminate(&mut procs);
     stop_nodes(&a, &data).await;
+    // Kills what is left in the hosts' namespaces and deletes them.
+    drop(hosts);
     drop(oci);
     relay_stop.stop();
     relay_server.abort();
@@ -259,6 +357,17 @@ async fn watch_children(procs: &mut [Proc], bot_args: &[String], logs: &Path) {
                 }
             }
         }
+    }
+}
+
+/// Where gateway node `i` listens: the first gateway on --gateway-listen, the next on the
+/// following ports; in --hosts mode on the gateway's host address.
+fn gateway_addr(a: &UpArgs, hosts: Option<&Hosts>, i: u32) -> SocketAddr {
+    let first_gateway = a.nodes.saturating_sub(a.gateways.max(1)) + 1;
+    let port = a.gateway_listen.port() + i.saturating_sub(first_gateway) as u16;
+    match hosts {
+        Some(h) => SocketAddr::new(h.nodes[i as usize - 1].addr.into(), port),
+        None => SocketAddr::new(a.gateway_listen.ip(), port),
     }
 }
 
@@ -299,6 +408,7 @@ async fn start_children(
     twin: u32,
     procs: &mut Vec<Proc>,
     oci: &mut Option<tfgrid_node::images::LocalRegistry>,
+    hosts: Option<&Hosts>,
 ) -> Result<(Option<String>, Vec<String>, String, Vec<String>)> {
     let mut node_lines = Vec::new();
     let mut images = None;
@@ -377,15 +487,12 @@ async fn start_children(
                     "--domain".into(),
                     a.domain.clone(),
                     "--gateway-listen".into(),
-                    SocketAddr::new(
-                        a.gateway_listen.ip(),
-                        a.gateway_listen.port() + (i - first_gateway) as u16,
-                    )
-                    .to_string(),
+                    gateway_addr(a, hosts, i).to_string(),
                 ]);
             }
             let name = format!("node{i}");
-            let (p, line) = spawn(&name, &args, logs)?;
+            let host = hosts.map(|h| (h, i as usize - 1));
+            let (p, line) = spawn_in(host, &name, &args, logs)?;
             node_lines.push(format!("{:<10} pid {:<7} {}", name, p.child.id(), line));
             procs.push(p);
         }
