@@ -22,6 +22,9 @@ pub struct Tx {
     pub call: Call,
 }
 
+// A call is made once, signed and sent (or applied once): its size in memory is not worth a box
+// in every match on `RegisterNode`.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Call {

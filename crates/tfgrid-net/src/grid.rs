@@ -25,8 +25,9 @@ use crate::{Device, Error, PeerConfig, PeerStatus, WgPublic};
 
 /// The bus command a node sends to a node it is about to peer with (one-way, no payload).
 pub const HELLO_CMD: &str = "net.hello";
-/// Keeps a NAT's mapping open between a node behind it and its peers.
-const KEEPALIVE_S: u16 = 25;
+/// Keeps a NAT's mapping open between a node behind it and its peers, and each path fresh (a
+/// path unheard for 20 s is no longer counted as working).
+const KEEPALIVE_S: u16 = 15;
 /// A look-up for the same node or twin is not repeated sooner than this.
 const LOOKUP_EVERY: Duration = Duration::from_secs(2);
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);

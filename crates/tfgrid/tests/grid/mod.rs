@@ -43,6 +43,8 @@ pub struct Grid {
     pub registry: String,
     pub twin: u32,
     pub lines: Vec<String>,
+    /// In `--hosts` mode: each node's host namespace, by node number.
+    pub host_ns: Vec<String>,
 }
 
 impl Drop for Grid {
@@ -143,14 +145,29 @@ pub fn up_with(dir: &Path, gw: SocketAddr, extra: &[&str], env: &[(&str, &str)])
             registry_pid = w[2].parse().unwrap();
         }
     }
-    assert_eq!(node_pids.len(), 3, "{lines:?}");
+    let nodes = extra
+        .iter()
+        .position(|a| *a == "--nodes")
+        .map_or(3, |i| extra[i + 1].parse().unwrap());
+    assert_eq!(node_pids.len(), nodes, "{lines:?}");
+    // The first gateway's address as it printed it (a host's address in --hosts mode).
+    let gateway = lines
+        .iter()
+        .find_map(|l| l.split("gateway proxy on ").nth(1))
+        .map_or(gw, |a| a.trim().parse().unwrap());
+    let host_ns = lines
+        .iter()
+        .filter(|l| l.starts_with("host n"))
+        .filter_map(|l| l.split("(namespace ").nth(1))
+        .map(|n| n.trim_end_matches(')').to_string())
+        .collect();
     let registry = field("registry");
     let twin = field("your twin").parse().unwrap();
     Grid {
         child,
         data,
         bot: dashboard.trim_end_matches('/').to_string(),
-        gateway: gw,
+        gateway,
         image,
         node_pids,
         bot_pid,
@@ -158,6 +175,7 @@ pub fn up_with(dir: &Path, gw: SocketAddr, extra: &[&str], env: &[(&str, &str)])
         registry,
         twin,
         lines,
+        host_ns,
     }
 }
 
