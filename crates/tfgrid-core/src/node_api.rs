@@ -17,6 +17,7 @@ pub const STATISTICS: &str = "node.statistics";
 pub const VERSION: &str = "node.version";
 pub const LOGS: &str = "workload.logs";
 pub const OVERLAY: &str = "node.overlay";
+pub const OWNER: &str = "workload.owner";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ContractRef {
@@ -96,4 +97,16 @@ pub struct OverlayPeer {
     pub last_handshake_s: Option<f64>,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
+}
+
+/// Whose workload has this address (asked of the node whose prefix holds it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OwnerRequest {
+    pub ip: std::net::Ipv4Addr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Owner {
+    /// None: no workload of this node has it.
+    pub twin_id: Option<TwinId>,
 }

@@ -290,10 +290,17 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
         cfg.registry_logins.clone(),
         cas,
     ));
+    let owners = crate::kinds::backends::Owners::new(
+        range.workload_range,
+        range.node_prefix_len,
+        node_id,
+        client.clone(),
+    );
     let gateway = Gateway::new(
         cfg.domain.clone(),
         client.clone(),
         gateway_addr.map(|a| a.port()),
+        owners.clone(),
     );
     if let Some(l) = gateway_listener {
         tasks.push(tokio::spawn(crate::kinds::proxy::serve(
@@ -340,6 +347,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
         registry: client.clone(),
     });
     serve_bus(&peer, engine.clone(), cfg.domain.clone());
+    owners.bind(&engine, &peer);
     let grid = match &overlay {
         Some((dev, _)) => {
             // Workload packets cross the host between the bridge and the overlay.
@@ -564,6 +572,15 @@ fn serve_bus(peer: &Peer, engine: Arc<Engine>, domain: Option<String>) {
         Ok(Version {
             version: env!("CARGO_PKG_VERSION").to_string(),
         })
+    });
+    let e = engine.clone();
+    peer.handle_json(api::OWNER, move |_, r: api::OwnerRequest| {
+        let e = e.clone();
+        async move {
+            e.owner_of(r.ip)
+                .map(|twin_id| api::Owner { twin_id })
+                .map_err(|x| x.to_string())
+        }
     });
     let e = engine;
     peer.handle_json(api::LOGS, move |src, r: LogsRequest| {

@@ -540,6 +540,21 @@ impl Engine {
             .collect())
     }
 
+    /// The twin whose workload on this node has `ip` (a result in state ok saying so).
+    pub fn owner_of(&self, ip: std::net::Ipv4Addr) -> Result<Option<TwinId>, EngineError> {
+        let ip = ip.to_string();
+        for d in self.store.deployments()? {
+            let results = self.store.results(d.contract_id)?;
+            if results
+                .values()
+                .any(|r| r.state == ResultState::Ok && r.data.get("ip") == Some(&ip))
+            {
+                return Ok(Some(d.twin_id));
+            }
+        }
+        Ok(None)
+    }
+
     pub fn statistics(&self) -> Result<Statistics, EngineError> {
         let mut s = Statistics {
             total: self.total,
@@ -587,7 +602,15 @@ impl Engine {
     pub async fn recover(&self) -> Result<(), EngineError> {
         let _g = self.lock.lock().await;
         for d in self.store.deployments()? {
+            let before = self.store.results(d.contract_id)?;
             for w in ordered(&d) {
+                // A route is recovered without checking its backends again (see the gateway
+                // kind), so only one that was up: a refused one stays refused.
+                let refused = matches!(w.data, WorkloadData::GatewayNameProxy(_))
+                    && before.get(&w.name).map(|r| r.state) != Some(ResultState::Ok);
+                if refused {
+                    continue;
+                }
                 let r = self.apply(&d, w, Op::Recover).await?;
                 tracing::info!(
                     contract = d.contract_id,

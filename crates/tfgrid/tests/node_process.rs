@@ -287,6 +287,51 @@ impl Grid {
         self.send(node, api::DEPLOY, &d).await
     }
 
+    /// A second user: a twin of its own on the bus.
+    async fn other_user(&self) -> (Identity, TwinId, Peer) {
+        let id = Identity::generate();
+        let signer = TwinSigner::new(id.clone(), self.client.clone());
+        let twin = ensure_registered(&signer, &self.relay_url).await.unwrap();
+        let peer = Peer::start(PeerConfig {
+            identity: id.clone(),
+            twin,
+            relay_url: self.relay_url.clone(),
+            registry: self.client.clone(),
+        });
+        peer.connected(Duration::from_secs(10)).await.unwrap();
+        (id, twin, peer)
+    }
+
+    /// [`deploy`](Self::deploy) as another user.
+    async fn deploy_as(
+        &self,
+        who: &(Identity, TwinId, Peer),
+        node: &Node,
+        mut d: Deployment,
+    ) -> Result<DeploymentInfo, String> {
+        let signer = TwinSigner::new(who.0.clone(), self.client.clone());
+        d.twin_id = who.1;
+        let id = match signer
+            .submit(Call::CreateNodeContract {
+                node_id: node.node_id,
+                deployment_hash: d.hash(),
+                capacity: d.capacity().unwrap(),
+            })
+            .await
+            .unwrap()
+            .outcome
+        {
+            Outcome::ContractCreated { contract_id, .. } => contract_id,
+            o => panic!("{o:?}"),
+        };
+        d.contract_id = id;
+        d.sign(&who.0);
+        who.2
+            .call_json(node.twin, api::DEPLOY, &d, Duration::from_secs(120))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     async fn contract(&self, node: &Node, d: &Deployment) -> ContractId {
         match self
             .signer()
@@ -739,7 +784,8 @@ async fn container_served_through_the_gateway_survives_an_agent_kill_and_is_remo
     let mut args = g.node_args("n1", None);
     args.extend(["--insecure-registry".to_string(), oci.addr.clone()]);
     let mut node = g.start_node_with(args.clone(), "n1");
-    let gw = g.start_node("gw", Some("gw.test"));
+    let gw_args = g.node_args("gw", Some("gw.test"));
+    let mut gw = g.start_node_with(gw_args.clone(), "gw");
 
     // An unknown image is refused with the registry's reason, and leaves nothing behind.
     let bad = deployment(
@@ -831,6 +877,55 @@ async fn container_served_through_the_gateway_survives_an_agent_kill_and_is_remo
     assert_eq!(body, "hello from tfgrid\n");
     let (status, _) = http_get(gw_addr, "other.gw.test").await.unwrap();
     assert_eq!(status, 404);
+
+    // A gateway serves only the deploying twin's own workloads: not the gateway host's loopback
+    // (where the bot API and the node's zdb listen), not the host's bridge address, not an
+    // address no workload has, and not another twin's container (by its real address).
+    let bridge_ip = prefix.nth(32, 1).unwrap().addr();
+    let unused = prefix.nth(32, 200).unwrap().addr();
+    let mut bad_backends = vec![
+        (
+            format!("http://127.0.0.1:{}", gw_addr.port()),
+            "not a workload address",
+        ),
+        (format!("http://{bridge_ip}:8080"), "not a workload of twin"),
+        (format!("http://{unused}:8080"), "not a workload of twin"),
+        (
+            "http://10.64.0.2:8080/admin".to_string(),
+            "expected http://",
+        ),
+    ];
+    let other = g.other_user().await;
+    TwinSigner::new(other.0.clone(), g.client.clone())
+        .submit(Call::CreateNameContract {
+            name: "evil".into(),
+        })
+        .await
+        .unwrap();
+    bad_backends.push((format!("http://{ip}:8080"), "not a workload of twin"));
+    for (backend, why) in bad_backends {
+        let d = deployment(
+            other.1,
+            vec![(
+                "evil_gw",
+                WorkloadData::GatewayNameProxy(GatewayNameProxySpec {
+                    name: "evil".into(),
+                    backends: vec![backend.clone()],
+                }),
+            )],
+        );
+        let info = g.deploy_as(&other, &gw, d).await.unwrap();
+        let r = &info.results["evil_gw"];
+        assert_eq!(r.state, ResultState::Error, "{backend} was accepted");
+        assert!(r.message.contains(why), "{backend}: {}", r.message);
+        assert_eq!(http_get(gw_addr, "evil.gw.test").await.unwrap().0, 404);
+    }
+    // A restarted gateway agent brings back the route it served, not the ones it refused.
+    gw.proc.kill9();
+    gw = g.start_node_with(gw_args, "gw");
+    let gw_addr = gw.gateway.unwrap();
+    assert_eq!(http_get(gw_addr, "web.gw.test").await.unwrap().0, 200);
+    assert_eq!(http_get(gw_addr, "evil.gw.test").await.unwrap().0, 404);
 
     // kill -9 the agent: the container keeps serving; the restarted agent adopts it (one copy).
     node.proc.kill9();

@@ -47,14 +47,22 @@ impl Routes {
 
 pub struct Gateway {
     routes: Routes,
+    owners: super::backends::Owners,
     registry: RegistryClient,
     /// The address people reach the proxy at, for the URL in results (`http://name.domain:port`).
     public_port: Option<u16>,
 }
 
 impl Gateway {
-    pub fn new(domain: Option<String>, registry: RegistryClient, public_port: Option<u16>) -> Self {
+    /// `owners` decides which backends a twin may use.
+    pub fn new(
+        domain: Option<String>,
+        registry: RegistryClient,
+        public_port: Option<u16>,
+        owners: super::backends::Owners,
+    ) -> Self {
         Self {
+            owners,
             routes: Routes {
                 domain: domain.unwrap_or_default(),
                 map: Default::default(),
@@ -90,7 +98,9 @@ impl Gateway {
         }
     }
 
-    async fn make(&self, ctx: &Ctx<'_>) -> Result<Output, String> {
+    /// `check`: whether the backends are checked (not on recovery: they were when the route was
+    /// made, and at an agent's start neither its bus nor the backends' nodes may be up yet).
+    async fn make(&self, ctx: &Ctx<'_>, check: bool) -> Result<Output, String> {
         let WorkloadData::GatewayNameProxy(g) = &ctx.workload.data else {
             return Err("not a gateway workload".into());
         };
@@ -98,6 +108,11 @@ impl Gateway {
             return Err("this node is not a gateway (it has no domain)".into());
         }
         self.holds_name(ctx.deployment.twin_id, &g.name).await?;
+        if check {
+            for b in &g.backends {
+                self.owners.check(ctx.deployment.twin_id, b).await?;
+            }
+        }
         {
             let mut map = self.routes.map.write().unwrap_or_else(|p| p.into_inner());
             if let Some(r) = map.get(&g.name) {
@@ -129,7 +144,7 @@ impl Gateway {
 
 impl Kind for Gateway {
     async fn provision(&self, ctx: &Ctx<'_>) -> Result<Output, String> {
-        self.make(ctx).await
+        self.make(ctx, true).await
     }
 
     async fn deprovision(&self, id: &WorkloadId) -> Result<(), String> {
@@ -152,10 +167,10 @@ impl Kind for Gateway {
 
     /// New backends replace the route at once; requests in flight finish on the old one.
     async fn update(&self, ctx: &Ctx<'_>) -> Result<Output, String> {
-        self.make(ctx).await
+        self.make(ctx, true).await
     }
 
     async fn recover(&self, ctx: &Ctx<'_>) -> Result<Output, String> {
-        self.make(ctx).await
+        self.make(ctx, false).await
     }
 }

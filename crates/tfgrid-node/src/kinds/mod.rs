@@ -1,6 +1,7 @@
 //! One module per workload kind, each behind [`Kind`]: the engine decides what must exist, a kind
 //! knows how to make it exist on this host, take it away, look at it and pick it up after a restart.
 
+pub mod backends;
 pub mod container;
 pub mod gateway;
 pub mod proxy;
