@@ -111,6 +111,12 @@ pub struct Overlay {
     pub endpoints: Vec<std::net::SocketAddr>,
 }
 
+/// What `/whoami` answers: the address a request came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhoAmI {
+    pub ip: std::net::IpAddr,
+}
+
 /// At most this many endpoints per node: a peer tries them in order.
 pub const MAX_OVERLAY_ENDPOINTS: usize = 8;
 

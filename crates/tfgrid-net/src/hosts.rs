@@ -253,13 +253,20 @@ impl Lab {
                         "net.ipv4.ip_forward=1",
                     ],
                 )?;
-                // Inbound only for what the host opened, as a home router does.
+                // Inbound only for what the host opened, as a home router does. Unsolicited
+                // datagrams to the router itself are dropped too: one that reached no socket
+                // would otherwise leave a conntrack entry that makes the masquerade give the
+                // host's next outbound flow to that sender a different port (Linux's clash
+                // handling), which is what breaks hole punching through real Linux routers
+                // without such a rule.
                 nft(
                     &router,
                     "table ip tfgrid_nat {\n\
                      chain post { type nat hook postrouting priority 100; oifname \"wan0\" masquerade; }\n\
                      chain forward { type filter hook forward priority 0; policy drop;\n\
                        iifname \"lan0\" accept; ct state established,related accept; }\n\
+                     chain input { type filter hook input priority 0; policy drop;\n\
+                       iifname \"lan0\" accept; iifname \"lo\" accept; ct state established,related accept; }\n\
                      }\n",
                 )?;
                 Host {

@@ -199,7 +199,14 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
         .map_err(|e| AgentError::Registry(e.to_string()))?;
     let root = nix::unistd::geteuid().is_root();
     let overlay = match (&cfg.overlay_listen, root) {
-        (Some(listen), true) => Some(start_overlay(&cfg, &identity, *listen, &range)?),
+        (Some(listen), true) => {
+            // Where the registry sees us from: behind NAT, the router's address.
+            let observed = tokio::time::timeout(Duration::from_secs(3), client.whoami())
+                .await
+                .ok()
+                .and_then(Result::ok);
+            Some(start_overlay(&cfg, &identity, *listen, &range, observed)?)
+        }
         (Some(_), false) => {
             tracing::warn!("not root: no overlay (it needs a TUN device)");
             None
@@ -431,6 +438,7 @@ fn start_overlay(
     identity: &Identity,
     listen: SocketAddr,
     reg: &tfgrid_core::records::RegistryConfig,
+    observed: Option<std::net::IpAddr>,
 ) -> Result<(Arc<tfgrid_net::Device>, Overlay), AgentError> {
     let setup = |what: &str, e: &dyn std::fmt::Display| AgentError::Setup(format!("{what}: {e}"));
     let port_file = cfg.data.join("overlay-port");
@@ -461,11 +469,7 @@ fn start_overlay(
     } else if !listen.ip().is_unspecified() {
         vec![SocketAddr::new(listen.ip(), port)]
     } else {
-        host_addresses(&reg.workload_range)
-            .into_iter()
-            .take(tfgrid_core::records::MAX_OVERLAY_ENDPOINTS)
-            .map(|ip| SocketAddr::new(ip.into(), port))
-            .collect()
+        auto_endpoints(host_addresses(&reg.workload_range), observed, port)
     };
     tracing::info!(key = %dev.public_key(), ?endpoints, "overlay up on {}", dev.name());
     let overlay = Overlay {
@@ -473,6 +477,30 @@ fn start_overlay(
         endpoints,
     };
     Ok((Arc::new(dev), overlay))
+}
+
+/// The host's addresses with the overlay port, and first, when the registry sees us from an
+/// address that is not ours (a NAT router's), that address with the same port: Linux NAT keeps
+/// a source port when it can, so that is where a NATed node's datagrams come from, and where a
+/// peer behind another NAT sends its own first ones (both sides sending at once is what opens
+/// both NATs).
+fn auto_endpoints(
+    own: Vec<std::net::Ipv4Addr>,
+    observed: Option<std::net::IpAddr>,
+    port: u16,
+) -> Vec<SocketAddr> {
+    let mut v: Vec<SocketAddr> = own
+        .iter()
+        .map(|ip| SocketAddr::new((*ip).into(), port))
+        .collect();
+    if let Some(std::net::IpAddr::V4(o)) = observed {
+        let usable = !o.is_loopback() && !o.is_unspecified() && !o.is_multicast();
+        if usable && !own.contains(&o) {
+            v.insert(0, SocketAddr::new(o.into(), port));
+        }
+    }
+    v.truncate(tfgrid_core::records::MAX_OVERLAY_ENDPOINTS);
+    v
 }
 
 /// The host's global IPv4 addresses, less those of the grid's workload range (bridges).
@@ -669,5 +697,34 @@ pub async fn stop_workloads(data: &std::path::Path, runtime: &str, bridge: &str)
     }
     if crate::net::link_exists(bridge).await {
         let _ = run("ip", &["link", "del", bridge]).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_natted_node_publishes_its_routers_address_first() {
+        let own = vec!["192.168.2.2".parse().unwrap()];
+        let e = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        assert_eq!(
+            auto_endpoints(own.clone(), Some("198.18.7.102".parse().unwrap()), 5000),
+            [e("198.18.7.102:5000"), e("192.168.2.2:5000")]
+        );
+        // Seen from its own address (public) or over loopback: nothing is added.
+        assert_eq!(
+            auto_endpoints(own.clone(), Some("192.168.2.2".parse().unwrap()), 5000),
+            [e("192.168.2.2:5000")]
+        );
+        assert_eq!(
+            auto_endpoints(own.clone(), Some("127.0.0.1".parse().unwrap()), 5000),
+            [e("192.168.2.2:5000")]
+        );
+        assert_eq!(auto_endpoints(own, None, 5000), [e("192.168.2.2:5000")]);
+        let many: Vec<std::net::Ipv4Addr> = (1..20)
+            .map(|i| std::net::Ipv4Addr::new(10, 0, 0, i))
+            .collect();
+        assert_eq!(auto_endpoints(many, None, 1).len(), 8);
     }
 }

@@ -217,6 +217,14 @@ impl RegistryClient {
         Ok(NodePage { nodes, count })
     }
 
+    /// The address the registry sees this client's requests come from.
+    pub async fn whoami(&self) -> Result<std::net::IpAddr> {
+        Ok(self
+            .get::<tfgrid_core::records::WhoAmI>("/whoami")
+            .await?
+            .ip)
+    }
+
     pub async fn node(&self, id: NodeId) -> Result<NodeView> {
         self.get(&format!("/nodes/{id}")).await
     }

@@ -79,6 +79,7 @@ pub fn router(ledger: Arc<Ledger>) -> Router {
             post(submit_batch).layer(axum::extract::DefaultBodyLimit::max(MAX_BATCH_BODY)),
         )
         .route("/health", get(|| async { "ok" }))
+        .route("/whoami", get(whoami))
         .route("/config", get(config))
         .route("/stats", get(stats))
         .route("/accounts/{key}", get(account))
@@ -323,4 +324,21 @@ async fn contract(State(l): State<Api>, Path(s): Path<String>) -> Result<Respons
         .get(&id)
         .ok_or_else(|| ApiError::not_found(format!("contract {id}")))?;
     Ok(Json(c).into_response())
+}
+
+/// The address this request came from, as the registry sees it: a node behind NAT learns its
+/// router's public address here (as from a STUN server) and publishes it as an overlay endpoint,
+/// so two nodes behind NATs can punch through to each other.
+async fn whoami(req: axum::extract::Request) -> Response {
+    match req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+    {
+        Some(c) => Json(tfgrid_core::records::WhoAmI { ip: c.0.ip() }).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            "this registry is served without client addresses",
+        )
+            .into_response(),
+    }
 }

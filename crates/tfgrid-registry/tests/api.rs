@@ -1251,3 +1251,12 @@ async fn a_node_publishes_its_overlay_key_and_endpoints() {
     let got = g.client.node(node_id).await.unwrap().node.overlay.unwrap();
     assert_eq!(got.endpoints, ["198.18.0.9:4000".parse().unwrap()]);
 }
+
+#[tokio::test]
+async fn whoami_answers_the_address_a_request_came_from() {
+    let g = start(RegistryConfig::default()).await;
+    assert_eq!(
+        g.client.whoami().await.unwrap(),
+        std::net::IpAddr::from([127, 0, 0, 1])
+    );
+}

@@ -46,8 +46,8 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 3000)]
     down_after_ms: u64,
     /// Run each node on a host of its own: a network namespace on a simulated WAN (198.18.x.0/24),
-    /// as separate machines. Hosts take turns being public, behind a NAT router and public with
-    /// UDP blocked (so only the relay reaches it); gateways are public. The registry, relay and
+    /// as separate machines. Hosts take turns being public, behind a NAT router, public with
+    /// UDP blocked (so only the relay reaches it) and behind another NAT; gateways are public. The registry, relay and
     /// image registry listen on this machine's address on that WAN (the ports given above).
     #[arg(long)]
     hosts: bool,
@@ -75,7 +75,12 @@ impl Hosts {
             let kind = if i >= first_gateway {
                 HostKind::Public
             } else {
-                [HostKind::Public, HostKind::Nat, HostKind::UdpBlocked][(i as usize - 1) % 3]
+                [
+                    HostKind::Public,
+                    HostKind::Nat,
+                    HostKind::UdpBlocked,
+                    HostKind::Nat,
+                ][(i as usize - 1) % 4]
             };
             nodes.push(lab.add_host(&format!("n{i}"), kind)?);
         }

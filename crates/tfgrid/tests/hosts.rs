@@ -1,6 +1,6 @@
 //! A grid whose nodes are separate hosts (`tfgrid up --hosts`): network namespaces on a
-//! simulated WAN, node 2 behind a NAT router, node 3 with UDP blocked, node 4 the public
-//! gateway. Workloads reach each other across hosts over the overlay, the gateway reaches every
+//! simulated WAN, nodes 2 and 4 each behind a NAT router of its own, node 3 with UDP blocked,
+//! node 5 the public gateway. Workloads reach each other across hosts over the overlay, the gateway reaches every
 //! replica, each peer uses the path its hosts allow, and a node killed with -9 is healed around
 //! with its replacement reachable too.
 
@@ -100,13 +100,13 @@ fn workloads_on_separate_hosts_reach_each_other_over_the_overlay() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let g = up_with(dir.path(), free_port(), &["--hosts", "--nodes", "4"], &[]);
-    assert_eq!(g.host_ns.len(), 4, "{:?}", g.lines);
+    let g = up_with(dir.path(), free_port(), &["--hosts", "--nodes", "5"], &[]);
+    assert_eq!(g.host_ns.len(), 5, "{:?}", g.lines);
     let spec = spec_file(
         dir.path(),
         "web.yaml",
         &format!(
-            "name: web\nservices:\n  web:\n    image: {}\n    command: [/bin/httpd, -f, -p, \"8080\", -h, /www]\n    memory: 64M\n    replicas: 3\n    expose: {{name: web, port: 8080}}\n",
+            "name: web\nservices:\n  web:\n    image: {}\n    command: [/bin/httpd, -f, -p, \"8080\", -h, /www]\n    memory: 64M\n    replicas: 4\n    expose: {{name: web, port: 8080}}\n",
             g.image
         ),
     );
@@ -115,8 +115,8 @@ fn workloads_on_separate_hosts_reach_each_other_over_the_overlay() {
     let mut nodes: Vec<u64> = reps.iter().map(|(n, _)| *n).collect();
     nodes.sort();
     // Placement spreads replicas over distinct nodes, lowest id first on a tie: the public, the
-    // NATed and the UDP-blocked host each run one; the gateway's host runs none yet.
-    assert_eq!(nodes, [1, 2, 3], "{reps:?}");
+    // two NATed and the UDP-blocked host each run one; the gateway's host runs none yet.
+    assert_eq!(nodes, [1, 2, 3, 4], "{reps:?}");
 
     // The very first request through the gateway is answered: the packets that found no peer
     // wait for the look-up instead of being lost to it.
@@ -127,7 +127,7 @@ fn workloads_on_separate_hosts_reach_each_other_over_the_overlay() {
         "{first:?}"
     );
     // The gateway's host reaches every replica, whichever host it is on.
-    let gw_ns = &g.host_ns[3];
+    let gw_ns = &g.host_ns[4];
     for (node, ip) in &reps {
         assert_eq!(
             get_in(gw_ns, ip).as_deref().map(str::trim),
@@ -135,9 +135,10 @@ fn workloads_on_separate_hosts_reach_each_other_over_the_overlay() {
             "replica on node {node} ({ip}) from the gateway's host"
         );
     }
-    // Container to container: behind NAT to UDP-blocked (relayed both ways), and public to NAT.
+    // Container to container: behind NAT to UDP-blocked (relayed), public to NAT, and between
+    // the two NATs.
     let ip_of = |n: u64| reps.iter().find(|(m, _)| *m == n).unwrap().1.clone();
-    for (from, to) in [(2, 3), (1, 2), (3, 1)] {
+    for (from, to) in [(2, 3), (1, 2), (3, 1), (2, 4)] {
         let ns = container_ns(&g, from);
         assert_eq!(
             get_in(&ns, &ip_of(to as u64)).as_deref().map(str::trim),
@@ -147,14 +148,24 @@ fn workloads_on_separate_hosts_reach_each_other_over_the_overlay() {
     }
     // Each pair uses the path its hosts allow: UDP between public hosts and from behind NAT
     // (the NAT's mapping is learnt from the node inside), the relay for the UDP-blocked host.
+    let direct = |n: u64| (n, "direct".to_string());
     wait_for("the gateway's paths", Duration::from_secs(10), || {
-        paths(&g, 4)
-            == [
-                (1, "direct".to_string()),
-                (2, "direct".to_string()),
-                (3, "relay".to_string()),
-            ]
+        paths(&g, 5) == [direct(1), direct(2), (3, "relay".into()), direct(4)]
     });
+    // A NATed node publishes first the address the registry saw it come from: its router's on
+    // the WAN, not its own 192.168 one.
+    for n in [2, 4] {
+        let rec = registry_get(&g, &format!("/nodes/{n}"));
+        let first = rec["overlay"]["endpoints"][0].as_str().unwrap_or_default();
+        assert!(first.starts_with("198.18."), "node {n}: {rec}");
+    }
+    // Two NATed hosts punch through to each other: each publishes its router's address (as the
+    // registry sees it) and both send first, so each NAT lets the other's datagrams in.
+    wait_for(
+        "a direct path between the NATed hosts",
+        Duration::from_secs(10),
+        || paths(&g, 2).contains(&direct(4)) && paths(&g, 4).contains(&direct(2)),
+    );
 
     // Node 2 (behind NAT) dies: its replica is healed onto the one host left (the gateway's),
     // and every replica is reachable again.
@@ -165,7 +176,7 @@ fn workloads_on_separate_hosts_reach_each_other_over_the_overlay() {
         .unwrap();
     wait_for("the heal off node 2", Duration::from_secs(30), || {
         let r = replicas(&g);
-        r.len() == 3 && r.iter().all(|(n, _)| *n != 2)
+        r.len() == 4 && r.iter().all(|(n, _)| *n != 2)
     });
     for (node, ip) in replicas(&g) {
         assert_eq!(
