@@ -55,6 +55,8 @@ pub struct NodeConfig {
     pub registry_cas: Vec<PathBuf>,
     /// Basic-auth logins per registry host:port.
     pub registry_logins: HashMap<String, (String, String)>,
+    /// Registry host:port -> mirror host:port images of it are pulled from.
+    pub registry_mirrors: HashMap<String, String>,
     /// Overrides for what discovery found (e.g. to offer part of a disk).
     pub sru: Option<u64>,
     pub hru: Option<u64>,
@@ -291,12 +293,15 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
     for p in &cfg.registry_cas {
         cas.push(std::fs::read(p).map_err(|e| setup(&format!("registry CA {}", p.display()), &e))?);
     }
-    let images = Arc::new(Images::new(
-        cfg.data.join("images"),
-        cfg.insecure_registries.clone(),
-        cfg.registry_logins.clone(),
-        cas,
-    ));
+    let images = Arc::new(
+        Images::new(
+            cfg.data.join("images"),
+            cfg.insecure_registries.clone(),
+            cfg.registry_logins.clone(),
+            cas,
+        )
+        .with_mirrors(cfg.registry_mirrors.clone()),
+    );
     let owners = crate::kinds::backends::Owners::new(
         range.workload_range,
         range.node_prefix_len,

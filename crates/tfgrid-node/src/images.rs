@@ -56,6 +56,8 @@ pub struct Images {
     dir: PathBuf,
     client: Client,
     logins: HashMap<String, (String, String)>,
+    /// Registry host:port -> the host:port to pull it from instead (a mirror).
+    mirrors: HashMap<String, String>,
     /// One pull per reference at a time; others wait and then find it cached.
     pulling: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -85,8 +87,16 @@ impl Images {
             dir,
             client,
             logins,
+            mirrors: HashMap::new(),
             pulling: Default::default(),
         }
+    }
+
+    /// Pull images of registry `from` (host:port) from `to` instead; references and the cache
+    /// keep the name the workload gave.
+    pub fn with_mirrors(mut self, mirrors: HashMap<String, String>) -> Self {
+        self.mirrors = mirrors;
+        self
     }
 
     fn layer_dir(&self, digest: &str) -> PathBuf {
@@ -127,9 +137,19 @@ impl Images {
     }
 
     pub async fn pull(&self, reference: &str) -> Result<Image, String> {
-        let r: Reference = reference
+        let mut r: Reference = reference
             .parse()
             .map_err(|e| format!("image reference {reference:?}: {e}"))?;
+        if let Some(m) = self.mirrors.get(r.resolve_registry()) {
+            let (repo, m) = (r.repository().to_string(), m.clone());
+            r = match (r.tag(), r.digest()) {
+                (Some(t), Some(d)) => {
+                    Reference::with_tag_and_digest(m, repo, t.to_string(), d.to_string())
+                }
+                (None, Some(d)) => Reference::with_digest(m, repo, d.to_string()),
+                (t, None) => Reference::with_tag(m, repo, t.unwrap_or("latest").to_string()),
+            };
+        }
         let auth = match self.logins.get(r.resolve_registry()) {
             Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
             None => RegistryAuth::Anonymous,

@@ -67,6 +67,10 @@ struct RunArgs {
         value_delimiter = ','
     )]
     registry_logins: Vec<String>,
+    /// Pull images of one registry from another: host:port=mirror-host:port; repeatable. The
+    /// mirror is spoken to as the registry would be (HTTP if it is an --insecure-registry).
+    #[arg(long = "registry-mirror")]
+    registry_mirrors: Vec<String>,
     /// SSD capacity to offer instead of what discovery found (e.g. 20G).
     #[arg(long, value_parser = parse_size)]
     sru: Option<u64>,
@@ -166,6 +170,17 @@ pub async fn run(a: NodeArgs) -> Result<()> {
         oci_runtime: r.oci_runtime,
         insecure_registries: r.insecure_registries,
         registry_logins: logins(&r.registry_logins)?,
+        registry_mirrors: r
+            .registry_mirrors
+            .iter()
+            .map(|m| {
+                m.split_once('=')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .with_context(|| {
+                        format!("--registry-mirror {m:?}: expected host:port=host:port")
+                    })
+            })
+            .collect::<Result<_>>()?,
         registry_cas: r.registry_cas,
         sru: r.sru,
         hru: r.hru,

@@ -45,12 +45,14 @@ pub struct UpArgs {
     /// How long a node may miss uptime reports before the registry calls it down.
     #[arg(long, default_value_t = 3000)]
     down_after_ms: u64,
-    /// Run each node on a host of its own: a network namespace on a simulated WAN (198.18.x.0/24),
-    /// as separate machines. Hosts take turns being public, behind a NAT router, public with
-    /// UDP blocked (so only the relay reaches it) and behind another NAT; gateways are public. The registry, relay and
-    /// image registry listen on this machine's address on that WAN (the ports given above).
+    /// Run every node on this machine's own network instead of a host of its own. By default
+    /// each node is a separate host: a network namespace on a simulated WAN (198.18.x.0/24);
+    /// hosts take turns being behind a NAT router, public with UDP blocked (so only the relay
+    /// reaches it), public and behind another NAT, and gateways are public. The registry, relay
+    /// and image registry then listen on this machine's address on that WAN, and the addresses
+    /// above (registry, relay, images, gateways) forward to them, so they work as printed.
     #[arg(long)]
-    hosts: bool,
+    one_host: bool,
 }
 
 /// Where each node runs in `--hosts` mode, and the machine's own address on the WAN.
@@ -75,10 +77,12 @@ impl Hosts {
             let kind = if i >= first_gateway {
                 HostKind::Public
             } else {
+                // The default three nodes: two replicas of the example, one behind NAT and
+                // one that only the relay reaches, served by a public gateway.
                 [
-                    HostKind::Public,
                     HostKind::Nat,
                     HostKind::UdpBlocked,
+                    HostKind::Public,
                     HostKind::Nat,
                 ][(i as usize - 1) % 4]
             };
@@ -100,6 +104,53 @@ impl Hosts {
 struct Proc {
     name: String,
     child: Child,
+}
+
+/// The addresses a user was given: registry, relay, images, gateway.
+#[derive(Clone, Copy)]
+struct Addrs {
+    registry: SocketAddr,
+    relay: SocketAddr,
+    images: SocketAddr,
+    gateway: SocketAddr,
+}
+
+impl UpArgs {
+    fn clone_addrs(&self) -> Addrs {
+        Addrs {
+            registry: self.registry_listen,
+            relay: self.relay_listen,
+            images: self.images_listen,
+            gateway: self.gateway_listen,
+        }
+    }
+}
+
+/// Forwards TCP connections to `listen` on to `to` (the machine's loopback to a host's address
+/// on the simulated WAN). Both directions are copied as they come; the dial has a deadline.
+async fn forward(listen: SocketAddr, to: SocketAddr) -> Result<tokio::task::JoinHandle<()>> {
+    let l = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("forwarding {listen} to {to}: is another grid using it?"))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((mut c, _)) = l.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            tokio::spawn(async move {
+                let dial = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    tokio::net::TcpStream::connect(to),
+                );
+                if let Ok(Ok(mut u)) = dial.await {
+                    let _ = c.set_nodelay(true);
+                    let _ = u.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                }
+            });
+        }
+    }))
 }
 
 /// Starts `tfgrid args...` with stderr to `<logs>/<name>.log` and returns it with its first
@@ -188,8 +239,12 @@ pub async fn up(mut a: UpArgs) -> Result<()> {
              (sudo), or with --nodes 0 for the registry, relay and bot alone."
         );
     }
-    let hosts = if a.hosts && a.nodes > 0 {
-        let h = Hosts::make(&a)?;
+    // What the user reaches things at; in multi-host mode these forward to the WAN addresses.
+    let local = a.clone_addrs();
+    let hosts = if !a.one_host && a.nodes > 0 {
+        let h = Hosts::make(&a).context(
+            "making the simulated hosts (network namespaces, nftables); --one-host runs every node on this machine's network",
+        )?;
         a.registry_listen = h.on_machine(a.registry_listen);
         a.relay_listen = h.on_machine(a.relay_listen);
         a.images_listen = h.on_machine(a.images_listen);
@@ -254,6 +309,7 @@ pub async fn up(mut a: UpArgs) -> Result<()> {
     let mut oci = None;
     let result = start_children(
         &a,
+        local,
         &data,
         &logs,
         &url,
@@ -276,6 +332,43 @@ pub async fn up(mut a: UpArgs) -> Result<()> {
     };
 
     node_lines.insert(0, registry_line);
+    let mut forwards = Vec::new();
+    if let Some(h) = &hosts {
+        let reg_addr: Option<SocketAddr> = url.trim_start_matches("http://").parse().ok();
+        let relay_addr: Option<SocketAddr> = relay_url
+            .trim_start_matches("ws://")
+            .trim_end_matches('/')
+            .parse()
+            .ok();
+        let first_gateway = a.nodes.saturating_sub(a.gateways.max(1)) + 1;
+        let mut pairs = vec![
+            (local.registry, reg_addr),
+            (local.relay, relay_addr),
+            (local.images, Some(a.images_listen)),
+        ];
+        for i in first_gateway..=a.nodes {
+            let port = local.gateway.port() + (i - first_gateway) as u16;
+            pairs.push((
+                SocketAddr::new(local.gateway.ip(), port),
+                Some(gateway_addr(&a, Some(h), i)),
+            ));
+        }
+        for (from, to) in pairs {
+            // Port 0 (tests) asks for no fixed address: nothing to forward.
+            let (Some(to), true) = (to, from.port() != 0) else {
+                continue;
+            };
+            match forward(from, to).await {
+                Ok(t) => forwards.push(t),
+                Err(e) => {
+                    terminate(&mut procs);
+                    stop_nodes(&a, &data).await;
+                    return Err(e);
+                }
+            }
+            node_lines.push(format!("{:<10} {from} -> {to}", "forward"));
+        }
+    }
     println!("tfgrid local grid is up");
     println!("  registry   {url}");
     println!("  relay      {relay_url}   (twin {relay_twin})");
@@ -307,17 +400,15 @@ pub async fn up(mut a: UpArgs) -> Result<()> {
     println!();
     println!("Try:");
     if a.nodes > 0 {
-        match (&hosts, &images) {
-            // The example's image is on 127.0.0.1, which is this machine only.
-            (Some(_), Some(img)) => println!(
-                "  tfgrid deploy examples/web.yaml   (with its image set to {img}: hosts pull from this machine's WAN address)"
-            ),
-            _ => println!("  tfgrid deploy examples/web.yaml"),
-        }
+        println!("  tfgrid deploy examples/web.yaml");
         println!(
             "  curl -H 'Host: web.{}' http://{}/",
             a.domain,
-            gateway_addr(&a, hosts.as_ref(), a.nodes)
+            if hosts.is_some() && local.gateway.port() != 0 {
+                local.gateway
+            } else {
+                gateway_addr(&a, hosts.as_ref(), a.nodes)
+            }
         );
         println!("  tfgrid ps; tfgrid events; tfgrid nodes");
     } else {
@@ -334,6 +425,9 @@ pub async fn up(mut a: UpArgs) -> Result<()> {
         _ = watch_children(&mut procs, &bot_args, &logs) => {}
     }
     println!("stopping...");
+    for f in forwards {
+        f.abort();
+    }
     terminate(&mut procs);
     stop_nodes(&a, &data).await;
     // Kills what is left in the hosts' namespaces and deletes them.
@@ -405,6 +499,7 @@ async fn stop_nodes(a: &UpArgs, data: &Path) {
 #[allow(clippy::too_many_arguments)]
 async fn start_children(
     a: &UpArgs,
+    local: Addrs,
     data: &Path,
     logs: &Path,
     url: &str,
@@ -434,6 +529,13 @@ async fn start_children(
                 )
                 .await
                 .map_err(anyhow::Error::msg)?;
+                // Named as the user reaches it: hosts pull it through --registry-mirror.
+                let img = match hosts {
+                    Some(_) if local.images.port() != 0 => {
+                        img.replacen(&reg.addr, &local.images.to_string(), 1)
+                    }
+                    _ => img,
+                };
                 images = Some(img);
                 *oci = Some(reg);
             }
@@ -494,6 +596,18 @@ async fn start_children(
                     "--gateway-listen".into(),
                     gateway_addr(a, hosts, i).to_string(),
                 ]);
+            }
+            if hosts.is_some() && local.images.port() != 0 {
+                // The user's image names use this machine's loopback, which a host cannot reach.
+                for from in [
+                    local.images.to_string(),
+                    format!("localhost:{}", local.images.port()),
+                ] {
+                    args.extend([
+                        "--registry-mirror".into(),
+                        format!("{from}={}", a.images_listen),
+                    ]);
+                }
             }
             let name = format!("node{i}");
             let host = hosts.map(|h| (h, i as usize - 1));
