@@ -1,6 +1,7 @@
 //! Self-healing: every pass compares each deployment with what the registry and its nodes report.
-//! A replica whose node is down, whose container gave up, or whose node lost the deployment is
-//! redeployed elsewhere and its names re-pointed; a name whose gateway node is down moves to
+//! A replica whose node is down, whose container gave up, whose node lost the deployment, or
+//! that its gateway has not reached for a while (after reaching it before) is redeployed
+//! elsewhere and its names re-pointed; a name whose gateway node is down moves to
 //! another gateway. Deployments are reconciled side by side, each under its own lock: one that is
 //! being deployed or removed is skipped this pass, and a slow heal holds up no other deployment.
 
@@ -18,6 +19,10 @@ use tfgrid_core::{now_millis, ContractId, NodeId, TwinId};
 
 /// How many reconcile passes between two orphan sweeps.
 const SWEEP_EVERY: u32 = 10;
+/// A replica its gateway has not reached for this long (having reached it before) is healed.
+/// Never reached means a wrong port or a service that never listens, which another node would
+/// not fix: that is logged, not healed.
+const UNREACHABLE_FOR_S: f64 = 6.0;
 
 impl Bot {
     /// One pass of self-healing over every running deployment.
@@ -85,10 +90,15 @@ impl Bot {
         };
         let mut changed = false;
         let mut degraded = false;
+        let from_gateways = self.gateway_health(&rec, status).await;
         // Every replica's node is asked at once: one slow node does not hold up the others.
         let checks = rec.replicas.iter().map(|r| async {
             match status.get(&r.node_id) {
-                Some(NodeStatus::Up) => self.replica_health(r).await,
+                Some(NodeStatus::Up) => {
+                    let (seen, why) = self.replica_health(r).await;
+                    let why = why.or_else(|| unreachable(r, &from_gateways));
+                    (seen, why)
+                }
                 Some(NodeStatus::Down) => (None, Some(format!("node {} is down", r.node_id))),
                 // Not in the pass's node list (placed after it was made): next pass.
                 None => (None, None),
@@ -173,6 +183,37 @@ impl Bot {
             self.store.put(&rec)?;
         }
         Ok(())
+    }
+
+    /// How each route's gateway sees its backends (gateways that are up and answer).
+    async fn gateway_health(
+        &self,
+        rec: &Record,
+        status: &HashMap<NodeId, NodeStatus>,
+    ) -> Vec<(NodeId, node_api::BackendHealth)> {
+        let asks = rec
+            .routes
+            .iter()
+            .filter(|r| status.get(&r.node_id) == Some(&NodeStatus::Up))
+            .map(|r| async move {
+                let h: Result<Vec<node_api::BackendHealth>, _> = self
+                    .peer
+                    .call_json(
+                        r.node_twin,
+                        node_api::GATEWAY_BACKENDS,
+                        &node_api::BackendsRequest {
+                            name: r.name.clone(),
+                        },
+                        Duration::from_secs(2),
+                    )
+                    .await;
+                (r.node_id, h.unwrap_or_default())
+            });
+        futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .flat_map(|(n, hs)| hs.into_iter().map(move |h| (n, h)))
+            .collect()
     }
 
     /// Said once, when the deployment turns degraded; the heal is retried every pass.
@@ -300,5 +341,29 @@ impl Bot {
                 }
             }
         }
+    }
+}
+
+/// Why a replica counts as unhealthy by its gateways, if it does.
+fn unreachable(r: &Replica, from: &[(NodeId, node_api::BackendHealth)]) -> Option<String> {
+    if r.ip.is_empty() {
+        return None;
+    }
+    let prefix = format!("http://{}:", r.ip);
+    let (gw, h) = from.iter().find(|(_, h)| h.backend.starts_with(&prefix))?;
+    match h.reachable {
+        Some(false) if h.ever_reachable && h.for_s >= UNREACHABLE_FOR_S => Some(format!(
+            "not reachable from its gateway (node {gw}) for {:.0} s: {}",
+            h.for_s, h.error
+        )),
+        Some(false) if !h.ever_reachable => {
+            tracing::debug!(
+                backend = %h.backend,
+                "never reached by its gateway (node {gw}): {}",
+                h.error
+            );
+            None
+        }
+        _ => None,
     }
 }

@@ -18,6 +18,7 @@ pub const VERSION: &str = "node.version";
 pub const LOGS: &str = "workload.logs";
 pub const OVERLAY: &str = "node.overlay";
 pub const OWNER: &str = "workload.owner";
+pub const GATEWAY_BACKENDS: &str = "gateway.backends";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ContractRef {
@@ -109,4 +110,21 @@ pub struct OwnerRequest {
 pub struct Owner {
     /// None: no workload of this node has it.
     pub twin_id: Option<TwinId>,
+}
+
+/// Asks a gateway node how a name's backends do (the twin that deployed the route only).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackendsRequest {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendHealth {
+    pub backend: String,
+    /// As of the last check (every 2 s); None before the first.
+    pub reachable: Option<bool>,
+    /// Seconds it has been so.
+    pub for_s: f64,
+    pub ever_reachable: bool,
+    pub error: String,
 }

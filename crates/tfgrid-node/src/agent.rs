@@ -319,7 +319,9 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
             l,
             gateway.routes(),
         )));
+        tasks.push(tokio::spawn(crate::kinds::health::run(gateway.routes())));
     }
+    let routes = gateway.routes();
     let kinds = Kinds {
         volume: Volume::new(cfg.data.join("volumes")),
         zdb: Zdb::new(zdb_addr, zdb_admin),
@@ -359,6 +361,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
         registry: client.clone(),
     });
     serve_bus(&peer, engine.clone(), cfg.domain.clone());
+    serve_backends(&peer, engine.clone(), routes);
     owners.bind(&engine, &peer);
     let grid = match &overlay {
         Some((dev, _)) => {
@@ -624,6 +627,24 @@ fn serve_bus(peer: &Peer, engine: Arc<Engine>, domain: Option<String>) {
                 .map_err(|x| x.to_string())
         }
     });
+}
+
+/// `gateway.backends`: how a name's backends do, for the twin whose deployment serves it.
+fn serve_backends(peer: &Peer, engine: Arc<Engine>, routes: crate::kinds::gateway::Routes) {
+    peer.handle_json(
+        api::GATEWAY_BACKENDS,
+        move |src, r: api::BackendsRequest| {
+            let (e, routes) = (engine.clone(), routes.clone());
+            async move {
+                let (contract, health) = routes
+                    .backends(&r.name)
+                    .ok_or_else(|| format!("this gateway serves no {:?}", r.name))?;
+                // Only the owner learns its backends' addresses and state.
+                e.get(src, contract).map_err(|x| x.to_string())?;
+                Ok(health)
+            }
+        },
+    );
 }
 
 /// `node.overlay`: the node's overlay peers and the path each uses (open to any twin, as

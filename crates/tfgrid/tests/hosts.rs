@@ -1,6 +1,6 @@
 //! A grid whose nodes are separate hosts (`tfgrid up`, which makes each node a host of its own): network namespaces on a
-//! simulated WAN, nodes 1 and 4 each behind a NAT router of its own, node 2 with UDP blocked,
-//! node 3 public, node 5 the public gateway. Workloads reach each other across hosts over the overlay, the gateway reaches every
+//! simulated WAN, nodes 1, 4 and 5 each behind a NAT router of its own, node 2 with UDP
+//! blocked, node 3 public, node 6 the public gateway. Workloads reach each other across hosts over the overlay, the gateway reaches every
 //! replica, each peer uses the path its hosts allow, and a node killed with -9 is healed around
 //! with its replacement reachable too.
 
@@ -100,8 +100,8 @@ fn workloads_on_separate_hosts_reach_each_other_over_the_overlay() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let g = up_with(dir.path(), free_port(), &["--nodes", "5"], &[]);
-    assert_eq!(g.host_ns.len(), 5, "{:?}", g.lines);
+    let g = up_with(dir.path(), free_port(), &["--nodes", "6"], &[]);
+    assert_eq!(g.host_ns.len(), 6, "{:?}", g.lines);
     let spec = spec_file(
         dir.path(),
         "web.yaml",
@@ -127,7 +127,7 @@ fn workloads_on_separate_hosts_reach_each_other_over_the_overlay() {
         "{first:?}"
     );
     // The gateway's host reaches every replica, whichever host it is on.
-    let gw_ns = &g.host_ns[4];
+    let gw_ns = &g.host_ns[5];
     for (node, ip) in &reps {
         assert_eq!(
             get_in(gw_ns, ip).as_deref().map(str::trim),
@@ -150,7 +150,7 @@ fn workloads_on_separate_hosts_reach_each_other_over_the_overlay() {
     // (the NAT's mapping is learnt from the node inside), the relay for the UDP-blocked host.
     let direct = |n: u64| (n, "direct".to_string());
     wait_for("the gateway's paths", Duration::from_secs(10), || {
-        paths(&g, 5) == [direct(1), (2, "relay".into()), direct(3), direct(4)]
+        paths(&g, 6) == [direct(1), (2, "relay".into()), direct(3), direct(4)]
     });
     // A NATed node publishes first the address the registry saw it come from: its router's on
     // the WAN, not its own 192.168 one.
@@ -171,6 +171,28 @@ fn workloads_on_separate_hosts_reach_each_other_over_the_overlay() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+
+    // Node 3's replica loses its network while its node and container stay up: its gateway
+    // stops reaching it, and the bot heals it onto a free host (node 5).
+    let ns3 = container_ns(&g, 3);
+    Command::new("ip")
+        .args(["netns", "exec", &ns3, "ip", "link", "set", "eth0", "down"])
+        .status()
+        .unwrap();
+    wait_for(
+        "the heal of the unreachable replica",
+        Duration::from_secs(30),
+        || {
+            let r = replicas(&g);
+            r.len() == 4 && r.iter().all(|(n, _)| *n != 3)
+        },
+    );
+    let events = ok(cli(&g, &["events", "--deployment", "web"]));
+    assert!(
+        events.contains("not reachable from its gateway (node 6)"),
+        "{events}"
+    );
+    assert_eq!(fetch(g.gateway, "web.gw.local").map(|r| r.0), Some(200));
 
     // Node 1 (behind NAT) dies: its replica is healed onto the one host left (the gateway's),
     // and every replica is reachable again.

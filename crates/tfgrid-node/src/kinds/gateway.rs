@@ -20,9 +20,17 @@ pub(crate) struct Route {
 pub struct Routes {
     pub(crate) domain: String,
     pub(crate) map: Arc<RwLock<HashMap<String, Arc<Route>>>>,
+    pub(crate) health: super::health::Health,
 }
 
 impl Routes {
+    /// The contract whose workload serves `name`, and how its backends do.
+    pub fn backends(&self, name: &str) -> Option<(u64, Vec<tfgrid_core::node_api::BackendHealth>)> {
+        let m = self.map.read().unwrap_or_else(|p| p.into_inner());
+        let r = m.get(name)?;
+        Some((r.owner.contract, self.health.report(&r.backends)))
+    }
+
     /// A proxy's routes set by hand, not by workloads (for benchmarks): `name -> backends`.
     pub fn fixed(domain: &str, routes: &[(&str, Vec<String>)]) -> Routes {
         let map = routes
@@ -41,6 +49,7 @@ impl Routes {
         Routes {
             domain: domain.to_string(),
             map: Arc::new(RwLock::new(map)),
+            health: Default::default(),
         }
     }
 }
@@ -66,6 +75,7 @@ impl Gateway {
             routes: Routes {
                 domain: domain.unwrap_or_default(),
                 map: Default::default(),
+                health: Default::default(),
             },
             registry,
             public_port,

@@ -4,6 +4,7 @@
 pub mod backends;
 pub mod container;
 pub mod gateway;
+pub mod health;
 pub mod proxy;
 pub mod volume;
 pub mod zdb;

@@ -227,7 +227,7 @@ async fn proxy_request(State(p): State<Proxy>, req: Request) -> Response {
     let n = route.backends.len();
     let start = route.next.fetch_add(1, Ordering::Relaxed);
     let mut order: Vec<&String> = (0..n).map(|i| &route.backends[(start + i) % n]).collect();
-    order.sort_by_key(|b| p.is_down(b));
+    order.sort_by_key(|b| p.is_down(b) || p.routes.health.is_down(b));
     let mut errors = Vec::new();
     for backend in order {
         let body = match &mut outgoing {
