@@ -111,7 +111,7 @@ impl Grid {
         Ok(Grid { shared, task })
     }
 
-    /// The peer (if any) that holds a node's prefix: its key and twin.
+    /// The WireGuard key of the peer a twin speaks for, if this node has made one.
     pub fn peer_of(&self, twin: TwinId) -> Option<WgPublic> {
         self.shared.twins.read().unwrap().get(&twin).copied()
     }
