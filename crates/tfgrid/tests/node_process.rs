@@ -927,7 +927,42 @@ async fn container_served_through_the_gateway_survives_an_agent_kill_and_is_remo
     assert_eq!(http_get(gw_addr, "web.gw.test").await.unwrap().0, 200);
     assert_eq!(http_get(gw_addr, "evil.gw.test").await.unwrap().0, 404);
 
+    // The gateway's health checks reach the backend, and say so to the route's owner only.
+    let t0 = Instant::now();
+    loop {
+        let h: Vec<api::BackendHealth> = g
+            .send(
+                &gw,
+                api::GATEWAY_BACKENDS,
+                &api::BackendsRequest { name: "web".into() },
+            )
+            .await
+            .unwrap();
+        if h.len() == 1 && h[0].reachable == Some(true) && h[0].ever_reachable {
+            assert_eq!(h[0].backend, format!("http://{ip}:8080"));
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{h:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let theirs: Result<Vec<api::BackendHealth>, _> = other
+        .2
+        .call_json(
+            gw.twin,
+            api::GATEWAY_BACKENDS,
+            &api::BackendsRequest { name: "web".into() },
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(theirs.is_err(), "another twin was told: {theirs:?}");
+
     // kill -9 the agent: the container keeps serving; the restarted agent adopts it (one copy).
+    // Its overlay key and endpoints (the port it kept) are what the registry has.
+    let overlay_of = |n: u32| {
+        let c = g.client.clone();
+        async move { c.node(n).await.unwrap().node.overlay.unwrap() }
+    };
+    let overlay_before = overlay_of(node.node_id).await;
     node.proc.kill9();
     assert_eq!(http_get(gw_addr, "web.gw.test").await.unwrap().0, 200);
     let runtime_root = g.dir.path().join("n1/runtime");
@@ -950,6 +985,7 @@ async fn container_served_through_the_gateway_survives_an_agent_kill_and_is_remo
     ))
     .unwrap();
     node = g.start_node_with(args.clone(), "n1");
+    assert_eq!(overlay_of(node.node_id).await, overlay_before);
     let info = g.get(&node, id).await.unwrap();
     assert_eq!(info.results["web"].state, ResultState::Ok);
     assert_eq!(count(), 1);
