@@ -43,6 +43,16 @@ pub enum Path {
     Relay,
 }
 
+impl Path {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Path::None => "none",
+            Path::Direct => "direct",
+            Path::Relay => "relay",
+        }
+    }
+}
+
 /// Carries a datagram to a peer by some other way than UDP (the bus relay). Called on the data
 /// path: it must not block (queue and return).
 pub type RelaySink = Arc<dyn Fn(WgPublic, &[u8]) + Send + Sync>;

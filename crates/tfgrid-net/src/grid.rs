@@ -20,6 +20,7 @@ use tfgrid_core::{NodeId, TwinId};
 use tfgrid_registry_client::RegistryClient;
 use tokio::sync::mpsc;
 
+use crate::device::ip;
 use crate::relay::{self, Directory};
 use crate::{Device, Error, PeerConfig, PeerStatus, WgPublic};
 
@@ -109,11 +110,6 @@ impl Grid {
         relay::attach(bus, &dev, Arc::new(Dir(shared.clone())));
         let task = tokio::spawn(lookups(shared.clone(), rx, bus.clone(), registry));
         Ok(Grid { shared, task })
-    }
-
-    /// The WireGuard key of the peer a twin speaks for, if this node has made one.
-    pub fn peer_of(&self, twin: TwinId) -> Option<WgPublic> {
-        self.shared.twins.read().unwrap().get(&twin).copied()
     }
 
     pub fn device(&self) -> &Arc<Device> {
@@ -272,10 +268,6 @@ impl Directory for Dir {
     fn unknown_twin(&self, twin: TwinId) {
         let _ = self.0.wants.try_send(Want::Twin(twin));
     }
-}
-
-fn ip(args: &[&str]) -> Result<(), Error> {
-    crate::device::ip(args)
 }
 
 #[cfg(test)]

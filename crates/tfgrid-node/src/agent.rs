@@ -667,10 +667,7 @@ fn serve_overlay(peer: &Peer, grid: Option<Arc<tfgrid_net::grid::Grid>>) {
                         public_key: p.public_key.to_string(),
                         endpoint: p.endpoint,
                         allowed_ips: p.allowed_ips.iter().map(|n| n.to_string()).collect(),
-                        path: serde_json::to_value(p.path)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_string))
-                            .unwrap_or_default(),
+                        path: p.path.as_str().to_string(),
                         last_handshake_s: p.last_handshake_s,
                         tx_bytes: p.tx_bytes,
                         rx_bytes: p.rx_bytes,

@@ -311,20 +311,7 @@ impl Grid {
     ) -> Result<DeploymentInfo, String> {
         let signer = TwinSigner::new(who.0.clone(), self.client.clone());
         d.twin_id = who.1;
-        let id = match signer
-            .submit(Call::CreateNodeContract {
-                node_id: node.node_id,
-                deployment_hash: d.hash(),
-                capacity: d.capacity().unwrap(),
-            })
-            .await
-            .unwrap()
-            .outcome
-        {
-            Outcome::ContractCreated { contract_id, .. } => contract_id,
-            o => panic!("{o:?}"),
-        };
-        d.contract_id = id;
+        d.contract_id = contract_by(&signer, node, &d).await;
         d.sign(&who.0);
         who.2
             .call_json(node.twin, api::DEPLOY, &d, Duration::from_secs(120))
@@ -333,20 +320,7 @@ impl Grid {
     }
 
     async fn contract(&self, node: &Node, d: &Deployment) -> ContractId {
-        match self
-            .signer()
-            .submit(Call::CreateNodeContract {
-                node_id: node.node_id,
-                deployment_hash: d.hash(),
-                capacity: d.capacity().unwrap(),
-            })
-            .await
-            .unwrap()
-            .outcome
-        {
-            Outcome::ContractCreated { contract_id, .. } => contract_id,
-            o => panic!("{o:?}"),
-        }
+        contract_by(&self.signer(), node, d).await
     }
 
     async fn send<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
@@ -397,6 +371,23 @@ impl Grid {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+}
+
+/// The node contract for `d`, made by `signer`.
+async fn contract_by(signer: &TwinSigner, node: &Node, d: &Deployment) -> ContractId {
+    match signer
+        .submit(Call::CreateNodeContract {
+            node_id: node.node_id,
+            deployment_hash: d.hash(),
+            capacity: d.capacity().unwrap(),
+        })
+        .await
+        .unwrap()
+        .outcome
+    {
+        Outcome::ContractCreated { contract_id, .. } => contract_id,
+        o => panic!("{o:?}"),
     }
 }
 
