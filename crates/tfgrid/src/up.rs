@@ -71,7 +71,7 @@ impl Hosts {
         }
         let mut lab = Lab::new()?;
         let machine = lab.connect_machine()?;
-        let first_gateway = a.nodes.saturating_sub(a.gateways.max(1)) + 1;
+        let first_gateway = a.first_gateway();
         let mut nodes = Vec::new();
         for i in 1..=a.nodes {
             let kind = if i >= first_gateway {
@@ -116,6 +116,11 @@ struct Addrs {
 }
 
 impl UpArgs {
+    /// The gateways are the last `--gateways` nodes (at least one).
+    fn first_gateway(&self) -> u32 {
+        self.nodes.saturating_sub(self.gateways.max(1)) + 1
+    }
+
     fn clone_addrs(&self) -> Addrs {
         Addrs {
             registry: self.registry_listen,
@@ -340,7 +345,7 @@ pub async fn up(mut a: UpArgs) -> Result<()> {
             .trim_end_matches('/')
             .parse()
             .ok();
-        let first_gateway = a.nodes.saturating_sub(a.gateways.max(1)) + 1;
+        let first_gateway = a.first_gateway();
         let mut pairs = vec![
             (local.registry, reg_addr),
             (local.relay, relay_addr),
@@ -462,7 +467,7 @@ async fn watch_children(procs: &mut [Proc], bot_args: &[String], logs: &Path) {
 /// Where gateway node `i` listens: the first gateway on --gateway-listen, the next on the
 /// following ports; in --hosts mode on the gateway's host address.
 fn gateway_addr(a: &UpArgs, hosts: Option<&Hosts>, i: u32) -> SocketAddr {
-    let first_gateway = a.nodes.saturating_sub(a.gateways.max(1)) + 1;
+    let first_gateway = a.first_gateway();
     let port = a.gateway_listen.port() + i.saturating_sub(first_gateway) as u16;
     match hosts {
         Some(h) => SocketAddr::new(h.nodes[i as usize - 1].addr.into(), port),
@@ -561,7 +566,7 @@ async fn start_children(
         let mru = host.offered().mru / u64::from(a.nodes);
         for i in 1..=a.nodes {
             // The last `gateways` nodes; the first of them listens on --gateway-listen.
-            let first_gateway = a.nodes.saturating_sub(a.gateways.max(1)) + 1;
+            let first_gateway = a.first_gateway();
             let gateway = i >= first_gateway;
             let mut args: Vec<String> = [
                 "node",
