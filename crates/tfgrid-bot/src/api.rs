@@ -51,6 +51,11 @@ pub fn router(bot: Arc<Bot>, registry_url: &str, token: Option<String>) -> Route
         .route("/api/events", get(events))
         .route("/api/nodes", get(nodes))
         .route("/api/nodes/{id}/overlay", get(overlay))
+        .route("/api/networks", get(networks))
+        .route(
+            "/api/networks/{name}/access",
+            axum::routing::post(network_access),
+        )
         .layer(axum::middleware::from_fn_with_state(app.clone(), guard))
         // A spec is a few kilobytes; past the parser's bound (spec::MAX_YAML) it gets a clear
         // 400 from the parser, and far past it the body is not even read.
@@ -154,6 +159,7 @@ impl IntoResponse for BotError {
             BotError::NoFit(_) => (StatusCode::UNPROCESSABLE_ENTITY, "no_fit"),
             BotError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             BotError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            BotError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
             BotError::Failed(_) => (StatusCode::BAD_GATEWAY, "failed"),
             BotError::Registry(_) => (StatusCode::BAD_GATEWAY, "registry"),
             BotError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -277,6 +283,30 @@ async fn events(State(a): State<App>, Query(q): Query<EventsQuery>) -> Response 
 
 async fn overlay(State(a): State<App>, Path(id): Path<u32>) -> Response {
     match a.bot.overlay(id).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn networks(State(a): State<App>) -> Response {
+    match a.bot.networks().await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Joins one of the user's machines to a network: the body names its WireGuard public key (the
+/// private key stays on that machine).
+async fn network_access(
+    State(a): State<App>,
+    Path(name): Path<String>,
+    body: Result<Json<crate::networks::AccessRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid", e.body_text()),
+    };
+    match a.bot.network_access(&name, &req).await {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
     }

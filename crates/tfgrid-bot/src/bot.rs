@@ -29,6 +29,8 @@ pub enum BotError {
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
     Failed(String),
     #[error("registry: {0}")]
     Registry(String),
@@ -65,6 +67,9 @@ pub struct Bot {
     /// User operations begun, and running now (see `recovery::Operation`).
     pub(crate) ops_started: std::sync::atomic::AtomicU64,
     pub(crate) ops_running: std::sync::atomic::AtomicUsize,
+    /// The twin's networks by name, as last read or written (the bot is their only writer).
+    pub(crate) nets: std::sync::Mutex<HashMap<String, tfgrid_core::network::Network>>,
+    pub(crate) layout: std::sync::OnceLock<tfgrid_core::network::Layout>,
 }
 
 /// How long a node may take for a deploy (an image pull can be slow); a node that dies meanwhile
@@ -155,6 +160,8 @@ impl Bot {
             inflight: Default::default(),
             ops_started: Default::default(),
             ops_running: Default::default(),
+            nets: Default::default(),
+            layout: Default::default(),
         });
         bot.recover().await?;
         Ok(bot)

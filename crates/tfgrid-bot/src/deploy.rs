@@ -14,6 +14,7 @@ use tfgrid_core::deployment::{
 };
 use tfgrid_core::faults::crash_point;
 use tfgrid_core::filter::NodeFilter;
+use tfgrid_core::network::NetworkId;
 use tfgrid_core::node_api::{self, DeploymentInfo};
 use tfgrid_core::records::{NodeStatus, NodeView};
 use tfgrid_core::tx::Call;
@@ -76,7 +77,7 @@ impl Bot {
 
     pub(crate) fn want(svc: &Service) -> Result<Want, BotError> {
         Ok(Want {
-            capacity: Self::replica_deployment(0, "x", svc)
+            capacity: Self::replica_deployment(0, "x", svc, None)
                 .capacity()
                 .map_err(|e| BotError::Failed(e.to_string()))?,
             country: svc.placement.country.clone(),
@@ -87,7 +88,12 @@ impl Bot {
     }
 
     /// One replica of a service as a node deployment: its volumes, zdbs and the container.
-    fn replica_deployment(twin: TwinId, service: &str, svc: &Service) -> Deployment {
+    fn replica_deployment(
+        twin: TwinId,
+        service: &str,
+        svc: &Service,
+        network: Option<NetworkId>,
+    ) -> Deployment {
         let wl = |name: String, data: WorkloadData| Workload {
             version: 0,
             name,
@@ -130,6 +136,7 @@ impl Bot {
                 memory: svc.memory.0,
                 rootfs_size: svc.disk.0,
                 mounts,
+                network,
             }),
         ));
         Deployment {
@@ -153,8 +160,13 @@ impl Bot {
         index: u32,
         svc: &Service,
         node: &Candidate,
+        network: Option<NetworkId>,
     ) -> Result<Replica, String> {
-        let mut d = Self::replica_deployment(self.twin, service, svc);
+        // The node's subnet in the network exists before the node is asked to use it.
+        if let Some(id) = network {
+            self.join_network(id, node.id).await?;
+        }
+        let mut d = Self::replica_deployment(self.twin, service, svc, network);
         // The registry holds one contract per deployment hash and node; the metadata (which the
         // hash covers) makes each replica, and each version of it, its own deployment.
         d.metadata = format!("{owner}/{service}/{index}@{}", now_millis());
@@ -265,6 +277,7 @@ impl Bot {
             }
         }
         let t0 = Instant::now();
+        let net = self.network_of(&spec).await.map_err(BotError::Registry)?.id;
         // Services declared exactly as before keep their replicas and routes.
         let kept: HashSet<String> = old
             .as_ref()
@@ -315,7 +328,8 @@ impl Bot {
                 (
                     s,
                     *i,
-                    self.deploy_replica(journal, owner, s, *i, svc, &node).await,
+                    self.deploy_replica(journal, owner, s, *i, svc, &node, Some(net))
+                        .await,
                 )
             }
         });
@@ -447,6 +461,7 @@ impl Bot {
             .collect();
         self.store.put_with_cancels(&rec, &gone)?;
         crash_point("bot-after-commit");
+        self.sync_hosts().await;
         self.cancel_all(&gone).await;
         self.event(
             &spec.name,
@@ -473,7 +488,7 @@ mod tests {
             "name: a\nservices:\n  s:\n    image: x\n    volumes: [{name: v, size: 1G, path: /v}]\n  t:\n    image: x\n    disk: 2G\n",
         )
         .unwrap();
-        let d = Bot::replica_deployment(1, "s", &spec.services["s"]);
+        let d = Bot::replica_deployment(1, "s", &spec.services["s"], None);
         let rootfs = d.workloads.iter().find_map(|w| match &w.data {
             WorkloadData::Container(c) => Some(c.rootfs_size),
             _ => None,

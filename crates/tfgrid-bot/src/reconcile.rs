@@ -305,9 +305,19 @@ impl Bot {
             )
             .map_err(|e| e.message)?[0];
         let node = sched.node(target).cloned().expect("placed on a known node");
+        let spec = Spec::parse(&rec.yaml).map_err(|e| e.to_string())?;
+        let net = self.network_of(&spec).await?.id;
         let journal = self.journal(&rec.name);
         let new = self
-            .deploy_replica(&journal, &rec.name, &old.service, old.index, svc, &node)
+            .deploy_replica(
+                &journal,
+                &rec.name,
+                &old.service,
+                old.index,
+                svc,
+                &node,
+                Some(net),
+            )
             .await?;
         self.event(
             &rec.name,
@@ -334,6 +344,7 @@ impl Bot {
                 tracing::warn!("reconcile: {e}");
             }
             self.retry_cancels().await;
+            self.sync_hosts().await;
             pass = pass.wrapping_add(1);
             if pass.is_multiple_of(SWEEP_EVERY) {
                 if let Err(e) = self.sweep_orphans().await {

@@ -108,6 +108,7 @@ impl Bot {
         let gw = gws
             .first()
             .ok_or_else(|| "no gateway node is up (a node registered with --domain)".to_string())?;
+        self.join_for_backends(gw.node.id, &backends).await?;
         let name_contract = self.name_contract(journal, name).await?;
         let mut d = Self::gateway_deployment(self.twin, service, name, backends.clone(), 0);
         let contract_id = self
@@ -167,6 +168,7 @@ impl Bot {
         // Higher than any version this route had, also one a crash kept out of the record (the
         // node holds it, and refuses an update that is not higher): seconds since the epoch.
         let version = (route.version + 1).max((tfgrid_core::now_millis() / 1000) as u32);
+        self.join_for_backends(route.node_id, &backends).await?;
         let mut d = Self::gateway_deployment(
             self.twin,
             &route.service,

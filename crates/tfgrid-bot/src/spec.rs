@@ -54,7 +54,18 @@ impl<'de> Deserialize<'de> for Size {
 pub struct Spec {
     /// The deployment's name: `tfgrid ps`, `rm` and the dashboard use it.
     pub name: String,
+    /// The private network its services live in (made when first used; kept after `rm`).
+    /// Deployments that name the same network reach each other; the default is one of its own,
+    /// named after the deployment.
+    #[serde(default)]
+    pub network: Option<String>,
     pub services: BTreeMap<String, Service>,
+}
+
+impl Spec {
+    pub fn network_name(&self) -> &str {
+        self.network.as_deref().unwrap_or(&self.name)
+    }
 }
 
 fn one() -> u32 {
@@ -254,6 +265,11 @@ impl Spec {
                 "name".into(),
                 "use 1 to 32 lowercase letters, digits or - (not first)",
             );
+        }
+        if let Some(n) = &self.network {
+            if let Err(e) = tfgrid_core::network::check_name(n) {
+                return bad("network".into(), &e);
+            }
         }
         if self.services.is_empty() {
             return bad("services".into(), "declare at least one service");

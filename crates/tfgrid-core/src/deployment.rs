@@ -69,6 +69,11 @@ pub struct ContainerSpec {
     pub rootfs_size: u64,
     #[serde(default)]
     pub mounts: Vec<Mount>,
+    /// The owner's private network (registry id) the container joins: its address is then in
+    /// the network's subnet on the node, and only the network reaches it. None: the node's own
+    /// workload subnet, reachable from the whole grid.
+    #[serde(default)]
+    pub network: Option<crate::network::NetworkId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -242,6 +247,7 @@ mod tests {
                             volume: "data".into(),
                             path: "/data".into(),
                         }],
+                        network: Some(3),
                     }),
                     metadata: String::new(),
                     description: String::new(),

@@ -10,6 +10,7 @@ pub mod error;
 pub mod faults;
 pub mod filter;
 pub mod keys;
+pub mod network;
 pub mod node_api;
 pub mod prefix;
 pub mod records;

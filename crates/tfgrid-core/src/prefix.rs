@@ -62,6 +62,10 @@ impl Ipv4Prefix {
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
         u32::from(ip) & mask(self.len) == u32::from(self.addr)
     }
+
+    pub fn overlaps(&self, other: &Ipv4Prefix) -> bool {
+        self.contains(other.addr) || other.contains(self.addr)
+    }
 }
 
 fn mask(len: u8) -> u32 {

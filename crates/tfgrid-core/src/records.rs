@@ -200,6 +200,25 @@ pub struct RegistryConfig {
     /// twice). Registration is refused when it runs out.
     pub workload_range: Ipv4Prefix,
     pub node_prefix_len: u8,
+    /// Every private network's range comes from here: network `id` gets the `(id - 1)`th
+    /// prefix of length `network_prefix_len`, cut into subnets of `network_subnet_len` (the
+    /// first for the user's own machines, one for each node the network is on).
+    #[serde(default = "default_network_range")]
+    pub network_range: Ipv4Prefix,
+    #[serde(default = "default_network_prefix_len")]
+    pub network_prefix_len: u8,
+    #[serde(default = "default_network_subnet_len")]
+    pub network_subnet_len: u8,
+}
+
+fn default_network_range() -> Ipv4Prefix {
+    Ipv4Prefix::new(std::net::Ipv4Addr::new(10, 128, 0, 0), 9).expect("a valid prefix")
+}
+fn default_network_prefix_len() -> u8 {
+    20
+}
+fn default_network_subnet_len() -> u8 {
+    26
 }
 
 impl Default for RegistryConfig {
@@ -217,6 +236,10 @@ impl Default for RegistryConfig {
             workload_range: Ipv4Prefix::new(std::net::Ipv4Addr::new(10, 64, 0, 0), 10)
                 .expect("a valid prefix"),
             node_prefix_len: 24,
+            // 2,048 networks of 4,096 addresses: 63 nodes of 61 workloads each, 61 machines.
+            network_range: default_network_range(),
+            network_prefix_len: default_network_prefix_len(),
+            network_subnet_len: default_network_subnet_len(),
         }
     }
 }

@@ -4,6 +4,7 @@ use crate::canonical::{self, Hash};
 use crate::capacity::Capacity;
 use crate::error::CoreError;
 use crate::keys::{Identity, PublicKey, Signature};
+use crate::network::{NetworkHost, NetworkId};
 use crate::records::{Gpu, Location, Overlay, PublicConfig, X25519Key};
 use crate::{ContractId, FarmId, Millis, NodeId, TwinId};
 use serde::{Deserialize, Serialize};
@@ -76,6 +77,27 @@ pub enum Call {
     CancelContract {
         contract_id: ContractId,
     },
+    /// A private network of the signer's, named uniquely among the signer's networks.
+    CreateNetwork {
+        name: String,
+    },
+    /// Gives the network a subnet on the node (nothing changes when it has one).
+    AddNetworkNode {
+        network_id: NetworkId,
+        node_id: NodeId,
+    },
+    /// One of the owner's machines joins with this WireGuard key, peering with that node; the
+    /// key's address is kept when it is added again (with another node, say).
+    AddNetworkAccess {
+        network_id: NetworkId,
+        wg_key: X25519Key,
+        node_id: NodeId,
+    },
+    /// The network's service names, replacing the ones it had.
+    SetNetworkHosts {
+        network_id: NetworkId,
+        hosts: Vec<NetworkHost>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -108,6 +130,10 @@ impl Call {
             Call::UpdateNodeContract { .. } => "update_node_contract",
             Call::CreateNameContract { .. } => "create_name_contract",
             Call::CancelContract { .. } => "cancel_contract",
+            Call::CreateNetwork { .. } => "create_network",
+            Call::AddNetworkNode { .. } => "add_network_node",
+            Call::AddNetworkAccess { .. } => "add_network_access",
+            Call::SetNetworkHosts { .. } => "set_network_hosts",
         }
     }
 }
@@ -206,6 +232,12 @@ pub enum Outcome {
     },
     ContractCanceled {
         contract_id: ContractId,
+    },
+    NetworkCreated {
+        network_id: NetworkId,
+    },
+    NetworkUpdated {
+        network_id: NetworkId,
     },
 }
 

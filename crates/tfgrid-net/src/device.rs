@@ -62,6 +62,12 @@ pub type RelaySink = Arc<dyn Fn(WgPublic, &[u8]) + Send + Sync>;
 /// not block, and is called for every such packet (the caller rate-limits its look-ups).
 pub type MissHook = Arc<dyn Fn(IpAddr) + Send + Sync>;
 
+/// Told of an authentic packet from a peer whose inner source is not one of its allowed IPs (the
+/// packet is held for a few seconds), so the caller can learn whether the peer has gained that
+/// address and widen its allowed IPs, which delivers what was held. On the data path: it must
+/// not block, and is called for every such packet.
+pub type RejectHook = Arc<dyn Fn(WgPublic, IpAddr) + Send + Sync>;
+
 pub struct DeviceOptions {
     /// TUN interface name (at most 15 bytes).
     pub name: String,
@@ -109,7 +115,8 @@ struct Peer {
     public: WgPublic,
     tunn: Mutex<Tunn>,
     endpoint: Mutex<Option<SocketAddr>>,
-    allowed: Vec<IpNet>,
+    /// Changed in place when a peer gains addresses, so its session goes on.
+    allowed: RwLock<Vec<IpNet>>,
     /// Device-clock milliseconds (+1, so 0 is never) of the last authentic datagram by each path.
     udp_rx: AtomicU64,
     relay_rx: AtomicU64,
@@ -142,6 +149,10 @@ struct Inner {
     limiter: RateLimiter,
     relay: RwLock<Option<RelaySink>>,
     miss: RwLock<Option<MissHook>>,
+    reject: RwLock<Option<RejectHook>>,
+    /// Decrypted packets from a peer's address it was not known to hold yet: taken if the peer
+    /// is widened within `PENDING_FOR`.
+    rejected: Mutex<std::collections::VecDeque<(Instant, WgPublic, Vec<u8>)>>,
     /// Packets that found no peer, kept briefly: a peer made for them (the miss hook's look-up)
     /// takes them, so a connection's first packet is not lost to the look-up.
     pending: Mutex<std::collections::VecDeque<(Instant, Vec<u8>)>>,
@@ -231,6 +242,8 @@ impl Device {
             relay: RwLock::new(None),
             miss: RwLock::new(None),
             pending: Mutex::default(),
+            reject: RwLock::new(None),
+            rejected: Mutex::default(),
             // boringtun keeps the low 8 bits of a session index for itself.
             next_index: AtomicU32::new(u32::from_le_bytes(first) >> 8),
             start: Instant::now(),
@@ -274,6 +287,10 @@ impl Device {
     }
 
     /// Sets who is told of packets for addresses no peer holds.
+    pub fn set_reject_hook(&self, hook: Option<RejectHook>) {
+        *self.inner.reject.write().unwrap() = hook;
+    }
+
     pub fn set_miss_hook(&self, hook: Option<MissHook>) {
         *self.inner.miss.write().unwrap() = hook;
     }
@@ -297,28 +314,57 @@ impl Device {
         true
     }
 
-    /// Adds a peer, or replaces the one with the same key (its session is kept when only the
-    /// endpoint changes, so a roaming update costs no handshake).
+    /// Adds a peer, or updates the one with the same key (its session is kept: a roaming
+    /// endpoint or new allowed IPs cost no handshake). An allowed IP another peer has is refused.
     pub fn set_peer(&self, cfg: &PeerConfig) -> Result<(), Error> {
+        self.set_peer_inner(cfg, false)
+    }
+
+    /// As [`set_peer`](Self::set_peer), but an allowed IP another peer has is taken from it (the
+    /// grid's registry moved that address: a user's machine now joins through another node).
+    pub fn claim_peer(&self, cfg: &PeerConfig) -> Result<(), Error> {
+        self.set_peer_inner(cfg, true)
+    }
+
+    fn set_peer_inner(&self, cfg: &PeerConfig, steal: bool) -> Result<(), Error> {
         if cfg.public_key.0 == self.inner.public.to_bytes() {
             return Err(Error::Invalid("a peer with this device's own key".into()));
         }
         let mut t = self.inner.table.write().unwrap();
-        if let Some(old) = t.by_key.get(&cfg.public_key) {
-            if old.allowed == cfg.allowed_ips {
-                if cfg.endpoint.is_some() {
-                    *old.endpoint.lock().unwrap() = cfg.endpoint;
+        let mut taken = Vec::new();
+        for (net, p) in &t.routes {
+            if p.public != cfg.public_key && cfg.allowed_ips.iter().any(|a| a.trunc() == *net) {
+                if !steal {
+                    return Err(Error::Invalid(format!(
+                        "allowed IP {net} is already peer {}'s",
+                        p.public
+                    )));
                 }
-                return Ok(());
+                taken.push((*net, p.clone()));
             }
         }
-        for (net, p) in &t.routes {
-            if p.public != cfg.public_key && cfg.allowed_ips.iter().any(|a| a == net) {
-                return Err(Error::Invalid(format!(
-                    "allowed IP {net} is already peer {}'s",
-                    p.public
-                )));
+        for (net, p) in &taken {
+            p.allowed.write().unwrap().retain(|a| a.trunc() != *net);
+            t.routes.retain(|(n, q)| !(n == net && Arc::ptr_eq(p, q)));
+        }
+        if let Some(old) = t.by_key.get(&cfg.public_key).cloned() {
+            if cfg.endpoint.is_some() {
+                *old.endpoint.lock().unwrap() = cfg.endpoint;
             }
+            if *old.allowed.read().unwrap() == cfg.allowed_ips {
+                return Ok(());
+            }
+            *old.allowed.write().unwrap() = cfg.allowed_ips.clone();
+            t.routes.retain(|(_, q)| !Arc::ptr_eq(q, &old));
+            for net in &cfg.allowed_ips {
+                t.routes.push((net.trunc(), old.clone()));
+            }
+            t.routes
+                .sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
+            drop(t);
+            self.inner.release(&old);
+            self.inner.readmit(&old);
+            return self.add_routes(&cfg.allowed_ips);
         }
         let index = self.inner.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
         let peer = Arc::new(Peer {
@@ -332,7 +378,7 @@ impl Device {
                 None,
             )),
             endpoint: Mutex::new(cfg.endpoint),
-            allowed: cfg.allowed_ips.clone(),
+            allowed: RwLock::new(cfg.allowed_ips.clone()),
             udp_rx: AtomicU64::new(0),
             relay_rx: AtomicU64::new(0),
             relayed: Mutex::default(),
@@ -347,8 +393,12 @@ impl Device {
             .sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
         drop(t);
         self.inner.release(&peer);
+        self.add_routes(&cfg.allowed_ips)
+    }
+
+    fn add_routes(&self, nets: &[IpNet]) -> Result<(), Error> {
         if self.inner.routes {
-            for net in &cfg.allowed_ips {
+            for net in nets {
                 let net = net.trunc();
                 if !self.inner.own_nets.iter().any(|o| o.contains(&net)) {
                     ip(&[
@@ -370,7 +420,7 @@ impl Device {
             remove_from(&mut t, key)
         };
         if let (true, Some(p)) = (self.inner.routes, &removed) {
-            for net in &p.allowed {
+            for net in p.allowed.read().unwrap().iter() {
                 let net = net.trunc();
                 if !self.inner.own_nets.iter().any(|o| o.contains(&net)) {
                     let _ = ip(&["route", "del", &net.to_string(), "dev", &self.inner.name]);
@@ -407,7 +457,7 @@ impl Device {
                 PeerStatus {
                     public_key: p.public,
                     endpoint: *p.endpoint.lock().unwrap(),
-                    allowed_ips: p.allowed.clone(),
+                    allowed_ips: p.allowed.read().unwrap().clone(),
                     path: p.path(now),
                     last_handshake_s: hs.map(|d| d.as_secs_f64()),
                     tx_bytes: tx as u64,
@@ -426,6 +476,15 @@ impl Drop for Device {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+}
+
+/// An IP packet's source address.
+fn src_address(p: &[u8]) -> Option<IpAddr> {
+    match p.first()? >> 4 {
+        4 if p.len() >= 20 => Some(IpAddr::from(<[u8; 4]>::try_from(&p[12..16]).ok()?)),
+        6 if p.len() >= 40 => Some(IpAddr::from(<[u8; 16]>::try_from(&p[8..24]).ok()?)),
+        _ => None,
     }
 }
 
@@ -476,7 +535,13 @@ fn fresh(now: u64, at: u64) -> bool {
 impl Peer {
     /// Cryptokey routing: a packet is taken from a peer only from one of its allowed IPs.
     fn admits(&self, len: usize, inner_src: IpAddr) -> Option<usize> {
-        if self.allowed.iter().any(|n| n.contains(&inner_src)) {
+        if self
+            .allowed
+            .read()
+            .unwrap()
+            .iter()
+            .any(|n| n.contains(&inner_src))
+        {
             Some(len)
         } else {
             tracing::debug!(peer = %self.public, "dropped a packet from {inner_src}: not its allowed IP");
@@ -578,8 +643,9 @@ impl Inner {
             let mut taken = Vec::new();
             q.retain(|(t, p)| {
                 let mine = t.elapsed() <= PENDING_FOR
-                    && Tunn::dst_address(p)
-                        .is_some_and(|d| peer.allowed.iter().any(|n| n.contains(&d)));
+                    && Tunn::dst_address(p).is_some_and(|d| {
+                        peer.allowed.read().unwrap().iter().any(|n| n.contains(&d))
+                    });
                 if mine {
                     taken.push(p.clone());
                 }
@@ -782,6 +848,9 @@ impl Inner {
             }
             TunnResult::WriteToTunnelV4(p, inner_src) => {
                 delivered = peer.admits(p.len(), inner_src.into());
+                if delivered.is_none() {
+                    self.rejected(&peer, p, inner_src.into());
+                }
             }
             TunnResult::WriteToTunnelV6(p, inner_src) => {
                 delivered = peer.admits(p.len(), inner_src.into());
@@ -804,6 +873,47 @@ impl Inner {
             }
         }
         delivered
+    }
+
+    /// Holds a packet from an address the peer is not known to have and tells the reject hook.
+    fn rejected(&self, peer: &Arc<Peer>, packet: &[u8], src: IpAddr) {
+        let Some(hook) = self.reject.read().unwrap().clone() else {
+            return;
+        };
+        {
+            let mut q = self.rejected.lock().unwrap();
+            while q.len() >= PENDING_MAX
+                || q.front().is_some_and(|(t, _, _)| t.elapsed() > PENDING_FOR)
+            {
+                q.pop_front();
+            }
+            q.push_back((Instant::now(), peer.public, packet.to_vec()));
+        }
+        hook(peer.public, src);
+    }
+
+    /// Delivers held packets from `peer` that its allowed IPs now admit.
+    fn readmit(&self, peer: &Arc<Peer>) {
+        let taken: Vec<Vec<u8>> = {
+            let allowed = peer.allowed.read().unwrap();
+            let mut q = self.rejected.lock().unwrap();
+            let mut taken = Vec::new();
+            q.retain(|(t, k, p)| {
+                let mine = *k == peer.public
+                    && t.elapsed() <= PENDING_FOR
+                    && src_address(p).is_some_and(|s| allowed.iter().any(|n| n.contains(&s)));
+                if mine {
+                    taken.push(packet_buf(p));
+                }
+                !mine
+            });
+            taken
+        };
+        if !taken.is_empty() {
+            let mut gro = tun_rs::GROTable::default();
+            let mut bufs = taken;
+            self.write_tun(&mut gro, &mut bufs);
+        }
     }
 
     fn reply(&self, from: &Source, d: &[u8]) {

@@ -6,6 +6,14 @@
 //! bus (`net.hello`), so that one looks the first up by its twin and starts its own handshake at
 //! once: both sides send first, which is also what opens a NAT's mapping from the inside.
 //! Datagrams go by the relay until a direct path is seen to work.
+//!
+//! The users' private networks are routed into the device too. An address there names its
+//! network and the position of its subnet (`tfgrid_core::network::Layout::place`), and the
+//! network's record names the node at that position. A peer's allowed IPs are everything the
+//! registry says its node holds: its workload prefix, its subnets in networks and the addresses of
+//! the users' machines that join through it, so no node can speak for another's addresses. When
+//! a peer sends from an address it was not known to have (it joined a network since), the packet
+//! is held while its record is read again.
 
 use ipnet::{IpNet, Ipv4Net};
 use std::collections::HashMap;
@@ -14,6 +22,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tfgrid_bus::Peer;
 use tfgrid_core::filter::NodeFilter;
+use tfgrid_core::network::{Layout, Place};
 use tfgrid_core::prefix::Ipv4Prefix;
 use tfgrid_core::records::Node;
 use tfgrid_core::{NodeId, TwinId};
@@ -31,6 +40,8 @@ pub const HELLO_CMD: &str = "net.hello";
 const KEEPALIVE_S: u16 = 15;
 /// A look-up for the same node or twin is not repeated sooner than this.
 const LOOKUP_EVERY: Duration = Duration::from_secs(2);
+/// A peer that sent from an address it was not known to hold is read again at most this often.
+const WIDEN_EVERY: Duration = Duration::from_millis(300);
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
 const LOOKUP_QUEUE: usize = 256;
 
@@ -45,6 +56,8 @@ pub struct GridOptions {
     pub src: Ipv4Addr,
     /// Metric of the range's route: several nodes on one host each have their own route.
     pub metric: u32,
+    /// Where the users' private networks are (registry config); None: not routed.
+    pub networks: Option<Layout>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -53,6 +66,10 @@ enum Want {
     Node(NodeId),
     /// A node whose twin said hello (or sent relayed datagrams) to us.
     Twin(TwinId),
+    /// The node holding a subnet (or a user's machine) of a private network.
+    Place(Place),
+    /// A peer that sent from an address it was not known to hold: read its node again.
+    Widen(TwinId),
 }
 
 struct Shared {
@@ -61,6 +78,8 @@ struct Shared {
     /// Twin of each peer's key and back (the relayed path's directory).
     keys: RwLock<HashMap<WgPublic, TwinId>>,
     twins: RwLock<HashMap<TwinId, WgPublic>>,
+    /// The users' machines that join their networks through this node, with their addresses.
+    access: RwLock<HashMap<WgPublic, Ipv4Addr>>,
     wants: mpsc::Sender<Want>,
 }
 
@@ -78,29 +97,38 @@ impl Grid {
         registry: RegistryClient,
         opts: GridOptions,
     ) -> Result<Grid, Error> {
-        ip(&[
-            "route",
-            "replace",
-            &opts.range.to_string(),
-            "dev",
-            dev.name(),
-            "metric",
-            &opts.metric.to_string(),
-            "src",
-            &opts.src.to_string(),
-        ])?;
+        for range in opts.routed() {
+            ip(&[
+                "route",
+                "replace",
+                &range.to_string(),
+                "dev",
+                dev.name(),
+                "metric",
+                &opts.metric.to_string(),
+                "src",
+                &opts.src.to_string(),
+            ])?;
+        }
         let (tx, rx) = mpsc::channel(LOOKUP_QUEUE);
         let shared = Arc::new(Shared {
             dev: dev.clone(),
             opts,
             keys: RwLock::default(),
             twins: RwLock::default(),
+            access: RwLock::default(),
             wants: tx,
         });
         let s = shared.clone();
         dev.set_miss_hook(Some(Arc::new(move |dst| {
-            if let Some(id) = s.owner(dst) {
-                let _ = s.wants.try_send(Want::Node(id));
+            if let Some(w) = s.owner(dst) {
+                let _ = s.wants.try_send(w);
+            }
+        })));
+        let s = shared.clone();
+        dev.set_reject_hook(Some(Arc::new(move |key, _src| {
+            if let Some(t) = s.keys.read().unwrap().get(&key) {
+                let _ = s.wants.try_send(Want::Widen(*t));
             }
         })));
         let s = shared.clone();
@@ -114,6 +142,41 @@ impl Grid {
 
     pub fn device(&self) -> &Arc<Device> {
         &self.shared.dev
+    }
+
+    /// The users' machines that join their networks through this node (WireGuard key and
+    /// address, from the registry): each is a peer that may send only from its address; those
+    /// no longer listed are removed.
+    pub fn set_access(&self, machines: &[(WgPublic, Ipv4Addr)]) {
+        let mut have = self.shared.access.write().unwrap();
+        for (key, addr) in machines {
+            if have.get(key) == Some(addr) {
+                continue;
+            }
+            let net = Ipv4Net::new(*addr, 32).expect("a /32");
+            let cfg = PeerConfig {
+                public_key: *key,
+                endpoint: None,
+                allowed_ips: vec![IpNet::V4(net)],
+                persistent_keepalive: None,
+            };
+            match self.shared.dev.claim_peer(&cfg) {
+                Ok(()) => {
+                    tracing::info!(%key, %addr, "network access peer");
+                    have.insert(*key, *addr);
+                }
+                Err(e) => tracing::warn!(%key, "network access peer: {e}"),
+            }
+        }
+        let gone: Vec<WgPublic> = have
+            .keys()
+            .filter(|k| !machines.iter().any(|(m, _)| m == *k))
+            .copied()
+            .collect();
+        for k in gone {
+            have.remove(&k);
+            self.shared.dev.remove_peer(&k);
+        }
     }
 
     /// Each peer with the node whose prefix it holds and that node's twin.
@@ -140,40 +203,93 @@ impl Drop for Grid {
     fn drop(&mut self) {
         self.task.abort();
         self.shared.dev.set_miss_hook(None);
+        self.shared.dev.set_reject_hook(None);
         self.shared.dev.set_relay(None);
         let o = &self.shared.opts;
-        let _ = ip(&[
-            "route",
-            "del",
-            &o.range.to_string(),
-            "dev",
-            self.shared.dev.name(),
-            "metric",
-            &o.metric.to_string(),
-        ]);
+        for range in o.routed() {
+            let _ = ip(&[
+                "route",
+                "del",
+                &range.to_string(),
+                "dev",
+                self.shared.dev.name(),
+                "metric",
+                &o.metric.to_string(),
+            ]);
+        }
+    }
+}
+
+impl GridOptions {
+    fn routed(&self) -> Vec<Ipv4Prefix> {
+        std::iter::once(self.range)
+            .chain(self.networks.map(|l| l.range))
+            .collect()
     }
 }
 
 impl Shared {
-    /// The node whose prefix holds `dst`, if it is in the grid's range and not this node.
-    fn owner(&self, dst: IpAddr) -> Option<NodeId> {
+    /// What to look up for a packet to `dst`: the node whose prefix holds it (not this node), or
+    /// the place in a private network.
+    fn owner(&self, dst: IpAddr) -> Option<Want> {
         let IpAddr::V4(v4) = dst else { return None };
+        if let Some(p) = self.opts.networks.and_then(|l| l.place(v4)) {
+            return Some(Want::Place(p));
+        }
         node_of(&self.opts.range, self.opts.node_prefix_len, v4)
             .filter(|id| *id != self.opts.own_node)
+            .map(Want::Node)
     }
 
-    fn add(&self, node: &Node) -> Option<WgPublic> {
+    /// Everything `node` holds: its workload prefix, its subnets in networks, the addresses of
+    /// the machines that join through it.
+    async fn holdings(&self, node: &Node, registry: &RegistryClient) -> Vec<IpNet> {
+        let p = node.workload_prefix;
+        let mut nets = vec![IpNet::V4(
+            Ipv4Net::new(p.addr(), p.prefix_len()).expect("a prefix is a network"),
+        )];
+        let Some(l) = self.opts.networks else {
+            return nets;
+        };
+        let found = tokio::time::timeout(LOOKUP_TIMEOUT, registry.networks_on(node.id)).await;
+        let list = match found {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => {
+                tracing::debug!(node = node.id, "networks of the node: {e}");
+                return nets;
+            }
+            Err(_) => return nets,
+        };
+        for n in list {
+            if let Some(s) = n.subnet_of(&l, node.id) {
+                nets.push(IpNet::V4(
+                    Ipv4Net::new(s.addr(), s.prefix_len()).expect("a prefix is a network"),
+                ));
+            }
+            for (i, a) in n.access.iter().enumerate() {
+                if a.node_id == node.id {
+                    if let Some(ip) = l.access_addr(n.id, i) {
+                        nets.push(IpNet::V4(Ipv4Net::new(ip, 32).expect("a /32")));
+                    }
+                }
+            }
+        }
+        nets
+    }
+
+    fn add(&self, node: &Node, allowed_ips: Vec<IpNet>) -> Option<WgPublic> {
         let o = node.overlay.as_ref()?;
         let key = WgPublic(o.wg_key.0);
         let p = node.workload_prefix;
-        let net = Ipv4Net::new(p.addr(), p.prefix_len()).expect("a prefix is a network");
         let cfg = PeerConfig {
             public_key: key,
             endpoint: o.endpoints.first().copied(),
-            allowed_ips: vec![IpNet::V4(net)],
+            allowed_ips,
             persistent_keepalive: Some(KEEPALIVE_S),
         };
-        if let Err(e) = self.dev.set_peer(&cfg) {
+        // The registry is the authority on who holds an address: a machine that now joins
+        // through another node is taken from the old one.
+        if let Err(e) = self.dev.claim_peer(&cfg) {
             tracing::warn!(node = node.id, "overlay peer: {e}");
             return None;
         }
@@ -208,7 +324,12 @@ async fn lookups(
 ) {
     let mut last: HashMap<Want, Instant> = HashMap::new();
     while let Some(w) = rx.recv().await {
-        if last.get(&w).is_some_and(|t| t.elapsed() < LOOKUP_EVERY) {
+        let every = if let Want::Widen(_) = w {
+            WIDEN_EVERY
+        } else {
+            LOOKUP_EVERY
+        };
+        if last.get(&w).is_some_and(|t| t.elapsed() < every) {
             continue;
         }
         last.insert(w, Instant::now());
@@ -218,7 +339,13 @@ async fn lookups(
         let found = tokio::time::timeout(LOOKUP_TIMEOUT, async {
             match w {
                 Want::Node(id) => registry.node(id).await.map(|v| Some(v.node)),
-                Want::Twin(t) => registry
+                Want::Place(p) => {
+                    let Some(id) = place_node(&registry, p).await? else {
+                        return Ok(None);
+                    };
+                    registry.node(id).await.map(|v| Some(v.node))
+                }
+                Want::Twin(t) | Want::Widen(t) => registry
                     .nodes(&NodeFilter {
                         twin_id: Some(t),
                         ..Default::default()
@@ -243,8 +370,14 @@ async fn lookups(
         if node.id == s.opts.own_node {
             continue;
         }
-        let Some(key) = s.add(&node) else { continue };
-        if let Want::Node(_) = w {
+        let holds = s.holdings(&node, &registry).await;
+        let Some(key) = s.add(&node, holds) else {
+            continue;
+        };
+        if let Want::Widen(_) = w {
+            continue;
+        }
+        if let Want::Node(_) | Want::Place(_) = w {
             if let Err(e) = bus
                 .notify(node.twin_id, HELLO_CMD, &[], Duration::from_secs(5))
                 .await
@@ -254,6 +387,23 @@ async fn lookups(
         }
         s.dev.initiate(&key);
     }
+}
+
+/// The node at a place in a network, as its record says now.
+async fn place_node(
+    registry: &RegistryClient,
+    p: Place,
+) -> Result<Option<NodeId>, tfgrid_registry_client::ClientError> {
+    let (id, index, access) = match p {
+        Place::Node { network, index } => (network, index, false),
+        Place::Access { network, index } => (network, index, true),
+    };
+    let n = registry.network(id).await?;
+    Ok(if access {
+        n.access.get(index).map(|a| a.node_id)
+    } else {
+        n.nodes.get(index).copied()
+    })
 }
 
 struct Dir(Arc<Shared>);

@@ -69,6 +69,9 @@ pub struct NodeConfig {
     /// Endpoints to publish for the overlay instead of this host's own addresses (a port
     /// forwarded on a router, say).
     pub overlay_endpoints: Vec<SocketAddr>,
+    /// Containers in private networks reach the world outside the grid through this host's
+    /// address; false keeps them inside the grid.
+    pub masquerade: bool,
 }
 
 pub struct RunningNode {
@@ -302,9 +305,26 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
         )
         .with_mirrors(cfg.registry_mirrors.clone()),
     );
+    let layout = tfgrid_core::network::Layout::of(&range);
+    // Private networks span hosts over the overlay: a node without one takes none.
+    let networks = (overlay.is_some() && root).then(|| {
+        crate::networks::Networks::new(
+            crate::networks::Options {
+                node_bridge: cfg.bridge.clone(),
+                own: node_id,
+                layout,
+                workload_range: range.workload_range,
+                dir: cfg.data.join("networks"),
+                masquerade: cfg.masquerade,
+                zdb_port: zdb_addr.port(),
+            },
+            client.clone(),
+        )
+    });
     let owners = crate::kinds::backends::Owners::new(
         range.workload_range,
         range.node_prefix_len,
+        Some(layout),
         node_id,
         client.clone(),
     );
@@ -313,6 +333,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
         client.clone(),
         gateway_addr.map(|a| a.port()),
         owners.clone(),
+        networks.clone(),
     );
     if let Some(l) = gateway_listener {
         tasks.push(tokio::spawn(crate::kinds::proxy::serve(
@@ -332,6 +353,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
             cfg.data.join("volumes"),
             images,
             net,
+            networks.clone(),
             report_tx,
         ),
         gateway,
@@ -379,6 +401,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
                         own_node: node_id,
                         src: net_gateway,
                         metric: 100 + node_id,
+                        networks: Some(layout),
                     },
                 )
                 .map_err(|e| setup("overlay route", &e))?,
@@ -387,6 +410,26 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
         None => None,
     };
     serve_overlay(&peer, grid.clone());
+    if let (Some(n), Some(g)) = (&networks, &grid) {
+        let g = Arc::downgrade(g);
+        n.set_access_sink(Box::new(move |machines| {
+            if let Some(g) = g.upgrade() {
+                let m: Vec<(tfgrid_net::WgPublic, std::net::Ipv4Addr)> = machines
+                    .iter()
+                    .map(|(k, a)| (tfgrid_net::WgPublic(k.0), *a))
+                    .collect();
+                g.set_access(&m);
+            }
+        }));
+        n.refresh().await;
+        let n = n.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                n.refresh().await;
+            }
+        }));
+    }
     // Ready means reachable: callers may deploy as soon as start returns.
     if let Err(e) = peer.connected(Duration::from_secs(10)).await {
         tracing::warn!("not connected to the relay {} yet: {e}", cfg.relay);
@@ -477,7 +520,11 @@ fn start_overlay(
     } else if !listen.ip().is_unspecified() {
         vec![SocketAddr::new(listen.ip(), port)]
     } else {
-        auto_endpoints(host_addresses(&reg.workload_range), observed, port)
+        auto_endpoints(
+            host_addresses(&[reg.workload_range, reg.network_range]),
+            observed,
+            port,
+        )
     };
     tracing::info!(key = %dev.public_key(), ?endpoints, "overlay up on {}", dev.name());
     let overlay = Overlay {
@@ -511,8 +558,8 @@ fn auto_endpoints(
     v
 }
 
-/// The host's global IPv4 addresses, less those of the grid's workload range (bridges).
-fn host_addresses(range: &tfgrid_core::prefix::Ipv4Prefix) -> Vec<std::net::Ipv4Addr> {
+/// The host's global IPv4 addresses, less those of the grid's ranges (bridges).
+fn host_addresses(ranges: &[tfgrid_core::prefix::Ipv4Prefix]) -> Vec<std::net::Ipv4Addr> {
     let Ok(out) = std::process::Command::new("ip")
         .args(["-o", "-4", "addr", "show", "scope", "global"])
         .output()
@@ -526,7 +573,7 @@ fn host_addresses(range: &tfgrid_core::prefix::Ipv4Prefix) -> Vec<std::net::Ipv4
             let i = w.iter().position(|x| *x == "inet")?;
             w.get(i + 1)?.split('/').next()?.parse().ok()
         })
-        .filter(|ip| !range.contains(*ip))
+        .filter(|ip| !ranges.iter().any(|r| r.contains(*ip)))
         .collect()
 }
 
@@ -721,6 +768,7 @@ pub async fn stop_workloads(data: &std::path::Path, runtime: &str, bridge: &str)
     if crate::net::link_exists(bridge).await {
         let _ = run("ip", &["link", "del", bridge]).await;
     }
+    crate::networks::remove_all(data, bridge).await;
 }
 
 #[cfg(test)]

@@ -9,4 +9,5 @@ pub mod engine;
 pub mod images;
 pub mod kinds;
 pub mod net;
+pub mod networks;
 pub mod store;

@@ -87,6 +87,12 @@ impl Net {
 
     /// A fresh namespace for `key` with `ip` on its eth0 and a default route via the bridge.
     pub async fn attach(&self, key: &str, ip: Ipv4Addr) -> Result<PathBuf, String> {
+        self.attach_via(key, ip, self).await
+    }
+
+    /// As [`attach`](Self::attach), named as this node's, on the bridge and subnet of `via` (a
+    /// private network's bridge).
+    pub async fn attach_via(&self, key: &str, ip: Ipv4Addr, via: &Net) -> Result<PathBuf, String> {
         self.detach(key).await?;
         let ns = self.netns(key);
         let host = self.veth(key);
@@ -100,13 +106,13 @@ impl Net {
                 ],
             )
             .await?;
-            run("ip", &["link", "set", &host, "master", &self.bridge, "up"]).await?;
+            run("ip", &["link", "set", &host, "master", &via.bridge, "up"]).await?;
             run("ip", &["-n", &ns, "link", "set", &peer, "name", "eth0"]).await?;
-            let cidr = format!("{ip}/{}", self.prefix);
+            let cidr = format!("{ip}/{}", via.prefix);
             run("ip", &["-n", &ns, "addr", "add", &cidr, "dev", "eth0"]).await?;
             run("ip", &["-n", &ns, "link", "set", "eth0", "up"]).await?;
             run("ip", &["-n", &ns, "link", "set", "lo", "up"]).await?;
-            let gw = self.gateway().to_string();
+            let gw = via.gateway().to_string();
             run("ip", &["-n", &ns, "route", "add", "default", "via", &gw]).await
         }
         .await;

@@ -4,6 +4,7 @@ use serde::de::DeserializeOwned;
 use std::time::Duration;
 use tfgrid_core::contract::Contract;
 use tfgrid_core::filter::{ContractFilter, NodeFilter};
+use tfgrid_core::network::Network;
 use tfgrid_core::records::{Account, ErrorBody, Farm, NodeView, RegistryConfig, Stats, Twin};
 use tfgrid_core::tx::{Call, Receipt, SignedTx, BINARY_CONTENT_TYPE};
 use tfgrid_core::{ContractId, FarmId, Identity, NodeId, PublicKey, TwinId};
@@ -235,6 +236,28 @@ impl RegistryClient {
 
     pub async fn contract(&self, id: ContractId) -> Result<Contract> {
         self.get(&format!("/contracts/{id}")).await
+    }
+
+    pub async fn network(&self, id: tfgrid_core::network::NetworkId) -> Result<Network> {
+        self.get(&format!("/networks/{id}")).await
+    }
+
+    pub async fn network_by_name(&self, twin: TwinId, name: &str) -> Result<Option<Network>> {
+        let url = format!("{}/networks", self.base);
+        let q = [("twin_id", twin.to_string()), ("name", name.to_string())];
+        let v: Vec<Network> = self.send(&url, self.http.get(&url).query(&q)).await?.0;
+        Ok(v.into_iter().next())
+    }
+
+    pub async fn networks_of(&self, twin: TwinId, page: u32) -> Result<Vec<Network>> {
+        self.get(&format!("/networks?twin_id={twin}&size=1000&page={page}"))
+            .await
+    }
+
+    /// The networks `node` has a subnet in or is an access point of (first 1000).
+    pub async fn networks_on(&self, node: NodeId) -> Result<Vec<Network>> {
+        self.get(&format!("/networks?node_id={node}&size=1000"))
+            .await
     }
 }
 

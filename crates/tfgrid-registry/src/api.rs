@@ -91,6 +91,8 @@ pub fn router(ledger: Arc<Ledger>) -> Router {
         .route("/nodes/{id}", get(node))
         .route("/contracts", get(contracts))
         .route("/contracts/{id}", get(contract))
+        .route("/networks", get(networks))
+        .route("/networks/{id}", get(network))
         .layer(axum::middleware::from_fn(limits))
         .with_state(ledger)
 }
@@ -324,6 +326,52 @@ async fn contract(State(l): State<Api>, Path(s): Path<String>) -> Result<Respons
         .get(&id)
         .ok_or_else(|| ApiError::not_found(format!("contract {id}")))?;
     Ok(Json(c).into_response())
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct NetworkQuery {
+    twin_id: Option<u32>,
+    name: Option<String>,
+    /// The networks a node has a subnet in or is an access point of: what the node serves.
+    node_id: Option<u32>,
+    page: Option<u32>,
+    size: Option<u32>,
+}
+
+async fn networks(State(l): State<Api>, RawQuery(q): RawQuery) -> Result<Response> {
+    let q: NetworkQuery = query(q)?;
+    let r = l.read();
+    let page = ListQuery {
+        page: q.page,
+        size: q.size,
+        ..Default::default()
+    };
+    if let (Some(t), Some(n)) = (q.twin_id, &q.name) {
+        let found: Vec<_> = r.network_by_name(t, n).cloned().into_iter().collect();
+        return Ok(Json(found).into_response());
+    }
+    let all: Vec<&tfgrid_core::network::Network> = match q.node_id {
+        Some(node) => r.networks_on(node),
+        None => r.networks.values().collect(),
+    };
+    let it = all
+        .into_iter()
+        .filter(|n| q.twin_id.is_none_or(|t| n.twin_id == t))
+        .filter(|n| q.name.as_ref().is_none_or(|x| &n.name == x))
+        .cloned();
+    let list = page_of(it, &page);
+    Ok(Json(list).into_response())
+}
+
+async fn network(State(l): State<Api>, Path(s): Path<String>) -> Result<Response> {
+    let id: u32 = id("network", &s)?;
+    let r = l.read();
+    let n = r
+        .networks
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(format!("network {id}")))?;
+    Ok(Json(n).into_response())
 }
 
 /// The address this request came from, as the registry sees it: a node behind NAT learns its

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use tfgrid_core::contract::{Contract, ContractKind};
 use tfgrid_core::filter::{ContractFilter, NodeFilter, SortBy, SortOrder};
+use tfgrid_core::network::{Network, NetworkId};
 use tfgrid_core::records::{
     Account, Farm, Node, NodeStatus, NodeView, RegistryConfig, Stats, Twin,
 };
@@ -17,6 +18,7 @@ pub struct Delta {
     pub farms: Vec<Farm>,
     pub nodes: Vec<Node>,
     pub contracts: Vec<Contract>,
+    pub networks: Vec<Network>,
     pub nonces: Vec<(PublicKey, u64)>,
 }
 
@@ -320,6 +322,8 @@ pub struct ReadModel {
     contracts_by_twin: HashMap<TwinId, BTreeSet<ContractId>>,
     contracts_by_node: HashMap<NodeId, BTreeSet<ContractId>>,
     live_names: HashMap<String, ContractId>,
+    pub networks: BTreeMap<NetworkId, Network>,
+    network_by_name: HashMap<(TwinId, String), NetworkId>,
     /// Largest posting set tested member by member instead of scanning the columns; `None` picks
     /// by index size. Tests set it to exercise both paths on small grids.
     pub candidate_limit: Option<usize>,
@@ -331,6 +335,20 @@ impl ReadModel {
             config,
             ..Default::default()
         }
+    }
+
+    pub fn network_by_name(&self, twin: TwinId, name: &str) -> Option<&Network> {
+        self.network_by_name
+            .get(&(twin, name.to_string()))
+            .and_then(|id| self.networks.get(id))
+    }
+
+    /// The networks with a subnet on `node`, in id order.
+    pub fn networks_on(&self, node: NodeId) -> Vec<&Network> {
+        self.networks
+            .values()
+            .filter(|n| n.nodes.contains(&node) || n.access.iter().any(|a| a.node_id == node))
+            .collect()
     }
 
     pub fn apply(&mut self, d: Delta) {
@@ -370,6 +388,11 @@ impl ReadModel {
                 }
             }
             self.contracts.insert(c.id, c);
+        }
+        for n in d.networks {
+            self.network_by_name
+                .insert((n.twin_id, n.name.clone()), n.id);
+            self.networks.insert(n.id, n);
         }
         for (k, n) in d.nonces {
             self.nonces.insert(k, n);

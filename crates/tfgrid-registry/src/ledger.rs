@@ -33,6 +33,11 @@ fn delta(state: &State, ch: &Changes) -> Delta {
             .iter()
             .map(|id| state.contracts[id].clone())
             .collect(),
+        networks: ch
+            .networks
+            .iter()
+            .map(|id| state.networks[id].clone())
+            .collect(),
         nonces: ch.nonces.iter().map(|k| (*k, state.nonces[k])).collect(),
     }
 }
@@ -45,6 +50,7 @@ impl Ledger {
             farms: state.farms.keys().copied().collect(),
             nodes: state.nodes.keys().copied().collect(),
             contracts: state.contracts.keys().copied().collect(),
+            networks: state.networks.keys().copied().collect(),
             nonces: state.nonces.keys().copied().collect(),
         };
         read.apply(delta(&state, &everything));

@@ -8,11 +8,14 @@ use tfgrid_core::capacity::Capacity;
 use tfgrid_core::contract::{
     Contract, ContractKind, ContractState, DeleteCause, NameContract, NodeContract,
 };
+use tfgrid_core::network::{Network, NetworkId};
 use tfgrid_core::records::{
     Farm, FarmIp, Node, NodeStatus, RegistryConfig, Twin, X25519Key, MAX_OVERLAY_ENDPOINTS,
 };
 use tfgrid_core::tx::{Call, NodeSpec, Outcome, SignedTx};
 use tfgrid_core::{ContractId, FarmId, Hash, Millis, NodeId, PublicKey, TwinId};
+
+mod networks;
 
 /// A signed transaction whose signature has been checked. Only [`Verified::check`] makes one, so
 /// the state machine cannot be handed an unverified transaction.
@@ -48,6 +51,7 @@ pub struct Changes {
     pub farms: BTreeSet<FarmId>,
     pub nodes: BTreeSet<NodeId>,
     pub contracts: BTreeSet<ContractId>,
+    pub networks: BTreeSet<NetworkId>,
     pub nonces: BTreeSet<PublicKey>,
 }
 
@@ -57,6 +61,7 @@ impl Changes {
             && self.farms.is_empty()
             && self.nodes.is_empty()
             && self.contracts.is_empty()
+            && self.networks.is_empty()
             && self.nonces.is_empty()
     }
 }
@@ -69,6 +74,7 @@ pub struct State {
     pub farms: BTreeMap<FarmId, Farm>,
     pub nodes: BTreeMap<NodeId, Node>,
     pub contracts: BTreeMap<ContractId, Contract>,
+    pub networks: BTreeMap<NetworkId, Network>,
     pub nonces: HashMap<PublicKey, u64>,
     // Derived lookups, rebuilt from the records above on load.
     twin_by_key: HashMap<PublicKey, TwinId>,
@@ -76,6 +82,7 @@ pub struct State {
     node_by_twin: HashMap<TwinId, NodeId>,
     live_names: HashMap<String, ContractId>,
     live_hashes: HashMap<(NodeId, Hash), ContractId>,
+    network_by_name: HashMap<(TwinId, String), NetworkId>,
 }
 
 fn next_id<K: Copy + Ord + Into<u64>, V>(m: &BTreeMap<K, V>) -> u64 {
@@ -99,6 +106,11 @@ impl State {
             .map(|f| (f.name.to_lowercase(), f.id))
             .collect();
         self.node_by_twin = self.nodes.values().map(|n| (n.twin_id, n.id)).collect();
+        self.network_by_name = self
+            .networks
+            .values()
+            .map(|n| ((n.twin_id, n.name.clone()), n.id))
+            .collect();
         self.live_names.clear();
         self.live_hashes.clear();
         for c in self.contracts.values().filter(|c| c.is_live()) {
@@ -322,6 +334,19 @@ impl State {
             }
             Call::CancelContract { contract_id } => {
                 self.cancel_contract(twin, *contract_id, now, ch)
+            }
+            Call::CreateNetwork { name } => self.create_network(twin, name, now, ch),
+            Call::AddNetworkNode {
+                network_id,
+                node_id,
+            } => self.add_network_node(twin, *network_id, *node_id, now, ch),
+            Call::AddNetworkAccess {
+                network_id,
+                wg_key,
+                node_id,
+            } => self.add_network_access(twin, *network_id, *wg_key, *node_id, now, ch),
+            Call::SetNetworkHosts { network_id, hosts } => {
+                self.set_network_hosts(twin, *network_id, hosts, now, ch)
             }
         }
     }

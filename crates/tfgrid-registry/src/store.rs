@@ -17,6 +17,7 @@ const TWINS: TableDefinition<u32, &[u8]> = TableDefinition::new("twins");
 const FARMS: TableDefinition<u32, &[u8]> = TableDefinition::new("farms");
 const NODES: TableDefinition<u32, &[u8]> = TableDefinition::new("nodes");
 const CONTRACTS: TableDefinition<u64, &[u8]> = TableDefinition::new("contracts");
+const NETWORKS: TableDefinition<u32, &[u8]> = TableDefinition::new("networks");
 const NONCES: TableDefinition<&[u8], u64> = TableDefinition::new("nonces");
 /// Height -> (registry time, signed transaction): the history the records were built from.
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
@@ -54,6 +55,7 @@ impl Store {
             w.open_table(FARMS)?;
             w.open_table(NODES)?;
             w.open_table(CONTRACTS)?;
+            w.open_table(NETWORKS)?;
             w.open_table(NONCES)?;
             w.open_table(LOG)?;
         }
@@ -84,6 +86,7 @@ impl Store {
         load_table!(FARMS, "farms", st.farms);
         load_table!(NODES, "nodes", st.nodes);
         load_table!(CONTRACTS, "contracts", st.contracts);
+        load_table!(NETWORKS, "networks", st.networks);
         for row in r.open_table(NONCES)?.iter()? {
             let (k, v) = row?;
             let key: [u8; 32] = k
@@ -112,6 +115,9 @@ impl Store {
         }
         for (k, c) in &st.contracts {
             check("contracts", *k, c.id)?;
+        }
+        for (k, n) in &st.networks {
+            check("networks", (*k).into(), n.id.into())?;
         }
         let log_len = r.open_table(LOG)?.len()?;
         if log_len != st.height {
@@ -158,6 +164,10 @@ impl Store {
             let mut t = w.open_table(CONTRACTS)?;
             for id in &ch.contracts {
                 t.insert(*id, enc(&state.contracts[id]).as_slice())?;
+            }
+            let mut t = w.open_table(NETWORKS)?;
+            for id in &ch.networks {
+                t.insert(*id, enc(&state.networks[id]).as_slice())?;
             }
             let mut t = w.open_table(NONCES)?;
             for k in &ch.nonces {

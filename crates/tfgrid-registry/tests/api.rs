@@ -1260,3 +1260,213 @@ async fn whoami_answers_the_address_a_request_came_from() {
         std::net::IpAddr::from([127, 0, 0, 1])
     );
 }
+
+#[tokio::test]
+async fn private_networks_are_the_owners_alone_and_addressed_by_position() {
+    use tfgrid_core::network::{Layout, NetworkHost, Place};
+    let g = start(RegistryConfig::default()).await;
+    let l = Layout::of(&RegistryConfig::default());
+    let mut farmer = Actor::new();
+    farmer.twin(&g).await;
+    let farm = farmer.farm(&g, "nets").await;
+    // Two nodes on the overlay, one not.
+    let mut nodes = Vec::new();
+    for (i, on_overlay) in [(1u8, true), (2, true), (3, false)] {
+        let mut n = Actor::new();
+        n.twin(&g).await;
+        let mut s = spec(farm, 2, 8);
+        if on_overlay {
+            s.overlay = Some(Overlay {
+                wg_key: X25519Key([i; 32]),
+                endpoints: vec![format!("198.18.0.{i}:51820").parse().unwrap()],
+            });
+        }
+        let Outcome::NodeRegistered { node_id } = n.ok(&g, Call::RegisterNode(s)).await else {
+            panic!()
+        };
+        nodes.push(node_id);
+    }
+    let mut alice = Actor::new();
+    let alice_twin = alice.twin(&g).await;
+    let mut bob = Actor::new();
+    bob.twin(&g).await;
+    let create = |name: &str| Call::CreateNetwork { name: name.into() };
+    let Outcome::NetworkCreated { network_id: a } = alice.ok(&g, create("shop")).await else {
+        panic!()
+    };
+    // Names are per twin: bob may have a "shop" too, alice not a second one.
+    assert_refused(
+        alice.send(&g, create("shop")).await,
+        409,
+        "conflict",
+        "already has",
+    );
+    let Outcome::NetworkCreated { network_id: b } = bob.ok(&g, create("shop")).await else {
+        panic!()
+    };
+    assert_ne!(a, b);
+    assert_refused(
+        alice.send(&g, create("Bad_Name")).await,
+        400,
+        "malformed",
+        "network name",
+    );
+    let add = |network_id, node_id| Call::AddNetworkNode {
+        network_id,
+        node_id,
+    };
+    // Only the owner changes a network; only overlay nodes join; unknown ones are not found.
+    assert_refused(
+        bob.send(&g, add(a, nodes[0])).await,
+        403,
+        "forbidden",
+        "belongs to twin",
+    );
+    assert_refused(
+        alice.send(&g, add(a, nodes[2])).await,
+        409,
+        "conflict",
+        "not on the grid overlay",
+    );
+    assert_refused(
+        alice.send(&g, add(a, 99)).await,
+        404,
+        "not_found",
+        "node 99",
+    );
+    assert_refused(
+        alice.send(&g, add(77, nodes[0])).await,
+        404,
+        "not_found",
+        "network 77",
+    );
+    alice.ok(&g, add(a, nodes[1])).await;
+    alice.ok(&g, add(a, nodes[0])).await;
+    alice.ok(&g, add(a, nodes[1])).await; // again: nothing changes
+    bob.ok(&g, add(b, nodes[0])).await;
+    let na = g.client.network(a).await.unwrap();
+    assert_eq!(na.twin_id, alice_twin);
+    assert_eq!(na.nodes, vec![nodes[1], nodes[0]]);
+    assert_eq!(Some(na.range), l.network_range(a));
+    // Subnets follow positions, so any node finds the holder of an address from the record.
+    let s1 = na.subnet_of(&l, nodes[1]).unwrap();
+    let inside = std::net::Ipv4Addr::from(u32::from(s1.addr()) + 5);
+    assert_eq!(
+        l.place(inside),
+        Some(Place::Node {
+            network: a,
+            index: 0
+        })
+    );
+    let nb = g.client.network(b).await.unwrap();
+    assert!(!nb.range.overlaps(&na.range));
+    assert_eq!(
+        g.client.networks_on(nodes[0]).await.unwrap().len(),
+        2,
+        "node 1 serves both networks"
+    );
+    assert!(g.client.networks_on(nodes[2]).await.unwrap().is_empty());
+    assert_eq!(
+        g.client
+            .network_by_name(alice_twin, "shop")
+            .await
+            .unwrap()
+            .map(|n| n.id),
+        Some(a)
+    );
+    // A user's machine joins with its own key; a node's key is refused; the same key again
+    // keeps its address and moves to the node given.
+    let access = |key: [u8; 32], node_id| Call::AddNetworkAccess {
+        network_id: a,
+        wg_key: X25519Key(key),
+        node_id,
+    };
+    assert_refused(
+        alice.send(&g, access([1; 32], nodes[0])).await,
+        409,
+        "conflict",
+        "node's overlay key",
+    );
+    assert_refused(
+        bob.send(&g, access([40; 32], nodes[0])).await,
+        403,
+        "forbidden",
+        "belongs to twin",
+    );
+    alice.ok(&g, access([40; 32], nodes[0])).await;
+    alice.ok(&g, access([41; 32], nodes[0])).await;
+    alice.ok(&g, access([40; 32], nodes[1])).await;
+    let na = g.client.network(a).await.unwrap();
+    assert_eq!(na.access.len(), 2);
+    assert_eq!(na.access[0].node_id, nodes[1]);
+    assert_eq!(
+        l.place(l.access_addr(a, 1).unwrap()),
+        Some(Place::Access {
+            network: a,
+            index: 1
+        })
+    );
+    // Service names: inside the network's range only, each name once.
+    let host = |name: &str, ip: std::net::Ipv4Addr| NetworkHost {
+        name: name.into(),
+        addrs: vec![ip],
+    };
+    let hosts = |h: Vec<NetworkHost>| Call::SetNetworkHosts {
+        network_id: a,
+        hosts: h,
+    };
+    assert_refused(
+        alice
+            .send(&g, hosts(vec![host("web", [10, 64, 0, 2].into())]))
+            .await,
+        400,
+        "malformed",
+        "not in the network's range",
+    );
+    assert_refused(
+        alice
+            .send(&g, hosts(vec![host("web", inside), host("web", inside)]))
+            .await,
+        400,
+        "malformed",
+        "given twice",
+    );
+    assert_refused(
+        alice.send(&g, hosts(vec![host("Web!", inside)])).await,
+        400,
+        "malformed",
+        "host name",
+    );
+    assert_refused(
+        bob.send(&g, hosts(vec![])).await,
+        403,
+        "forbidden",
+        "belongs to twin",
+    );
+    alice.ok(&g, hosts(vec![host("web", inside)])).await;
+    assert_eq!(
+        g.client.network(a).await.unwrap().hosts,
+        vec![host("web", inside)]
+    );
+    // Kept across a restart of the registry (its store).
+    let mut g = g;
+    let kept = std::mem::replace(&mut g.dir, tempfile::tempdir().unwrap());
+    let dir = kept.path().to_path_buf();
+    drop(g);
+    sleep_ms(200).await;
+    let r = tfgrid_registry::Registry::open(&dir, RegistryConfig::default()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(r.serve(listener, std::future::pending::<()>()));
+    let c = tfgrid_registry_client::RegistryClient::new(&url);
+    let again = c.network(a).await.unwrap();
+    assert_eq!(again.hosts, vec![host("web", inside)]);
+    assert_eq!(again.nodes, vec![nodes[1], nodes[0]]);
+    assert_eq!(
+        c.network_by_name(alice_twin, "shop")
+            .await
+            .unwrap()
+            .map(|n| n.id),
+        Some(a)
+    );
+}

@@ -72,6 +72,7 @@ pub async fn run(b: NodeBench) -> Result<()> {
                     memory: 64 * MIB,
                     rootfs_size: 0,
                     mounts: vec![],
+                    network: None,
                 }),
                 metadata: String::new(),
                 description: String::new(),

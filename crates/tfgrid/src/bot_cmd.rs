@@ -79,19 +79,19 @@ pub struct BotOpt {
     bot: String,
     /// Print the bot's JSON answer instead of a table.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     /// The bot's token, when it has one.
     #[arg(long, env = "TFGRID_BOT_TOKEN", hide_env_values = true)]
     bot_token: Option<String>,
 }
 
-struct Client {
+pub(crate) struct Client {
     base: String,
     http: reqwest::Client,
 }
 
 impl Client {
-    fn new(o: &BotOpt) -> Self {
+    pub(crate) fn new(o: &BotOpt) -> Self {
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(t) = &o.bot_token {
             if let Ok(v) = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")) {
@@ -126,9 +126,23 @@ impl Client {
         }
     }
 
-    async fn get(&self, path: &str) -> Result<reqwest::Response> {
+    pub(crate) async fn get(&self, path: &str) -> Result<reqwest::Response> {
         self.check(self.http.get(format!("{}{path}", self.base)).send().await)
             .await
+    }
+
+    pub(crate) async fn post_json<T: serde::Serialize>(
+        &self,
+        path: &str,
+        body: &T,
+    ) -> Result<reqwest::Response> {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await;
+        self.check(r).await
     }
 }
 

@@ -9,6 +9,7 @@ mod bench_zdb;
 mod bot_cmd;
 mod bus_cmd;
 mod net_cmd;
+mod network_cmd;
 mod node_cmd;
 mod up;
 mod zdb_cmd;
@@ -103,6 +104,11 @@ enum Cmd {
         node: u32,
         #[command(flatten)]
         opt: bot_cmd::BotOpt,
+    },
+    /// Your private networks; join one from this machine with standard WireGuard.
+    Network {
+        #[command(subcommand)]
+        cmd: network_cmd::NetworkCmd,
     },
     /// Run the node agent: this host becomes capacity on the grid.
     Node(Box<node_cmd::NodeArgs>),
@@ -217,6 +223,16 @@ struct RegistryTuning {
     /// Length of each node's prefix (16 to 29: its bridge takes the first address).
     #[arg(long, default_value_t = RegistryConfig::default().node_prefix_len)]
     node_prefix_len: u8,
+    /// The users' private networks: each network gets one prefix of it.
+    #[arg(long, default_value_t = RegistryConfig::default().network_range)]
+    network_range: tfgrid_core::prefix::Ipv4Prefix,
+    /// Length of each network's prefix.
+    #[arg(long, default_value_t = RegistryConfig::default().network_prefix_len)]
+    network_prefix_len: u8,
+    /// Length of each subnet of a network (one per node it is on; the first for the user's own
+    /// machines).
+    #[arg(long, default_value_t = RegistryConfig::default().network_subnet_len)]
+    network_subnet_len: u8,
 }
 
 impl RegistryTuning {
@@ -236,8 +252,21 @@ impl RegistryTuning {
             down_after_ms: self.down_after_ms,
             workload_range: self.workload_range,
             node_prefix_len: self.node_prefix_len,
+            network_range: self.network_range,
+            network_prefix_len: self.network_prefix_len,
+            network_subnet_len: self.network_subnet_len,
             ..Default::default()
         };
+        tfgrid_core::network::Layout::of(&c)
+            .valid()
+            .map_err(anyhow::Error::msg)?;
+        if c.network_range.overlaps(&c.workload_range) {
+            bail!(
+                "--network-range {} overlaps --workload-range {}",
+                c.network_range,
+                c.workload_range
+            );
+        }
         c.min_node.mru = self.min_node_mru;
         c.min_node.cru = self.min_node_cru;
         Ok(c)
@@ -403,6 +432,7 @@ async fn run(cli: Cli) -> Result<()> {
         } => bot_cmd::events(opt, deployment, follow).await,
         Cmd::Nodes { query, opt } => bot_cmd::nodes(opt, query).await,
         Cmd::Overlay { node, opt } => bot_cmd::overlay(opt, node).await,
+        Cmd::Network { cmd } => network_cmd::network(cmd).await,
         Cmd::Bus { cmd } => bus_cmd::bus(cmd).await,
     }
 }

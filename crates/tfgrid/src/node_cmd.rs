@@ -95,6 +95,10 @@ struct RunArgs {
     /// port forwarded on the router; repeatable.
     #[arg(long = "overlay-endpoint")]
     overlay_endpoints: Vec<SocketAddr>,
+    /// Keep containers of private networks inside the grid: no MASQUERADE through this host to
+    /// addresses outside it.
+    #[arg(long)]
+    no_masquerade: bool,
 }
 
 fn logins(v: &[String]) -> Result<HashMap<String, (String, String)>> {
@@ -189,6 +193,7 @@ pub async fn run(a: NodeArgs) -> Result<()> {
         city: r.city,
         overlay_listen: (!r.no_overlay).then_some(r.overlay_listen),
         overlay_endpoints: r.overlay_endpoints,
+        masquerade: !r.no_masquerade,
     };
     let node = agent::start(cfg).await.context("starting the node agent")?;
     println!(

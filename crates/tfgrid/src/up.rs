@@ -271,6 +271,10 @@ pub async fn up(mut a: UpArgs) -> Result<()> {
         // Addresses are host-wide while these hosts share one: each grid its own range.
         "--workload-range",
         &workload_range(&data),
+        "--network-range",
+        &network_range(&data),
+        "--network-prefix-len",
+        "22",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -493,6 +497,11 @@ fn bridge(data: &Path, i: u32) -> String {
 /// The registry gives node `id` the `(id - 1)`th /24 of this.
 fn workload_range(data: &Path) -> String {
     format!("10.{}.0.0/16", 64 + net_id(data) % 128)
+}
+
+/// The users' networks: 64 of /22, each with 15 node subnets of /26 and one for their machines.
+pub(crate) fn network_range(data: &Path) -> String {
+    format!("10.{}.0.0/16", 192 + net_id(data) % 64)
 }
 
 async fn stop_nodes(a: &UpArgs, data: &Path) {

@@ -640,6 +640,7 @@ fn container(image: &str, cmd: Option<Vec<&str>>, cpu: u32, memory: u64) -> Work
         memory,
         rootfs_size: 0,
         mounts: vec![],
+        network: None,
     })
 }
 

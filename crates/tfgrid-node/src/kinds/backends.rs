@@ -11,6 +11,7 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 use tfgrid_bus::Peer;
+use tfgrid_core::network::{Layout, Place};
 use tfgrid_core::node_api::{self, Owner, OwnerRequest};
 use tfgrid_core::prefix::Ipv4Prefix;
 use tfgrid_core::{NodeId, TwinId};
@@ -29,6 +30,7 @@ pub struct Owners {
 struct Inner {
     range: Ipv4Prefix,
     node_prefix_len: u8,
+    networks: Option<Layout>,
     own_node: NodeId,
     registry: RegistryClient,
     engine: OnceLock<Weak<Engine>>,
@@ -39,6 +41,7 @@ impl Owners {
     pub fn new(
         range: Ipv4Prefix,
         node_prefix_len: u8,
+        networks: Option<Layout>,
         own_node: NodeId,
         registry: RegistryClient,
     ) -> Owners {
@@ -46,6 +49,7 @@ impl Owners {
             inner: Arc::new(Inner {
                 range,
                 node_prefix_len,
+                networks,
                 own_node,
                 registry,
                 engine: OnceLock::new(),
@@ -63,12 +67,39 @@ impl Owners {
     pub async fn check(&self, twin: TwinId, backend: &str) -> Result<(), String> {
         let i = &self.inner;
         let ip = parse(backend)?;
-        let node = tfgrid_net::grid::node_of(&i.range, i.node_prefix_len, ip).ok_or_else(|| {
-            format!(
-                "backend {backend}: not a workload address (the grid's workloads are in {})",
-                i.range
-            )
-        })?;
+        let node = match i.networks.and_then(|l| l.place(ip)) {
+            Some(Place::Access { .. }) => {
+                return Err(format!(
+                    "backend {backend}: the address of a user's machine, not a workload"
+                ))
+            }
+            Some(Place::Node { network, index }) => {
+                let n = i
+                    .registry
+                    .network(network)
+                    .await
+                    .map_err(|e| format!("backend {backend}: network {network}: {e}"))?;
+                if n.twin_id != twin {
+                    return Err(format!(
+                        "backend {backend} is in another twin's network: a gateway serves only the deploying twin's own workloads"
+                    ));
+                }
+                *n.nodes.get(index).ok_or_else(|| {
+                    format!("backend {backend}: no node holds that subnet of network {network}")
+                })?
+            }
+            None => {
+                tfgrid_net::grid::node_of(&i.range, i.node_prefix_len, ip).ok_or_else(|| {
+                    format!(
+                    "backend {backend}: not a workload address (the grid's workloads are in {}{})",
+                    i.range,
+                    i.networks
+                        .map(|l| format!(" and the networks in {}", l.range))
+                        .unwrap_or_default()
+                )
+                })?
+            }
+        };
         let owner = if node == i.own_node {
             let engine = i
                 .engine
@@ -104,7 +135,7 @@ impl Owners {
 }
 
 /// `http://a.b.c.d:port`, with an optional `/`.
-fn parse(backend: &str) -> Result<Ipv4Addr, String> {
+pub(crate) fn parse(backend: &str) -> Result<Ipv4Addr, String> {
     let bad = || format!("backend {backend:?}: expected http://<workload IPv4>:<port>");
     let rest = backend.strip_prefix("http://").ok_or_else(bad)?;
     let rest = rest.strip_suffix('/').unwrap_or(rest);

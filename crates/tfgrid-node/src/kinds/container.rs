@@ -32,6 +32,7 @@ pub struct Container {
     volumes: PathBuf,
     images: Arc<Images>,
     net: Net,
+    networks: Option<crate::networks::Networks>,
     reporter: Reporter,
     log_limit: u64,
     supervisors: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
@@ -128,6 +129,7 @@ impl Container {
         volumes: PathBuf,
         images: Arc<Images>,
         net: Net,
+        networks: Option<crate::networks::Networks>,
         reporter: Reporter,
     ) -> Self {
         Self {
@@ -139,6 +141,7 @@ impl Container {
             volumes,
             images,
             net,
+            networks,
             reporter,
             log_limit: 1 << 20,
             supervisors: Mutex::new(HashMap::new()),
@@ -158,8 +161,8 @@ impl Container {
         read_tail(&self.cdir(id).join("log"), tail)
     }
 
-    /// The lowest subnet address no other container of this node holds.
-    fn allocate_ip(&self) -> Result<Ipv4Addr, String> {
+    /// The lowest address of `net`'s subnet no other container of this node holds.
+    fn allocate_ip(&self, net: &Net) -> Result<Ipv4Addr, String> {
         let mut used = std::collections::HashSet::new();
         if let Ok(rd) = std::fs::read_dir(&self.dir) {
             for e in rd.flatten() {
@@ -170,10 +173,9 @@ impl Container {
                 }
             }
         }
-        self.net
-            .hosts()
+        net.hosts()
             .find(|ip| !used.contains(ip))
-            .ok_or_else(|| "the node's workload subnet is full".to_string())
+            .ok_or_else(|| format!("the subnet of bridge {} is full", net.bridge))
     }
 
     fn config(&self, id: &WorkloadId, spec: &ContainerSpec, image: &Image) -> Result<Spec, String> {
@@ -255,6 +257,18 @@ impl Container {
             .build()
             .map_err(e)?;
         let mut mounts: Vec<Mount> = oci_spec::runtime::get_default_mounts();
+        if let (Some(id), Some(n)) = (spec.network, &self.networks) {
+            // The network's service names, kept current by the node.
+            mounts.push(
+                MountBuilder::default()
+                    .destination("/etc/hosts")
+                    .typ("bind")
+                    .source(n.hosts_file(id))
+                    .options(vec!["bind".to_string(), "ro".to_string()])
+                    .build()
+                    .map_err(e)?,
+            );
+        }
         for m in &spec.mounts {
             let src = self
                 .volumes
@@ -373,13 +387,25 @@ impl Container {
         let image = self.images.ensure(&spec.image).await?;
         let c = self.cdir(id);
         std::fs::create_dir_all(&c).map_err(|e| format!("{}: {e}", c.display()))?;
+        let bridge = match spec.network {
+            None => self.net.clone(),
+            Some(nid) => {
+                let n = self.networks.as_ref().ok_or_else(|| {
+                    "this node is not on the grid overlay, so it takes no network workloads"
+                        .to_string()
+                })?;
+                // Written first: a failed start that is cleaned up leaves the network too.
+                std::fs::write(c.join("network"), nid.to_string()).map_err(|e| e.to_string())?;
+                n.join(ctx.deployment.twin_id, nid, &id.key()).await?
+            }
+        };
         let ip = match std::fs::read_to_string(c.join("ip"))
             .ok()
             .and_then(|s| s.trim().parse().ok())
         {
-            Some(ip) if self.net.contains(ip) => ip,
+            Some(ip) if bridge.contains(ip) => ip,
             _ => {
-                let ip = self.allocate_ip()?;
+                let ip = self.allocate_ip(&bridge)?;
                 std::fs::write(c.join("ip"), ip.to_string()).map_err(|e| e.to_string())?;
                 ip
             }
@@ -397,7 +423,7 @@ impl Container {
                     let _ = self.runtime.cmd(&["delete", "--force", &key]).await;
                 }
                 if !self.net.attached(&key) {
-                    self.net.attach(&key, ip).await?;
+                    self.net.attach_via(&key, ip, &bridge).await?;
                 }
                 self.runtime.start(&self.cdir(id), &key).await?;
             }
@@ -435,6 +461,12 @@ impl Container {
             }
         }
         self.net.detach(&key).await?;
+        let network = std::fs::read_to_string(c.join("network"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        if let (Some(nid), Some(n)) = (network, &self.networks) {
+            n.leave(nid, &key).await;
+        }
         match std::fs::remove_dir_all(&c) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -8,6 +8,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, RwLock};
 use tfgrid_core::deployment::{ResultState, WorkloadData};
 use tfgrid_core::filter::ContractFilter;
+use tfgrid_core::network::{NetworkId, Place};
 use tfgrid_registry_client::RegistryClient;
 
 pub(crate) struct Route {
@@ -21,9 +22,17 @@ pub struct Routes {
     pub(crate) domain: String,
     pub(crate) map: Arc<RwLock<HashMap<String, Arc<Route>>>>,
     pub(crate) health: super::health::Health,
+    pub(crate) networks: Option<crate::networks::Networks>,
 }
 
 impl Routes {
+    /// Where this node dials `backend` from (its address in the backend's network), if not the
+    /// default.
+    pub(crate) fn source_for(&self, backend: &str) -> Option<std::net::Ipv4Addr> {
+        let ip = super::backends::parse(backend).ok()?;
+        self.networks.as_ref()?.source_for(ip)
+    }
+
     /// The contract whose workload serves `name`, and how its backends do.
     pub fn backends(&self, name: &str) -> Option<(u64, Vec<tfgrid_core::node_api::BackendHealth>)> {
         let m = self.map.read().unwrap_or_else(|p| p.into_inner());
@@ -50,12 +59,15 @@ impl Routes {
             domain: domain.to_string(),
             map: Arc::new(RwLock::new(map)),
             health: Default::default(),
+            networks: None,
         }
     }
 }
 
 pub struct Gateway {
     routes: Routes,
+    /// The networks each route's backends are in (its node joined them for it).
+    joined: std::sync::Mutex<HashMap<WorkloadId, std::collections::BTreeSet<NetworkId>>>,
     owners: super::backends::Owners,
     registry: RegistryClient,
     /// The address people reach the proxy at, for the URL in results (`http://name.domain:port`).
@@ -69,13 +81,16 @@ impl Gateway {
         registry: RegistryClient,
         public_port: Option<u16>,
         owners: super::backends::Owners,
+        networks: Option<crate::networks::Networks>,
     ) -> Self {
         Self {
             owners,
+            joined: Default::default(),
             routes: Routes {
                 domain: domain.unwrap_or_default(),
                 map: Default::default(),
                 health: Default::default(),
+                networks,
             },
             registry,
             public_port,
@@ -123,6 +138,7 @@ impl Gateway {
                 self.owners.check(ctx.deployment.twin_id, b).await?;
             }
         }
+        self.join_networks(ctx, &g.backends).await?;
         {
             let mut map = self.routes.map.write().unwrap_or_else(|p| p.into_inner());
             if let Some(r) = map.get(&g.name) {
@@ -152,6 +168,38 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// The node joins the networks of the route's backends (and leaves those it no longer
+    /// needs), so it dials them from inside.
+    async fn join_networks(&self, ctx: &Ctx<'_>, backends: &[String]) -> Result<(), String> {
+        let Some(n) = &self.routes.networks else {
+            return Ok(());
+        };
+        let l = n.layout();
+        let want: std::collections::BTreeSet<NetworkId> = backends
+            .iter()
+            .filter_map(|b| super::backends::parse(b).ok())
+            .filter_map(|ip| match l.place(ip)? {
+                Place::Node { network, .. } | Place::Access { network, .. } => Some(network),
+            })
+            .collect();
+        let key = ctx.id.key();
+        for id in &want {
+            n.join(ctx.deployment.twin_id, *id, &key).await?;
+        }
+        let had = self
+            .joined
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ctx.id.clone(), want.clone())
+            .unwrap_or_default();
+        for id in had.difference(&want) {
+            n.leave(*id, &key).await;
+        }
+        Ok(())
+    }
+}
+
 impl Kind for Gateway {
     async fn provision(&self, ctx: &Ctx<'_>) -> Result<Output, String> {
         self.make(ctx, true).await
@@ -163,6 +211,17 @@ impl Kind for Gateway {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, r| r.owner != *id);
+        let had = self
+            .joined
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+            .unwrap_or_default();
+        if let Some(n) = &self.routes.networks {
+            for net in had {
+                n.leave(net, &id.key()).await;
+            }
+        }
         Ok(())
     }
 

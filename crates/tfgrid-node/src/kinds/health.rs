@@ -103,7 +103,10 @@ pub async fn run(routes: Routes) {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|b, _| backends.contains(b));
-        let checks = backends.iter().map(|b| async move { (b, dial(b).await) });
+        let checks = backends.iter().map(|b| {
+            let source = routes.source_for(b);
+            async move { (b, dial(b, source).await) }
+        });
         for (b, r) in futures_util::future::join_all(checks).await {
             routes.health.record(b, r);
         }
@@ -111,12 +114,21 @@ pub async fn run(routes: Routes) {
     }
 }
 
-async fn dial(backend: &str) -> Result<(), String> {
-    let addr = backend
+/// Dials from `source` when given (this node's address in the backend's network).
+async fn dial(backend: &str, source: Option<std::net::Ipv4Addr>) -> Result<(), String> {
+    let addr: std::net::SocketAddr = backend
         .trim_start_matches("http://")
         .trim_end_matches('/')
-        .to_string();
-    match tokio::time::timeout(DIAL, tokio::net::TcpStream::connect(&addr)).await {
+        .parse()
+        .map_err(|e| format!("{backend}: {e}"))?;
+    let connect = async {
+        let s = tokio::net::TcpSocket::new_v4()?;
+        if let Some(ip) = source {
+            s.bind(std::net::SocketAddr::new(ip.into(), 0))?;
+        }
+        s.connect(addr).await
+    };
+    match tokio::time::timeout(DIAL, connect).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no answer within {} s", DIAL.as_secs())),

@@ -36,12 +36,34 @@ const CLIENT_IDLE: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 struct Proxy {
     routes: Routes,
-    http: reqwest::Client,
+    /// One client per source address: a backend in a private network is dialled from this
+    /// node's address in that network (the network takes nothing from outside its range).
+    http: Arc<Mutex<HashMap<Option<std::net::Ipv4Addr>, reqwest::Client>>>,
     /// Backends that failed, and until when they are skipped.
     down: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
+fn client(source: Option<std::net::Ipv4Addr>) -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(CONNECT_TIMEOUT)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .local_address(source.map(std::net::IpAddr::V4))
+        .build()
+        .expect("reqwest client")
+}
+
 impl Proxy {
+    fn http_for(&self, backend: &str) -> reqwest::Client {
+        let source = self.routes.source_for(backend);
+        self.http
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(source)
+            .or_insert_with(|| client(source))
+            .clone()
+    }
+
     fn is_down(&self, b: &str) -> bool {
         let mut d = self.down.lock().unwrap_or_else(|p| p.into_inner());
         match d.get(b) {
@@ -70,12 +92,7 @@ impl Proxy {
 pub fn router(routes: Routes) -> axum::Router {
     let proxy = Proxy {
         routes,
-        http: reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(CONNECT_TIMEOUT)
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build()
-            .expect("reqwest client"),
+        http: Default::default(),
         down: Default::default(),
     };
     axum::Router::new()
@@ -240,7 +257,7 @@ async fn proxy_request(State(p): State<Proxy>, req: Request) -> Response {
         };
         let url = format!("{}{}", backend.trim_end_matches('/'), path);
         let send = p
-            .http
+            .http_for(backend)
             .request(parts.method.clone(), &url)
             .headers(headers.clone())
             .body(body)
