@@ -8,7 +8,8 @@
 //!   own host can still open connections to its bridges, as the node's operator (root) can enter
 //!   any container anyway;
 //! - out of N's bridge only from its own subnet (no container speaks for another address);
-//! - to the node host only the zdb port (zdb workloads) and answers;
+//! - to the node host, from any network address (containers, users' machines), only the zdb port
+//!   (zdb workloads) and answers;
 //! - to the world outside the grid through the node's address (MASQUERADE), or not at all when
 //!   the node is started with `--no-masquerade`.
 //!
@@ -307,7 +308,9 @@ impl Networks {
             .join(", ");
         let bridges = format!("{{ {bridges} }}");
         r.push_str(&format!("table ip {table} {{\n"));
-        r.push_str("  chain fwd {\n    type filter hook forward priority filter; policy accept;\n");
+        r.push_str(
+            "  chain isolate {\n    type filter hook forward priority filter; policy accept;\n",
+        );
         r.push_str("    ct state established,related accept\n");
         for (b, sub, range) in &nets {
             r.push_str(&format!("    iifname \"{b}\" ip saddr != {sub} drop\n"));
@@ -317,13 +320,15 @@ impl Networks {
             r.push_str(&format!("    iifname {bridges} ip daddr != {grid} drop\n"));
         }
         r.push_str("  }\n");
-        r.push_str("  chain in {\n    type filter hook input priority filter; policy accept;\n");
+        r.push_str("  chain host {\n    type filter hook input priority filter; policy accept;\n");
         r.push_str("    ct state established,related accept\n");
+        // By source, not by interface: the users' machines come in through the overlay.
+        let networks = i.layout.range;
         r.push_str(&format!(
-            "    iifname {bridges} tcp dport {} accept\n",
+            "    ip saddr {networks} tcp dport {} accept\n",
             i.zdb_port
         ));
-        r.push_str(&format!("    iifname {bridges} drop\n"));
+        r.push_str(&format!("    ip saddr {networks} drop\n"));
         r.push_str("  }\n");
         if i.masquerade {
             let subs = nets
@@ -332,7 +337,7 @@ impl Networks {
                 .collect::<Vec<_>>()
                 .join(", ");
             r.push_str(
-                "  chain post {\n    type nat hook postrouting priority srcnat; policy accept;\n",
+                "  chain outside {\n    type nat hook postrouting priority srcnat; policy accept;\n",
             );
             r.push_str(&format!(
                 "    ip saddr {{ {subs} }} ip daddr != {grid} masquerade\n"
