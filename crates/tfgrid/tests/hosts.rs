@@ -3,6 +3,11 @@
 //! blocked, node 3 public, node 6 the public gateway. Workloads reach each other across hosts over the overlay, the gateway reaches every
 //! replica, each peer uses the path its hosts allow, and a node killed with -9 is healed around
 //! with its replacement reachable too.
+//!
+//! The replicas live in their deployment's private network: services reach each other there by
+//! name, another user's containers (on the same node or not) and the hosts themselves do not
+//! reach them, and the user's own machine joins the network with wireguard-go through
+//! `tfgrid network access`.
 
 mod common;
 mod grid;
@@ -28,6 +33,152 @@ fn get_in(ns: &str, ip: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// GET `http://{host}:8080/` from inside a container (its own /etc/hosts names the services),
+/// with the image's busybox nc (its wget crashes in Debian's static build).
+fn get_by_name(g: &Grid, node: u32, container: &str, host: &str) -> Option<String> {
+    let cmd = format!(
+        "(printf 'GET / HTTP/1.0\\r\\n\\r\\n'; sleep 1) | nc -w 3 {host} 8080"
+    );
+    let out = Command::new("runc")
+        .arg("--root")
+        .arg(g.data.join(format!("nodes/node{node}/runtime")))
+        .args(["exec", container, "/bin/sh", "-c", &cmd])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.contains("200 OK")
+        .then(|| text.lines().last().unwrap_or_default().to_string())
+}
+
+/// The network namespace of node `node`'s container whose workload key ends in `-{workload}`.
+fn ns_of(g: &Grid, node: u32, workload: &str) -> String {
+    let id = containers_of(&g.data, node)
+        .into_iter()
+        .find(|c| c.ends_with(&format!("-{workload}")))
+        .unwrap_or_else(|| panic!("no {workload} container on node {node}"));
+    std::fs::read_dir("/var/run/netns")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("tfgrid-") && n.ends_with(&format!("-{id}")))
+        .unwrap_or_else(|| panic!("no namespace for {id}"))
+}
+
+/// A second user: their own key and bot, on the same grid.
+struct OtherBot {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for OtherBot {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn other_bot(g: &Grid, dir: &std::path::Path) -> OtherBot {
+    let relay = g
+        .lines
+        .iter()
+        .find_map(|l| l.strip_prefix("relay"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let listen = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_tfgrid"))
+        .args(["bot", "--registry", &g.registry, "--relay", &relay])
+        .arg("--key")
+        .arg(dir.join("bob.key"))
+        .arg("--data")
+        .arg(dir.join("bob"))
+        .args(["--listen", &listen.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("bob.stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let url = format!("http://{listen}");
+    wait_for("the second user's bot", Duration::from_secs(20), || {
+        Command::new("curl")
+            .args(["-sf", "-m", "1", &format!("{url}/api/info")])
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    OtherBot { child, url }
+}
+
+/// This machine joined to a network with Debian's wireguard-go and wg, from the config
+/// `tfgrid network access` printed; removed on drop.
+struct Machine {
+    iface: String,
+    child: std::process::Child,
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.iface]).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn join_machine(dir: &std::path::Path, conf: &str) -> Machine {
+    let field = |k: &str| {
+        conf.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.trim_start_matches([' ', '=']).trim().to_string())
+            .unwrap_or_else(|| panic!("no {k} in {conf}"))
+    };
+    let address = field("Address");
+    let range = field("AllowedIPs");
+    // What `wg setconf` takes: the file less wg-quick's own keys (as `wg-quick strip`).
+    let setconf: String = conf
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with("Address") && !l.starts_with("MTU"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let path = dir.join("machine.conf");
+    std::fs::write(&path, setconf).unwrap();
+    let iface = format!("tfgm{}", std::process::id() % 100_000);
+    let child = Command::new("wireguard-go")
+        .arg(&iface)
+        .env("WG_PROCESS_FOREGROUND", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("wireguard-go");
+    let m = Machine { iface, child };
+    wait_for("wireguard-go's interface", Duration::from_secs(5), || {
+        Command::new("ip")
+            .args(["link", "show", &m.iface])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    for args in [
+        vec!["wg", "setconf", &m.iface, path.to_str().unwrap()],
+        vec!["ip", "addr", "add", &address, "dev", &m.iface],
+        vec!["ip", "link", "set", &m.iface, "mtu", "1420", "up"],
+        vec!["ip", "route", "add", &range, "dev", &m.iface],
+    ] {
+        let st = Command::new(args[0]).args(&args[1..]).status().unwrap();
+        assert!(st.success(), "{args:?}");
+    }
+    m
+}
+
+/// GET `http://{ip}:8080/` from this machine, through its WireGuard interface only (never its
+/// default route).
+fn get_here(m: &Machine, ip: &str) -> Option<String> {
+    let out = Command::new("curl")
+        .args(["-s", "-m", "5", "--interface", &m.iface])
+        .arg(format!("http://{ip}:8080/"))
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 /// (node, address) of each replica of `web`.
 fn replicas(g: &Grid) -> Vec<(u64, String)> {
     let d = inspect(g, "web");
@@ -44,37 +195,6 @@ fn replicas(g: &Grid) -> Vec<(u64, String)> {
         .collect()
 }
 
-/// The network namespace of the container a node runs: the one made for its bridge (the only
-/// bridge on that node's host).
-fn container_ns(g: &Grid, node: usize) -> String {
-    let out = Command::new("ip")
-        .args([
-            "-n",
-            &g.host_ns[node - 1],
-            "-o",
-            "link",
-            "show",
-            "type",
-            "bridge",
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let bridge = text
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or_else(|| panic!("no bridge on node {node}'s host: {text}"))
-        .trim_end_matches(':')
-        .to_string();
-    let prefix = format!("tfgrid-{bridge}-");
-    std::fs::read_dir("/var/run/netns")
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .find(|n| n.starts_with(&prefix))
-        .unwrap_or_else(|| panic!("no container namespace {prefix}*"))
-}
-
 fn paths(g: &Grid, node: u32) -> Vec<(u64, String)> {
     let v: Value =
         serde_json::from_str(&ok(cli(g, &["overlay", &node.to_string(), "--json"]))).unwrap();
@@ -82,12 +202,8 @@ fn paths(g: &Grid, node: u32) -> Vec<(u64, String)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| {
-            (
-                p["node_id"].as_u64().unwrap(),
-                p["path"].as_str().unwrap().to_string(),
-            )
-        })
+        // Peers that are not nodes (the users' machines that join a network here) left out.
+        .filter_map(|p| Some((p["node_id"].as_u64()?, p["path"].as_str()?.to_string())))
         .collect();
     p.sort();
     p
@@ -126,20 +242,166 @@ fn workloads_on_separate_hosts_reach_each_other_over_the_overlay() {
         Some((200, "hello from tfgrid")),
         "{first:?}"
     );
-    // The gateway's host reaches every replica, whichever host it is on.
+    // The replicas are in the deployment's network: the gateway's host itself does not reach
+    // them (only its proxy does, from its address in the network).
     let gw_ns = &g.host_ns[5];
     for (node, ip) in &reps {
         assert_eq!(
-            get_in(gw_ns, ip).as_deref().map(str::trim),
-            Some("hello from tfgrid"),
-            "replica on node {node} ({ip}) from the gateway's host"
+            get_in(gw_ns, ip),
+            None,
+            "replica on node {node} ({ip}) reached from the gateway's host"
         );
     }
+    // The user's own machine joins the network with standard WireGuard (Debian's wireguard-go
+    // and wg) through a public node, and reaches every replica, whichever host it is on.
+    let conf = ok(cli(
+        &g,
+        &["network", "access", "web", "--key", dir.path().join("machine.key").to_str().unwrap()],
+    ));
+    assert!(conf.contains("through node 6"), "{conf}");
+    let machine = join_machine(dir.path(), &conf);
+    for (node, ip) in &reps {
+        wait_for(
+            &format!("the replica on node {node} from the user's machine"),
+            Duration::from_secs(10),
+            || get_here(&machine, ip).as_deref() == Some("hello from tfgrid"),
+        );
+    }
+    // A service of another deployment in the same network reaches web by name, across hosts
+    // (its /etc/hosts lists every replica of each service of the network); web reaches it back.
+    let api = spec_file(
+        dir.path(),
+        "api.yaml",
+        &format!(
+            "name: api\nnetwork: web\nservices:\n  api:\n    image: {}\n    command: [/bin/httpd, -f, -p, \"8080\", -h, /www]\n    memory: 32M\n",
+            g.image
+        ),
+    );
+    ok(cli(&g, &["deploy", api.to_str().unwrap()]));
+    let api_node = inspect(&g, "api")["replicas"][0]["node_id"].as_u64().unwrap() as u32;
+    assert!(!nodes.contains(&(api_node as u64)), "api on node {api_node}");
+    let api_c = containers_of(&g.data, api_node)
+        .into_iter()
+        .find(|c| c.ends_with("-api"))
+        .unwrap();
+    wait_for("api reaching web by name", Duration::from_secs(10), || {
+        get_by_name(&g, api_node, &api_c, "web").as_deref() == Some("hello from tfgrid")
+    });
+    let web_c = containers_of(&g.data, 2)
+        .into_iter()
+        .find(|c| c.ends_with("-web"))
+        .unwrap();
+    wait_for("web (relayed host) reaching api by name", Duration::from_secs(10), || {
+        get_by_name(&g, 2, &web_c, "api").as_deref() == Some("hello from tfgrid")
+    });
+    let hosts = Command::new("runc")
+        .arg("--root")
+        .arg(g.data.join("nodes/node2/runtime"))
+        .args(["exec", &web_c, "cat", "/etc/hosts"])
+        .output()
+        .unwrap();
+    let hosts = String::from_utf8_lossy(&hosts.stdout);
+    for (_, ip) in &reps {
+        assert!(hosts.contains(&format!("{ip}\tweb")), "{hosts}");
+    }
+
+    // Another user's containers, one on every host: they reach their own, never the first
+    // user's, not on the same node and not across hosts.
+    let bob = other_bot(&g, dir.path());
+    let probe = spec_file(
+        dir.path(),
+        "probe.yaml",
+        &format!(
+            "name: probe\nservices:\n  probe:\n    image: {}\n    command: [/bin/httpd, -f, -p, \"8080\", -h, /www]\n    memory: 16M\n    replicas: 6\n",
+            g.image
+        ),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_tfgrid"))
+        .args(["deploy", probe.to_str().unwrap(), "--bot", &bob.url])
+        .output()
+        .unwrap();
+    ok(out);
+    let bob_d: Value = serde_json::from_str(&ok(Command::new(env!("CARGO_BIN_EXE_tfgrid"))
+        .args(["inspect", "probe", "--json", "--bot", &bob.url])
+        .output()
+        .unwrap()))
+    .unwrap();
+    let bob_ip = |n: u64| {
+        bob_d["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["node_id"].as_u64() == Some(n))
+            .map(|r| r["ip"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    let bob_ns = ns_of(&g, 1, "probe");
+    assert_eq!(
+        get_in(&bob_ns, &bob_ip(2)).as_deref().map(str::trim),
+        Some("hello from tfgrid"),
+        "bob's own replica across hosts"
+    );
+    let ip_of = |n: u64| reps.iter().find(|(m, _)| *m == n).unwrap().1.clone();
+    for to in [1, 2, 3] {
+        assert_eq!(
+            get_in(&bob_ns, &ip_of(to)),
+            None,
+            "bob's container on node 1 reached web's replica on node {to}"
+        );
+    }
+    // ... nor the node's own host (only its zdb port is open to containers): a server there
+    // answers the host itself, not the container.
+    let www = dir.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "host\n").unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Kill(
+        Command::new("ip")
+            .args(["netns", "exec", &g.host_ns[0], "busybox", "httpd", "-f", "-p", "18181", "-h"])
+            .arg(&www)
+            .spawn()
+            .unwrap(),
+    );
+    let bridge_addr = {
+        let v = registry_get(&g, "/nodes/1");
+        let p = v["workload_prefix"].as_str().unwrap().split('/').next().unwrap().to_string();
+        let mut o: Vec<u8> = p.split('.').map(|x| x.parse().unwrap()).collect();
+        o[3] += 1;
+        format!("{}.{}.{}.{}", o[0], o[1], o[2], o[3])
+    };
+    let from_ns = |ns: &str| {
+        Command::new("ip")
+            .args(["netns", "exec", ns, "curl", "-s", "-m", "3"])
+            .arg(format!("http://{bridge_addr}:18181/"))
+            .output()
+            .unwrap()
+    };
+    wait_for("the host's own server", Duration::from_secs(5), || {
+        from_ns(&g.host_ns[0]).status.success()
+    });
+    let to_host = from_ns(&bob_ns);
+    assert!(!to_host.status.success(), "a container reached its node's host");
+    // Containers reach the world outside the grid through their node (MASQUERADE): here the
+    // registry, on this machine's WAN address, from behind node 1's NAT.
+    let outside = g.registry.trim_start_matches("http://").to_string();
+    let wan = Command::new("ip")
+        .args(["netns", "exec", &bob_ns, "curl", "-s", "-m", "5"])
+        .arg(format!("http://{outside}/health"))
+        .output()
+        .unwrap();
+    assert!(wan.status.success(), "{wan:?}");
+    drop(bob);
+
     // Container to container: behind NAT to UDP-blocked (relayed), public to NAT, and between
     // the two NATs.
-    let ip_of = |n: u64| reps.iter().find(|(m, _)| *m == n).unwrap().1.clone();
     for (from, to) in [(1, 2), (3, 1), (2, 3), (1, 4)] {
-        let ns = container_ns(&g, from);
+        let ns = ns_of(&g, from, "web");
         assert_eq!(
             get_in(&ns, &ip_of(to as u64)).as_deref().map(str::trim),
             Some("hello from tfgrid"),
@@ -174,7 +436,7 @@ fn workloads_on_separate_hosts_reach_each_other_over_the_overlay() {
 
     // Node 3's replica loses its network while its node and container stay up: its gateway
     // stops reaching it, and the bot heals it onto a free host (node 5).
-    let ns3 = container_ns(&g, 3);
+    let ns3 = ns_of(&g, 3, "web");
     Command::new("ip")
         .args(["netns", "exec", &ns3, "ip", "link", "set", "eth0", "down"])
         .status()
@@ -206,12 +468,13 @@ fn workloads_on_separate_hosts_reach_each_other_over_the_overlay() {
         r.len() == 4 && r.iter().all(|(n, _)| *n != 1)
     });
     for (node, ip) in replicas(&g) {
-        assert_eq!(
-            get_in(gw_ns, &ip).as_deref().map(str::trim),
-            Some("hello from tfgrid"),
-            "replica on node {node} ({ip}) after the heal"
+        wait_for(
+            &format!("the healed replica on node {node} from the user's machine"),
+            Duration::from_secs(10),
+            || get_here(&machine, &ip).as_deref() == Some("hello from tfgrid"),
         );
     }
+    drop(machine);
     for _ in 0..5 {
         let r = fetch(g.gateway, "web.gw.local");
         assert_eq!(r.as_ref().map(|(c, _)| *c), Some(200), "{r:?}");
