@@ -156,8 +156,7 @@ impl Bot {
         &self,
         journal: &Journal<'_>,
         owner: &str,
-        service: &str,
-        index: u32,
+        (service, index): (&str, u32),
         svc: &Service,
         node: &Candidate,
         network: Option<NetworkId>,
@@ -328,7 +327,7 @@ impl Bot {
                 (
                     s,
                     *i,
-                    self.deploy_replica(journal, owner, s, *i, svc, &node, Some(net))
+                    self.deploy_replica(journal, owner, (s, *i), svc, &node, Some(net))
                         .await,
                 )
             }

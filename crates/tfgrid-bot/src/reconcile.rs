@@ -312,8 +312,7 @@ impl Bot {
             .deploy_replica(
                 &journal,
                 &rec.name,
-                &old.service,
-                old.index,
+                (&old.service, old.index),
                 svc,
                 &node,
                 Some(net),

@@ -353,9 +353,9 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
             cfg.data.join("volumes"),
             images,
             net,
-            networks.clone(),
             report_tx,
-        ),
+        )
+        .with_networks(networks.clone()),
         gateway,
     };
     let store = Store::open(&cfg.data.join("node.redb"))?;
@@ -366,6 +366,9 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
         .recover()
         .await
         .map_err(|e| setup("recovering workloads", &e))?;
+    if let Some(n) = &networks {
+        n.sweep_unused().await;
+    }
 
     let e = engine.clone();
     tasks.push(tokio::spawn(async move {

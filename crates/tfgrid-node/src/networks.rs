@@ -206,6 +206,31 @@ impl Networks {
         }
     }
 
+    /// After the workloads were brought back at start: bridges no workload uses any more (one
+    /// whose last container went while the agent was down, or was killed half-way through a
+    /// delete) are removed, and the rules are rewritten for the networks in use.
+    pub async fn sweep_unused(&self) {
+        let in_use: BTreeSet<NetworkId> =
+            self.inner.joined.lock().unwrap().keys().copied().collect();
+        if let Ok(rd) = std::fs::read_dir(&self.inner.dir) {
+            for e in rd.flatten() {
+                let Ok(id) = e.file_name().to_string_lossy().parse::<NetworkId>() else {
+                    continue;
+                };
+                let b = Self::bridge_name(&self.inner.node_bridge, id);
+                if !in_use.contains(&id) && crate::net::link_exists(&b).await {
+                    tracing::info!(network = id, "removing bridge {b}: no workload uses it");
+                    if let Err(e) = run("ip", &["link", "del", &b]).await {
+                        tracing::warn!(network = id, "removing bridge {b}: {e}");
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.apply().await {
+            tracing::warn!("nftables: {e}");
+        }
+    }
+
     /// The address this node dials `backend` from: its own address in the backend's network, if
     /// the network is here (None: the backend is not in a network).
     pub fn source_for(&self, backend: Ipv4Addr) -> Option<Ipv4Addr> {

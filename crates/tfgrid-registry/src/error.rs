@@ -46,6 +46,8 @@ pub enum RegistryError {
     Corrupt(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error("config: {0}")]
+    Config(String),
 }
 
 macro_rules! store_err {

@@ -25,6 +25,15 @@ pub struct Registry {
 impl Registry {
     /// Opens (or creates) the registry under `dir` and starts its writer.
     pub fn open(dir: &Path, config: RegistryConfig) -> Result<Self, RegistryError> {
+        tfgrid_core::network::Layout::of(&config)
+            .valid()
+            .map_err(RegistryError::Config)?;
+        if config.network_range.overlaps(&config.workload_range) {
+            return Err(RegistryError::Config(format!(
+                "the network range {} overlaps the workload range {}",
+                config.network_range, config.workload_range
+            )));
+        }
         let store = store::Store::open(dir)?;
         let state = store.load(config)?;
         tracing::info!(

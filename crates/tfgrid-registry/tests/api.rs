@@ -1135,6 +1135,8 @@ async fn each_node_gets_its_own_workload_prefix_until_the_range_is_full() {
     let g = start(RegistryConfig {
         workload_range: "10.200.0.0/22".parse().unwrap(),
         node_prefix_len: 24,
+        network_range: "10.201.0.0/16".parse().unwrap(),
+        network_prefix_len: 22,
         ..Default::default()
     })
     .await;
@@ -1258,6 +1260,30 @@ async fn whoami_answers_the_address_a_request_came_from() {
     assert_eq!(
         g.client.whoami().await.unwrap(),
         std::net::IpAddr::from([127, 0, 0, 1])
+    );
+}
+
+#[tokio::test]
+async fn a_network_range_that_overlaps_the_workload_range_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = RegistryConfig {
+        workload_range: "10.200.0.0/16".parse().unwrap(),
+        ..Default::default()
+    };
+    let e = tfgrid_registry::Registry::open(dir.path(), bad)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("overlaps the workload range"), "{e}");
+    let bad = RegistryConfig {
+        network_prefix_len: 27,
+        ..Default::default()
+    };
+    let e = tfgrid_registry::Registry::open(dir.path(), bad)
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string().contains("need range <= network < subnet"),
+        "{e}"
     );
 }
 

@@ -213,6 +213,9 @@ pub async fn grid(nodes: usize, down_after_ms: u64) -> Result<Grid> {
         down_after_ms,
         // Bridges share this host with any other grid: the bench's nodes get 10.251.<n-1>.0/24.
         workload_range: "10.251.0.0/16".parse().expect("a valid prefix"),
+        // ... and the users' networks 10.252.<4k>.0/22.
+        network_range: "10.252.0.0/16".parse().expect("a valid prefix"),
+        network_prefix_len: 22,
         ..Default::default()
     };
     let registry = Registry::open(&dir.path().join("registry"), config)?;

@@ -257,16 +257,7 @@ impl RegistryTuning {
             network_subnet_len: self.network_subnet_len,
             ..Default::default()
         };
-        tfgrid_core::network::Layout::of(&c)
-            .valid()
-            .map_err(anyhow::Error::msg)?;
-        if c.network_range.overlaps(&c.workload_range) {
-            bail!(
-                "--network-range {} overlaps --workload-range {}",
-                c.network_range,
-                c.workload_range
-            );
-        }
+
         c.min_node.mru = self.min_node_mru;
         c.min_node.cru = self.min_node_cru;
         Ok(c)

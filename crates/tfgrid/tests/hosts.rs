@@ -36,9 +36,7 @@ fn get_in(ns: &str, ip: &str) -> Option<String> {
 /// GET `http://{host}:8080/` from inside a container (its own /etc/hosts names the services),
 /// with the image's busybox nc (its wget crashes in Debian's static build).
 fn get_by_name(g: &Grid, node: u32, container: &str, host: &str) -> Option<String> {
-    let cmd = format!(
-        "(printf 'GET / HTTP/1.0\\r\\n\\r\\n'; sleep 1) | nc -w 3 {host} 8080"
-    );
+    let cmd = format!("(printf 'GET / HTTP/1.0\\r\\n\\r\\n'; sleep 1) | nc -w 3 {host} 8080");
     let out = Command::new("runc")
         .arg("--root")
         .arg(g.data.join(format!("nodes/node{node}/runtime")))
@@ -116,7 +114,9 @@ struct Machine {
 
 impl Drop for Machine {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.iface]).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.iface])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -256,7 +256,13 @@ fn workloads_on_separate_hosts_reach_each_other_over_the_overlay() {
     // and wg) through a public node, and reaches every replica, whichever host it is on.
     let conf = ok(cli(
         &g,
-        &["network", "access", "web", "--key", dir.path().join("machine.key").to_str().unwrap()],
+        &[
+            "network",
+            "access",
+            "web",
+            "--key",
+            dir.path().join("machine.key").to_str().unwrap(),
+        ],
     ));
     assert!(conf.contains("through node 6"), "{conf}");
     let machine = join_machine(dir.path(), &conf);
@@ -278,8 +284,13 @@ fn workloads_on_separate_hosts_reach_each_other_over_the_overlay() {
         ),
     );
     ok(cli(&g, &["deploy", api.to_str().unwrap()]));
-    let api_node = inspect(&g, "api")["replicas"][0]["node_id"].as_u64().unwrap() as u32;
-    assert!(!nodes.contains(&(api_node as u64)), "api on node {api_node}");
+    let api_node = inspect(&g, "api")["replicas"][0]["node_id"]
+        .as_u64()
+        .unwrap() as u32;
+    assert!(
+        !nodes.contains(&(api_node as u64)),
+        "api on node {api_node}"
+    );
     let api_c = containers_of(&g.data, api_node)
         .into_iter()
         .find(|c| c.ends_with("-api"))
@@ -291,9 +302,11 @@ fn workloads_on_separate_hosts_reach_each_other_over_the_overlay() {
         .into_iter()
         .find(|c| c.ends_with("-web"))
         .unwrap();
-    wait_for("web (relayed host) reaching api by name", Duration::from_secs(10), || {
-        get_by_name(&g, 2, &web_c, "api").as_deref() == Some("hello from tfgrid")
-    });
+    wait_for(
+        "web (relayed host) reaching api by name",
+        Duration::from_secs(10),
+        || get_by_name(&g, 2, &web_c, "api").as_deref() == Some("hello from tfgrid"),
+    );
     let hosts = Command::new("runc")
         .arg("--root")
         .arg(g.data.join("nodes/node2/runtime"))
@@ -363,14 +376,30 @@ fn workloads_on_separate_hosts_reach_each_other_over_the_overlay() {
     }
     let _server = Kill(
         Command::new("ip")
-            .args(["netns", "exec", &g.host_ns[0], "busybox", "httpd", "-f", "-p", "18181", "-h"])
+            .args([
+                "netns",
+                "exec",
+                &g.host_ns[0],
+                "busybox",
+                "httpd",
+                "-f",
+                "-p",
+                "18181",
+                "-h",
+            ])
             .arg(&www)
             .spawn()
             .unwrap(),
     );
     let bridge_addr = {
         let v = registry_get(&g, "/nodes/1");
-        let p = v["workload_prefix"].as_str().unwrap().split('/').next().unwrap().to_string();
+        let p = v["workload_prefix"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
         let mut o: Vec<u8> = p.split('.').map(|x| x.parse().unwrap()).collect();
         o[3] += 1;
         format!("{}.{}.{}.{}", o[0], o[1], o[2], o[3])
@@ -386,7 +415,10 @@ fn workloads_on_separate_hosts_reach_each_other_over_the_overlay() {
         from_ns(&g.host_ns[0]).status.success()
     });
     let to_host = from_ns(&bob_ns);
-    assert!(!to_host.status.success(), "a container reached its node's host");
+    assert!(
+        !to_host.status.success(),
+        "a container reached its node's host"
+    );
     // Containers reach the world outside the grid through their node (MASQUERADE): here the
     // registry, on this machine's WAN address, from behind node 1's NAT.
     let outside = g.registry.trim_start_matches("http://").to_string();

@@ -119,6 +119,7 @@ impl Grid {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let reg_data = d.join("registry");
+        let k = (std::process::id() + GRIDS.fetch_add(1, Ordering::Relaxed)) % 50;
         let registry = spawn(
             &[
                 "registry",
@@ -132,10 +133,11 @@ impl Grid {
                 "5000",
                 // Bridges share the host: each test's grid its own range.
                 "--workload-range",
-                &format!(
-                    "10.{}.0.0/16",
-                    100 + (std::process::id() + GRIDS.fetch_add(1, Ordering::Relaxed)) % 100
-                ),
+                &format!("10.{}.0.0/16", 100 + k),
+                "--network-range",
+                &format!("10.{}.0.0/16", 150 + k),
+                "--network-prefix-len",
+                "22",
             ],
             &d.join("registry.log"),
         );

@@ -129,7 +129,6 @@ impl Container {
         volumes: PathBuf,
         images: Arc<Images>,
         net: Net,
-        networks: Option<crate::networks::Networks>,
         reporter: Reporter,
     ) -> Self {
         Self {
@@ -141,11 +140,17 @@ impl Container {
             volumes,
             images,
             net,
-            networks,
+            networks: None,
             reporter,
             log_limit: 1 << 20,
             supervisors: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Containers may join the users' private networks (a node on the overlay).
+    pub fn with_networks(mut self, networks: Option<crate::networks::Networks>) -> Self {
+        self.networks = networks;
+        self
     }
 
     pub fn images(&self) -> &Images {
