@@ -356,11 +356,7 @@ impl Device {
             }
             *old.allowed.write().unwrap() = cfg.allowed_ips.clone();
             t.routes.retain(|(_, q)| !Arc::ptr_eq(q, &old));
-            for net in &cfg.allowed_ips {
-                t.routes.push((net.trunc(), old.clone()));
-            }
-            t.routes
-                .sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
+            route_to(&mut t, &old, &cfg.allowed_ips);
             drop(t);
             self.inner.release(&old);
             self.inner.readmit(&old);
@@ -386,11 +382,7 @@ impl Device {
         remove_from(&mut t, &cfg.public_key);
         t.by_key.insert(cfg.public_key, peer.clone());
         t.by_index.insert(index, peer.clone());
-        for net in &cfg.allowed_ips {
-            t.routes.push((net.trunc(), peer.clone()));
-        }
-        t.routes
-            .sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
+        route_to(&mut t, &peer, &cfg.allowed_ips);
         drop(t);
         self.inner.release(&peer);
         self.add_routes(&cfg.allowed_ips)
@@ -486,6 +478,15 @@ fn src_address(p: &[u8]) -> Option<IpAddr> {
         6 if p.len() >= 40 => Some(IpAddr::from(<[u8; 16]>::try_from(&p[8..24]).ok()?)),
         _ => None,
     }
+}
+
+/// Routes `nets` to `peer`, keeping the table most specific first.
+fn route_to(t: &mut Table, peer: &Arc<Peer>, nets: &[IpNet]) {
+    for net in nets {
+        t.routes.push((net.trunc(), peer.clone()));
+    }
+    t.routes
+        .sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
 }
 
 fn remove_from(t: &mut Table, key: &WgPublic) -> Option<Arc<Peer>> {

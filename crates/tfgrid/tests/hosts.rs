@@ -318,8 +318,20 @@ fn workloads_on_separate_hosts_reach_each_other_over_the_overlay() {
         assert!(hosts.contains(&format!("{ip}\tweb")), "{hosts}");
     }
 
-    // Another user's containers, one on every host: they reach their own, never the first
-    // user's, not on the same node and not across hosts.
+    // Container to container: behind NAT to UDP-blocked (relayed), public to NAT, and between
+    // the two NATs.
+    let ip_of = |n: u64| reps.iter().find(|(m, _)| *m == n).unwrap().1.clone();
+    for (from, to) in [(1, 2), (3, 1), (2, 3), (1, 4)] {
+        let ns = ns_of(&g, from, "web");
+        assert_eq!(
+            get_in(&ns, &ip_of(to as u64)).as_deref().map(str::trim),
+            Some("hello from tfgrid"),
+            "from node {from}'s container to node {to}'s"
+        );
+    }
+    // Another user's containers, one on every host: they reach their own (node 1 and 2 are
+    // peers already, so each widens the other's addresses to the new network's subnets), never
+    // the first user's, not on the same node and not across hosts.
     let bob = other_bot(&g, dir.path());
     let probe = spec_file(
         dir.path(),
@@ -354,7 +366,6 @@ fn workloads_on_separate_hosts_reach_each_other_over_the_overlay() {
         Some("hello from tfgrid"),
         "bob's own replica across hosts"
     );
-    let ip_of = |n: u64| reps.iter().find(|(m, _)| *m == n).unwrap().1.clone();
     for to in [1, 2, 3] {
         assert_eq!(
             get_in(&bob_ns, &ip_of(to)),
@@ -430,16 +441,6 @@ fn workloads_on_separate_hosts_reach_each_other_over_the_overlay() {
     assert!(wan.status.success(), "{wan:?}");
     drop(bob);
 
-    // Container to container: behind NAT to UDP-blocked (relayed), public to NAT, and between
-    // the two NATs.
-    for (from, to) in [(1, 2), (3, 1), (2, 3), (1, 4)] {
-        let ns = ns_of(&g, from, "web");
-        assert_eq!(
-            get_in(&ns, &ip_of(to as u64)).as_deref().map(str::trim),
-            Some("hello from tfgrid"),
-            "from node {from}'s container to node {to}'s"
-        );
-    }
     // Each pair uses the path its hosts allow: UDP between public hosts and from behind NAT
     // (the NAT's mapping is learnt from the node inside), the relay for the UDP-blocked host.
     let direct = |n: u64| (n, "direct".to_string());

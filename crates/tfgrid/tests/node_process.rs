@@ -757,6 +757,30 @@ impl Drop for Grid {
                 .args(["link", "del", b])
                 .stderr(Stdio::null())
                 .status();
+            // The users' networks' bridges and rules (a test that failed half-way).
+            for e in std::fs::read_dir(self.dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                for n in std::fs::read_dir(e.path().join("networks"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    if let Ok(id) = n.file_name().to_string_lossy().parse() {
+                        let nb = tfgrid_node::networks::Networks::bridge_name(b, id);
+                        let _ = Command::new("ip")
+                            .args(["link", "del", &nb])
+                            .stderr(Stdio::null())
+                            .status();
+                    }
+                }
+            }
+            let _ = Command::new("nft")
+                .args(["delete", "table", "ip", &format!("tfgrid_{b}")])
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
@@ -1562,4 +1586,221 @@ async fn a_full_disk_fails_pulls_cleanly_and_never_wedges_the_node() {
         t0.elapsed()
     );
     drop(node);
+}
+
+async fn create_network(signer: &TwinSigner, name: &str) -> u32 {
+    match signer
+        .submit(Call::CreateNetwork { name: name.into() })
+        .await
+        .unwrap()
+        .outcome
+    {
+        Outcome::NetworkCreated { network_id } => network_id,
+        o => panic!("{o:?}"),
+    }
+}
+
+/// The users' private networks on one node: a container joins only a network of its own twin
+/// that has a subnet on the node; it sits on that network's bridge with an address of the
+/// subnet and the network's names in /etc/hosts; another user's container on the same node does
+/// not reach it (the node's host does); and the bridge goes with its last container, also when
+/// that container's contract was cancelled while the agent was down (the sweep at start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_network_keeps_its_containers_apart_and_its_bridge_goes_with_them() {
+    use tfgrid_core::network::{Layout, NetworkHost};
+    if let Some(why) = container_skip().or_else(|| (!have("nft")).then(|| "needs nft".into())) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let g = Grid::start().await;
+    let oci = start_oci_registry(g.dir.path());
+    let image = push_image(
+        &oci.addr,
+        "web",
+        &["/bin/httpd", "-f", "-p", "8080", "-h", "/www"],
+    )
+    .await;
+    let mut args = g.node_args("n1", None);
+    args.extend(["--insecure-registry".to_string(), oci.addr.clone()]);
+    let mut node = g.start_node_with(args.clone(), "n1");
+    let layout = Layout::of(&g.client.config().await.unwrap());
+    let user = g.signer();
+    let app = create_network(&user, "app").await;
+    let empty = create_network(&user, "empty").await;
+    user.submit(Call::AddNetworkNode {
+        network_id: app,
+        node_id: node.node_id,
+    })
+    .await
+    .unwrap();
+    let in_net = |net| {
+        let mut w = container(&image, None, 1, 32 * MIB);
+        if let WorkloadData::Container(c) = &mut w {
+            c.network = Some(net);
+        }
+        w
+    };
+    // Refused: another twin's network, and a network with no subnet on this node.
+    let other = g.other_user().await;
+    let info = g
+        .deploy_as(
+            &other,
+            &node,
+            deployment(other.1, vec![("web", in_net(app))]),
+        )
+        .await
+        .unwrap();
+    let r = &info.results["web"];
+    assert_eq!(r.state, ResultState::Error);
+    assert!(r.message.contains("belongs to twin"), "{}", r.message);
+    let other_signer = TwinSigner::new(other.0.clone(), g.client.clone());
+    other_signer
+        .submit(Call::CancelContract {
+            contract_id: info.deployment.contract_id,
+        })
+        .await
+        .unwrap();
+    let _: serde_json::Value = other
+        .2
+        .call_json(
+            node.twin,
+            api::DELETE,
+            &ContractRef {
+                contract_id: info.deployment.contract_id,
+            },
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let info = g
+        .deploy(&node, deployment(g.user_twin, vec![("web", in_net(empty))]))
+        .await
+        .unwrap();
+    let r = &info.results["web"];
+    assert_eq!(r.state, ResultState::Error);
+    assert!(r.message.contains("no subnet on node"), "{}", r.message);
+    user.submit(Call::CancelContract {
+        contract_id: info.deployment.contract_id,
+    })
+    .await
+    .unwrap();
+    g.delete(&node, info.deployment.contract_id).await;
+
+    // The user's container: on the network's bridge, an address of its subnet.
+    let info = g
+        .deploy(&node, deployment(g.user_twin, vec![("web", in_net(app))]))
+        .await
+        .unwrap();
+    let r = &info.results["web"];
+    assert_eq!(r.state, ResultState::Ok, "{}", r.message);
+    let contract = info.deployment.contract_id;
+    let ip: std::net::Ipv4Addr = r.data["ip"].parse().unwrap();
+    let net = g.client.network(app).await.unwrap();
+    let subnet = net.subnet_of(&layout, node.node_id).unwrap();
+    assert!(subnet.contains(ip), "{ip} not in {subnet}");
+    let bridge = tfgrid_node::networks::Networks::bridge_name(&node.bridge(), app);
+    let link_up = |b: &str| {
+        Command::new("ip")
+            .args(["link", "show", b])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(link_up(&bridge), "no bridge {bridge}");
+    // Its /etc/hosts follows the network's names in the registry.
+    user.submit(Call::SetNetworkHosts {
+        network_id: app,
+        hosts: vec![NetworkHost {
+            name: "db".into(),
+            addrs: vec![ip],
+        }],
+    })
+    .await
+    .unwrap();
+    let key = format!("c{contract}-web");
+    let runtime = g.dir.path().join("n1").join("runtime");
+    let t0 = Instant::now();
+    loop {
+        let out = Command::new("runc")
+            .arg("--root")
+            .arg(&runtime)
+            .args(["exec", &key, "cat", "/etc/hosts"])
+            .output()
+            .unwrap();
+        let hosts = String::from_utf8_lossy(&out.stdout).into_owned();
+        if hosts.contains(&format!("{ip}\tdb")) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{hosts}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Another user's container on the same node (no network: the node's own subnet) does not
+    // reach it; the node's host does.
+    let info = g
+        .deploy_as(
+            &other,
+            &node,
+            deployment(
+                other.1,
+                vec![("probe", container(&image, None, 1, 32 * MIB))],
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(info.results["probe"].state, ResultState::Ok);
+    let probe_ns = format!(
+        "tfgrid-{}-c{}-probe",
+        node.bridge(),
+        info.deployment.contract_id
+    );
+    let url = format!("http://{ip}:8080/");
+    let get = |ns: Option<&str>| {
+        let mut c = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "curl"]);
+                c
+            }
+            None => Command::new("curl"),
+        };
+        c.args(["-s", "-m", "3", &url]).output().unwrap()
+    };
+    let from_probe = get(Some(&probe_ns));
+    assert!(
+        !from_probe.status.success(),
+        "another user's container reached {ip}: {}",
+        String::from_utf8_lossy(&from_probe.stdout)
+    );
+    let from_host = get(None);
+    assert_eq!(
+        String::from_utf8_lossy(&from_host.stdout).trim(),
+        "hello from tfgrid"
+    );
+
+    // The contract is cancelled while the agent is down: at start the deployment is removed,
+    // and with it the bridge no workload uses any more.
+    node.proc.kill9();
+    user.submit(Call::CancelContract {
+        contract_id: contract,
+    })
+    .await
+    .unwrap();
+    node = g.start_node_with(args, "n1");
+    let t0 = Instant::now();
+    while link_up(&bridge) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "bridge {bridge} left after its last container went"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rules = Command::new("nft")
+        .args(["list", "table", "ip", &format!("tfgrid_{}", node.bridge())])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&rules.stdout).contains(&bridge),
+        "rules for {bridge} left"
+    );
 }
