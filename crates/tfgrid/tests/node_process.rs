@@ -1588,6 +1588,54 @@ async fn a_full_disk_fails_pulls_cleanly_and_never_wedges_the_node() {
     drop(node);
 }
 
+/// A host outside the grid: a network namespace on a veth from this machine (203.0.113.1 here,
+/// .2 there), serving `outside` over HTTP on port 18080. Removed on drop.
+struct Outside {
+    ns: String,
+    server: Child,
+}
+
+impl Outside {
+    const ADDR: &str = "203.0.113.2";
+
+    fn new(www: &Path) -> Outside {
+        std::fs::create_dir_all(www).unwrap();
+        std::fs::write(www.join("index.html"), "outside\n").unwrap();
+        let ns = format!("tfgt-out{}", std::process::id() % 100_000);
+        let host = format!("tfgto{}", std::process::id() % 100_000);
+        let run = |a: &[&str]| {
+            let st = Command::new("ip").args(a).status().unwrap();
+            assert!(st.success(), "ip {a:?}");
+        };
+        run(&["netns", "add", &ns]);
+        run(&[
+            "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ]);
+        run(&["addr", "add", "203.0.113.1/30", "dev", &host]);
+        run(&["link", "set", &host, "up"]);
+        run(&["-n", &ns, "addr", "add", "203.0.113.2/30", "dev", "eth0"]);
+        run(&["-n", &ns, "link", "set", "eth0", "up"]);
+        run(&["-n", &ns, "link", "set", "lo", "up"]);
+        let server = Command::new("ip")
+            .args([
+                "netns", "exec", &ns, "busybox", "httpd", "-f", "-p", "18080", "-h",
+            ])
+            .arg(www)
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        Outside { ns, server }
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
 async fn create_network(signer: &TwinSigner, name: &str) -> u32 {
     match signer
         .submit(Call::CreateNetwork { name: name.into() })
@@ -1777,6 +1825,38 @@ async fn a_private_network_keeps_its_containers_apart_and_its_bridge_goes_with_t
         String::from_utf8_lossy(&from_host.stdout).trim(),
         "hello from tfgrid"
     );
+
+    // The world outside the grid (a host of the test's own on a veth) is reached through the
+    // node's address; a node started with --no-masquerade keeps its containers inside.
+    let outside = Outside::new(&g.dir.path().join("www"));
+    let web_ns = format!("tfgrid-{}-{key}", node.bridge());
+    let out_url = format!("http://{}:18080/", Outside::ADDR);
+    let curl_in = |ns: &str| {
+        Command::new("ip")
+            .args(["netns", "exec", ns, "curl", "-s", "-m", "3", &out_url])
+            .output()
+            .unwrap()
+    };
+    let o = curl_in(&web_ns);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "outside",
+        "{o:?}"
+    );
+    node.proc.kill9();
+    let mut closed = args.clone();
+    closed.push("--no-masquerade".into());
+    node = g.start_node_with(closed, "n1");
+    assert_eq!(
+        g.get(&node, contract).await.unwrap().results["web"].state,
+        ResultState::Ok
+    );
+    let o = curl_in(&web_ns);
+    assert!(
+        !o.status.success(),
+        "reached outside with --no-masquerade: {o:?}"
+    );
+    drop(outside);
 
     // The contract is cancelled while the agent is down: at start the deployment is removed,
     // and with it the bridge no workload uses any more.
