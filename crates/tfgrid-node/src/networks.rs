@@ -136,6 +136,14 @@ impl Networks {
     /// Puts network `id` (of `twin`) on this node for workload `user`: its bridge, its rules,
     /// its hosts file. Refused unless `twin` owns it and the registry gave it a subnet here.
     pub async fn join(&self, twin: TwinId, id: NetworkId, user: &str) -> Result<Net, String> {
+        // A network here already: its owner and this node's subnet in it never change.
+        {
+            let mut j = self.inner.joined.lock().unwrap();
+            if let Some(e) = j.get_mut(&id).filter(|e| e.net.twin_id == twin) {
+                e.users.insert(user.to_string());
+                return Ok(e.bridge.clone());
+            }
+        }
         let net = self.fetch(id).await?;
         if net.twin_id != twin {
             return Err(format!(

@@ -1826,6 +1826,79 @@ async fn a_private_network_keeps_its_containers_apart_and_its_bridge_goes_with_t
         "hello from tfgrid"
     );
 
+    // A gateway serves a network's workload only for the network's owner, through its node's
+    // own subnet in the network.
+    let gw = g.start_node("gw", Some("gw.test"));
+    let gw_addr = gw.gateway.unwrap();
+    other_signer
+        .submit(Call::CreateNameContract {
+            name: "evil".into(),
+        })
+        .await
+        .unwrap();
+    user.submit(Call::AddNetworkAccess {
+        network_id: app,
+        wg_key: tfgrid_core::records::X25519Key([9; 32]),
+        node_id: node.node_id,
+    })
+    .await
+    .unwrap();
+    let machine = layout.access_addr(app, 0).unwrap();
+    for (backend, why) in [
+        (format!("http://{ip}:8080"), "another twin's network"),
+        (format!("http://{machine}:8080"), "a user's machine"),
+    ] {
+        let d = deployment(
+            other.1,
+            vec![(
+                "evil_gw",
+                WorkloadData::GatewayNameProxy(GatewayNameProxySpec {
+                    name: "evil".into(),
+                    backends: vec![backend.clone()],
+                }),
+            )],
+        );
+        let info = g.deploy_as(&other, &gw, d).await.unwrap();
+        let r = &info.results["evil_gw"];
+        assert_eq!(r.state, ResultState::Error, "{backend} was accepted");
+        assert!(r.message.contains(why), "{backend}: {}", r.message);
+    }
+    user.submit(Call::CreateNameContract { name: "app".into() })
+        .await
+        .unwrap();
+    user.submit(Call::AddNetworkNode {
+        network_id: app,
+        node_id: gw.node_id,
+    })
+    .await
+    .unwrap();
+    let d = deployment(
+        g.user_twin,
+        vec![(
+            "app_gw",
+            WorkloadData::GatewayNameProxy(GatewayNameProxySpec {
+                name: "app".into(),
+                backends: vec![format!("http://{ip}:8080")],
+            }),
+        )],
+    );
+    let info = g.deploy(&gw, d).await.unwrap();
+    assert_eq!(
+        info.results["app_gw"].state,
+        ResultState::Ok,
+        "{:?}",
+        info.results
+    );
+    let (code, body) = http_get(gw_addr, "app.gw.test").await.unwrap();
+    assert_eq!((code, body.trim()), (200, "hello from tfgrid"));
+    assert!(
+        link_up(&tfgrid_node::networks::Networks::bridge_name(
+            &gw.bridge(),
+            app
+        )),
+        "the gateway's node did not join the network"
+    );
+
     // The world outside the grid (a host of the test's own on a veth) is reached through the
     // node's address; a node started with --no-masquerade keeps its containers inside.
     let outside = Outside::new(&g.dir.path().join("www"));
