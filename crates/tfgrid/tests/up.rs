@@ -369,6 +369,9 @@ fn dashboard_renders(g: &Grid, dir: &Path) {
     }
     assert!(!dom.contains("<tr data-node=\"4\">"));
     assert!(dom.contains("data-deployment=\"web\""), "{dom}");
+    // Its network, with the service's name and the replicas' addresses.
+    assert!(dom.contains("<tr data-network=\"web\">"), "{dom}");
+    assert!(dom.contains("<b>web</b> 10."), "{dom}");
     assert!(dom.contains("http://web.gw.local:"), "{dom}");
     let shot = dir.join("dashboard.png");
     chromium(&[&format!("--screenshot={}", shot.display())]);
