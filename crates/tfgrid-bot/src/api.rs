@@ -21,7 +21,6 @@ use std::sync::Arc;
 #[derive(Clone)]
 struct App {
     bot: Arc<Bot>,
-    http: reqwest::Client,
     registry: String,
     token: Option<Arc<str>>,
 }
@@ -38,7 +37,6 @@ const SPEC_TYPES: [&str; 5] = [
 pub fn router(bot: Arc<Bot>, registry_url: &str, token: Option<String>) -> Router {
     let app = App {
         bot,
-        http: reqwest::Client::new(),
         registry: registry_url.trim_end_matches('/').to_string(),
         token: token.map(Into::into),
     };
@@ -314,17 +312,11 @@ async fn network_access(
 
 /// The registry's node search, with the same filters (`free_mru`, `farm_ids`, `status`, ...).
 async fn nodes(State(a): State<App>, RawQuery(q): RawQuery) -> Response {
-    let url = format!("{}/nodes?{}", a.registry, q.unwrap_or_default());
-    match a.http.get(&url).send().await {
-        Err(e) => error(
-            StatusCode::BAD_GATEWAY,
-            "registry",
-            format!("registry at {}: {e}", a.registry),
-        ),
-        Ok(r) => {
-            let status =
-                StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-            let body = r.bytes().await.unwrap_or_default();
+    let path = format!("/nodes?{}", q.unwrap_or_default());
+    match a.bot.registry().get_raw(&path).await {
+        Err(e) => error(StatusCode::BAD_GATEWAY, "registry", e.to_string()),
+        Ok((status, body)) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
             (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
         }
     }

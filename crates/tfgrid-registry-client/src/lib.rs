@@ -1,6 +1,13 @@
 //! Typed client for the registry's HTTP API, used by nodes, bots and the CLI.
+//!
+//! A client takes several registry URLs (comma-separated): the validators of one registry. A
+//! request goes to the one that answered last; when it cannot be reached it goes to the next. A
+//! read moves on after any transport failure; a write only when the connection was never made,
+//! since a write that timed out may have been committed (its nonce then refuses a resend).
 
 use serde::de::DeserializeOwned;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tfgrid_core::contract::Contract;
 use tfgrid_core::filter::{ContractFilter, NodeFilter};
@@ -52,26 +59,88 @@ pub enum BatchResult {
 
 #[derive(Clone)]
 pub struct RegistryClient {
-    base: String,
+    bases: Arc<[String]>,
+    /// The URL that answered last: requests start there.
+    current: Arc<AtomicUsize>,
     http: reqwest::Client,
 }
 
 impl RegistryClient {
-    pub fn new(base_url: &str) -> Self {
+    /// `base_urls`: one registry URL, or several separated by commas.
+    pub fn new(base_urls: &str) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(256)
             .build()
             .expect("an HTTP client with default TLS settings");
+        let mut bases: Vec<String> = base_urls
+            .split(',')
+            .map(|u| u.trim().trim_end_matches('/').to_string())
+            .filter(|u| !u.is_empty())
+            .collect();
+        if bases.is_empty() {
+            bases.push(String::new());
+        }
         Self {
-            base: base_url.trim_end_matches('/').to_string(),
+            bases: bases.into(),
+            current: Arc::default(),
             http,
         }
     }
 
+    /// The URL requests go to first now (the one that answered last).
     pub fn base_url(&self) -> &str {
-        &self.base
+        &self.bases[self.current.load(Ordering::Relaxed) % self.bases.len()]
+    }
+
+    pub fn base_urls(&self) -> &[String] {
+        &self.bases
+    }
+
+    /// Sends `make(url)` for `path` to the registry URLs in turn, from the one that answered
+    /// last, and decodes the first answer (or its error body).
+    async fn call<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        read: bool,
+        make: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> Result<(T, reqwest::header::HeaderMap)> {
+        let (url, resp) = self.answer(path, read, make).await?;
+        self.finish(&url, resp).await
+    }
+
+    /// The first answer to `make(url)` from the registry URLs in turn, and the URL it came from.
+    async fn answer(
+        &self,
+        path: &str,
+        read: bool,
+        make: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> Result<(String, reqwest::Response)> {
+        let n = self.bases.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut failed = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            let url = format!("{}{path}", self.bases[i]);
+            match make(&url).send().await {
+                Ok(resp) => {
+                    if k > 0 {
+                        self.current.store(i, Ordering::Relaxed);
+                    }
+                    return Ok((url, resp));
+                }
+                Err(source) => {
+                    let next = source.is_connect() || (read && !source.is_builder());
+                    let e = ClientError::Transport { url, source };
+                    if !next {
+                        return Err(e);
+                    }
+                    failed = Some(e);
+                }
+            }
+        }
+        Err(failed.expect("at least one URL was tried"))
     }
 
     async fn finish<T: DeserializeOwned>(
@@ -109,56 +178,53 @@ impl RegistryClient {
         Ok((v, headers))
     }
 
-    /// Sends one request and decodes its answer (or its error body).
-    async fn send<T: DeserializeOwned>(
-        &self,
-        url: &str,
-        req: reqwest::RequestBuilder,
-    ) -> Result<(T, reqwest::header::HeaderMap)> {
-        let resp = req.send().await.map_err(|source| ClientError::Transport {
-            url: url.into(),
-            source,
-        })?;
-        self.finish(url, resp).await
-    }
-
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let url = format!("{}{path}", self.base);
-        Ok(self.send(&url, self.http.get(&url)).await?.0)
+        Ok(self.call(path, true, |url| self.http.get(url)).await?.0)
     }
 
     pub async fn submit(&self, stx: &SignedTx) -> Result<Receipt> {
-        let url = format!("{}/tx", self.base);
-        Ok(self.send(&url, self.http.post(&url).json(stx)).await?.0)
+        Ok(self
+            .call("/tx", false, |url| self.http.post(url).json(stx))
+            .await?
+            .0)
     }
 
     /// Same as [`submit`](Self::submit) with the canonical binary body: smaller and cheaper to parse.
     pub async fn submit_binary(&self, stx: &SignedTx) -> Result<Receipt> {
-        let url = format!("{}/tx", self.base);
-        let req = self
-            .http
-            .post(&url)
-            .header(reqwest::header::CONTENT_TYPE, BINARY_CONTENT_TYPE)
-            .body(stx.to_bytes());
-        Ok(self.send(&url, req).await?.0)
+        let body = stx.to_bytes();
+        let r = self
+            .call("/tx", false, |url| {
+                self.http
+                    .post(url)
+                    .header(reqwest::header::CONTENT_TYPE, BINARY_CONTENT_TYPE)
+                    .body(body.clone())
+            })
+            .await?;
+        Ok(r.0)
     }
 
     pub async fn submit_batch(&self, txs: &[SignedTx]) -> Result<Vec<BatchResult>> {
-        let url = format!("{}/txs", self.base);
-        Ok(self.send(&url, self.http.post(&url).json(txs)).await?.0)
+        Ok(self
+            .call("/txs", false, |url| self.http.post(url).json(txs))
+            .await?
+            .0)
+    }
+
+    /// A read passed through as it is (a proxy's): its status and body.
+    pub async fn get_raw(&self, path: &str) -> Result<(u16, Vec<u8>)> {
+        let (url, resp) = self.answer(path, true, |url| self.http.get(url)).await?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Transport { url, source })?;
+        Ok((status, body.to_vec()))
     }
 
     pub async fn health(&self) -> Result<()> {
-        let url = format!("{}/health", self.base);
-        let resp = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|source| ClientError::Transport {
-                url: url.clone(),
-                source,
-            })?;
+        let (_, resp) = self
+            .answer("/health", true, |url| self.http.get(url))
+            .await?;
         if resp.status().is_success() {
             Ok(())
         } else {
@@ -200,17 +266,17 @@ impl RegistryClient {
     }
 
     pub async fn farm_by_name(&self, name: &str) -> Result<Option<Farm>> {
-        let url = format!("{}/farms", self.base);
+        let q = [("name", name)];
         let v: Vec<Farm> = self
-            .send(&url, self.http.get(&url).query(&[("name", name)]))
+            .call("/farms", true, |url| self.http.get(url).query(&q))
             .await?
             .0;
         Ok(v.into_iter().next())
     }
 
     pub async fn nodes(&self, f: &NodeFilter) -> Result<NodePage> {
-        let url = format!("{}/nodes?{}", self.base, f.to_query());
-        let (nodes, headers) = self.send(&url, self.http.get(&url)).await?;
+        let path = format!("/nodes?{}", f.to_query());
+        let (nodes, headers) = self.call(&path, true, |url| self.http.get(url)).await?;
         let count = headers
             .get("count")
             .and_then(|v| v.to_str().ok())
@@ -243,9 +309,11 @@ impl RegistryClient {
     }
 
     pub async fn network_by_name(&self, twin: TwinId, name: &str) -> Result<Option<Network>> {
-        let url = format!("{}/networks", self.base);
         let q = [("twin_id", twin.to_string()), ("name", name.to_string())];
-        let v: Vec<Network> = self.send(&url, self.http.get(&url).query(&q)).await?.0;
+        let v: Vec<Network> = self
+            .call("/networks", true, |url| self.http.get(url).query(&q))
+            .await?
+            .0;
         Ok(v.into_iter().next())
     }
 
@@ -330,7 +398,7 @@ impl TwinSigner {
         {
             tfgrid_core::tx::Outcome::TwinCreated { twin_id } => Ok(twin_id),
             other => Err(ClientError::Decode {
-                url: self.client.base.clone(),
+                url: self.client.base_url().to_string(),
                 reason: format!("create_twin answered {other:?}"),
             }),
         }

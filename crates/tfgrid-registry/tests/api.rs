@@ -1496,3 +1496,34 @@ async fn private_networks_are_the_owners_alone_and_addressed_by_position() {
         Some(a)
     );
 }
+
+#[tokio::test]
+async fn a_client_given_several_registry_urls_goes_on_to_the_next_one() {
+    let g = start_default().await;
+    // A port nothing listens on: connections to it are refused.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let c = tfgrid_registry_client::RegistryClient::new(&format!("{dead}, {}/", g.url));
+    assert_eq!(c.base_urls(), [dead.clone(), g.url.clone()]);
+    assert_eq!(c.base_url(), dead);
+    // A read and a write both reach the live one; it is tried first from then on.
+    c.health().await.unwrap();
+    assert_eq!(c.base_url(), g.url);
+    let signer = tfgrid_registry_client::TwinSigner::new(Identity::generate(), c.clone());
+    signer.ensure_twin("").await.unwrap();
+    let c2 = tfgrid_registry_client::RegistryClient::new(&format!("{dead},{}", g.url));
+    let signer = tfgrid_registry_client::TwinSigner::new(Identity::generate(), c2.clone());
+    let t = signer.ensure_twin("").await.unwrap();
+    assert_eq!(g.client.twin(t).await.unwrap().id, t);
+    assert_eq!(c2.base_url(), g.url);
+    // None answering: the error names the last one tried.
+    let none = tfgrid_registry_client::RegistryClient::new(&format!("{dead},{dead}"));
+    match none.stats().await {
+        Err(tfgrid_registry_client::ClientError::Transport { url, .. }) => {
+            assert!(url.starts_with(&dead), "{url}")
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -419,4 +419,18 @@ async fn twin_register_and_farm_create_from_the_cli() {
     assert!(ok5 && out.contains("cli_farm"), "{out}");
     let (_, show) = run(&["key", "show"]);
     assert!(show.contains("twin id:    1"), "{show}");
+    // Several registry URLs: the first refuses connections, the next answers.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let out = Command::new(BIN)
+        .args(["farm", "create", "second_farm", "--key"])
+        .arg(&key)
+        .args(["--registry", &format!("{dead},{}", p.url)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (_, out) = run(&["farm", "list"]);
+    assert!(out.contains("second_farm"), "{out}");
 }
