@@ -605,6 +605,29 @@ fn start_oci_registry(dir: &Path) -> tfgrid_node::images::LocalRegistry {
     tfgrid_node::images::LocalRegistry::start(&dir.join("oci")).unwrap()
 }
 
+/// An image registry with the web image (busybox httpd on 8080) and node `n1` pulling from it:
+/// the registry (keep it), the image, the node's arguments and the node.
+async fn web_node(
+    g: &Grid,
+) -> (
+    tfgrid_node::images::LocalRegistry,
+    String,
+    Vec<String>,
+    Node,
+) {
+    let oci = start_oci_registry(g.dir.path());
+    let image = push_image(
+        &oci.addr,
+        "web",
+        &["/bin/httpd", "-f", "-p", "8080", "-h", "/www"],
+    )
+    .await;
+    let mut args = g.node_args("n1", None);
+    args.extend(["--insecure-registry".to_string(), oci.addr.clone()]);
+    let node = g.start_node_with(args.clone(), "n1");
+    (oci, image, args, node)
+}
+
 /// Deploys one small container of `image`: its result and contract.
 async fn deploy_app(g: &Grid, node: &Node, image: &str) -> (WorkloadResult, ContractId) {
     let d = deployment(
@@ -792,16 +815,7 @@ async fn container_served_through_the_gateway_survives_an_agent_kill_and_is_remo
         return;
     }
     let g = Grid::start().await;
-    let oci = start_oci_registry(g.dir.path());
-    let image = push_image(
-        &oci.addr,
-        "web",
-        &["/bin/httpd", "-f", "-p", "8080", "-h", "/www"],
-    )
-    .await;
-    let mut args = g.node_args("n1", None);
-    args.extend(["--insecure-registry".to_string(), oci.addr.clone()]);
-    let mut node = g.start_node_with(args.clone(), "n1");
+    let (oci, image, args, mut node) = web_node(&g).await;
     let gw_args = g.node_args("gw", Some("gw.test"));
     let mut gw = g.start_node_with(gw_args.clone(), "gw");
 
@@ -1665,16 +1679,7 @@ async fn a_private_network_keeps_its_containers_apart_and_its_bridge_goes_with_t
         return;
     }
     let g = Grid::start().await;
-    let oci = start_oci_registry(g.dir.path());
-    let image = push_image(
-        &oci.addr,
-        "web",
-        &["/bin/httpd", "-f", "-p", "8080", "-h", "/www"],
-    )
-    .await;
-    let mut args = g.node_args("n1", None);
-    args.extend(["--insecure-registry".to_string(), oci.addr.clone()]);
-    let mut node = g.start_node_with(args.clone(), "n1");
+    let (_oci, image, args, mut node) = web_node(&g).await;
     let layout = Layout::of(&g.client.config().await.unwrap());
     let user = g.signer();
     let app = create_network(&user, "app").await;
