@@ -131,6 +131,16 @@ impl Client {
             .await
     }
 
+    /// GETs `path`: with `--json` prints the answer and gives None, else gives it for a table.
+    pub(crate) async fn get_for_table(&self, o: &BotOpt, path: &str) -> Result<Option<Value>> {
+        let v: Value = self.get(path).await?.json().await?;
+        if o.json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            return Ok(None);
+        }
+        Ok(Some(v))
+    }
+
     pub(crate) async fn post_json<T: serde::Serialize>(
         &self,
         path: &str,
@@ -466,15 +476,10 @@ pub async fn nodes(o: BotOpt, q: NodeQuery) -> Result<()> {
     add("free_mru", q.free_mru.map(|v| v.to_string()));
     add("has_gpu", q.has_gpu.map(|v| v.to_string()));
     add("domain", q.domain.map(|v| v.to_string()));
-    let page: Value = c
-        .get(&format!("/api/nodes?{}", params.join("&")))
-        .await?
-        .json()
-        .await?;
-    if o.json {
-        println!("{}", serde_json::to_string_pretty(&page)?);
+    let path = format!("/api/nodes?{}", params.join("&"));
+    let Some(page) = c.get_for_table(&o, &path).await? else {
         return Ok(());
-    }
+    };
     let nodes: Vec<NodeView> = serde_json::from_value(page)?;
     println!(
         "{:<5} {:<5} {:<8} {:<6} {:<9} {:<22} {:<20} {:<18} DOMAIN",
@@ -515,15 +520,10 @@ pub async fn nodes(o: BotOpt, q: NodeQuery) -> Result<()> {
 
 pub async fn overlay(o: BotOpt, node: u32) -> Result<()> {
     let c = Client::new(&o);
-    let v: Value = c
-        .get(&format!("/api/nodes/{node}/overlay"))
-        .await?
-        .json()
-        .await?;
-    if o.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+    let path = format!("/api/nodes/{node}/overlay");
+    let Some(v) = c.get_for_table(&o, &path).await? else {
         return Ok(());
-    }
+    };
     let s: tfgrid_core::node_api::OverlayStatus = serde_json::from_value(v)?;
     println!(
         "node {node}: key {}, UDP port {}, {} peers",

@@ -48,11 +48,9 @@ pub async fn network(cmd: NetworkCmd) -> Result<()> {
 
 async fn ls(o: BotOpt) -> Result<()> {
     let c = Client::new(&o);
-    let v: serde_json::Value = c.get("/api/networks").await?.json().await?;
-    if o.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+    let Some(v) = c.get_for_table(&o, "/api/networks").await? else {
         return Ok(());
-    }
+    };
     let nets: Vec<Network> = serde_json::from_value(v)?;
     println!(
         "{:<4} {:<16} {:<18} {:<12} {:<9} HOSTS",
