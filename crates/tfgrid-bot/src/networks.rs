@@ -135,7 +135,7 @@ impl Bot {
         let l = self.layout().await?;
         let nets: BTreeSet<NetworkId> = backends
             .iter()
-            .filter_map(|b| backend_ip(b))
+            .filter_map(|b| tfgrid_core::checks::backend_ip(b).ok())
             .filter_map(|ip| match l.place(ip)? {
                 Place::Node { network, .. } | Place::Access { network, .. } => Some(network),
             })
@@ -303,13 +303,6 @@ impl Bot {
     }
 }
 
-/// `http://<ip>:<port>[/...]` -> ip.
-pub(crate) fn backend_ip(b: &str) -> Option<Ipv4Addr> {
-    let rest = b.strip_prefix("http://")?;
-    let hostport = rest.split('/').next()?;
-    hostport.rsplit_once(':')?.0.parse().ok()
-}
-
 /// A WireGuard public key as `wg pubkey` prints it (base64) or as hex.
 pub fn parse_wg_key(s: &str) -> Result<X25519Key, String> {
     let s = s.trim();
@@ -334,20 +327,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_and_backends() {
+    fn keys() {
         let k = parse_wg_key("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap();
         assert_eq!(k.0[31], 31);
         assert_eq!(parse_wg_key(&hex::encode([7u8; 32])).unwrap().0, [7u8; 32]);
         assert!(parse_wg_key("AAEC").is_err());
         assert!(parse_wg_key("not a key!").is_err());
-        assert_eq!(
-            backend_ip("http://10.1.2.3:8080"),
-            Some(Ipv4Addr::new(10, 1, 2, 3))
-        );
-        assert_eq!(
-            backend_ip("http://10.1.2.3:80/x"),
-            Some(Ipv4Addr::new(10, 1, 2, 3))
-        );
-        assert_eq!(backend_ip("https://10.1.2.3:80"), None);
     }
 }

@@ -219,6 +219,20 @@ pub fn host_port(h: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A gateway backend, `http://a.b.c.d:port` with an optional `/`: its address. The node checks
+/// backends with it; the bot reads the networks of its routes' backends with it.
+pub fn backend_ip(backend: &str) -> Result<std::net::Ipv4Addr, String> {
+    let bad = || format!("backend {backend:?}: expected http://<workload IPv4>:<port>");
+    let rest = backend.strip_prefix("http://").ok_or_else(bad)?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if port == 0 {
+        return Err(bad());
+    }
+    host.parse().map_err(|_| bad())
+}
+
 /// A relay address in a twin's record: `ws://` or `wss://` with a host, or empty (no relay). Other
 /// peers and relays dial it, so nothing else (`javascript:`, `file:`, a bare word) is taken.
 pub fn relay_url(u: &str) -> Result<(), String> {

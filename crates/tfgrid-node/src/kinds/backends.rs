@@ -134,17 +134,9 @@ impl Owners {
     }
 }
 
-/// `http://a.b.c.d:port`, with an optional `/`.
+/// `http://a.b.c.d:port`, with an optional `/` (`tfgrid_core::checks::backend_ip`).
 pub(crate) fn parse(backend: &str) -> Result<Ipv4Addr, String> {
-    let bad = || format!("backend {backend:?}: expected http://<workload IPv4>:<port>");
-    let rest = backend.strip_prefix("http://").ok_or_else(bad)?;
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
-    let port: u16 = port.parse().map_err(|_| bad())?;
-    if port == 0 {
-        return Err(bad());
-    }
-    host.parse().map_err(|_| bad())
+    tfgrid_core::checks::backend_ip(backend)
 }
 
 #[cfg(test)]
