@@ -628,6 +628,30 @@ async fn web_node(
     (oci, image, args, node)
 }
 
+/// `who`'s gateway workload for the name `evil` with `backend` is refused on `gw`, saying `why`.
+async fn route_refused(
+    g: &Grid,
+    who: &(Identity, TwinId, Peer),
+    gw: &Node,
+    backend: &str,
+    why: &str,
+) {
+    let d = deployment(
+        who.1,
+        vec![(
+            "evil_gw",
+            WorkloadData::GatewayNameProxy(GatewayNameProxySpec {
+                name: "evil".into(),
+                backends: vec![backend.to_string()],
+            }),
+        )],
+    );
+    let info = g.deploy_as(who, gw, d).await.unwrap();
+    let r = &info.results["evil_gw"];
+    assert_eq!(r.state, ResultState::Error, "{backend} was accepted");
+    assert!(r.message.contains(why), "{backend}: {}", r.message);
+}
+
 /// Deploys one small container of `image`: its result and contract.
 async fn deploy_app(g: &Grid, node: &Node, image: &str) -> (WorkloadResult, ContractId) {
     let d = deployment(
@@ -936,20 +960,7 @@ async fn container_served_through_the_gateway_survives_an_agent_kill_and_is_remo
         .unwrap();
     bad_backends.push((format!("http://{ip}:8080"), "not a workload of twin"));
     for (backend, why) in bad_backends {
-        let d = deployment(
-            other.1,
-            vec![(
-                "evil_gw",
-                WorkloadData::GatewayNameProxy(GatewayNameProxySpec {
-                    name: "evil".into(),
-                    backends: vec![backend.clone()],
-                }),
-            )],
-        );
-        let info = g.deploy_as(&other, &gw, d).await.unwrap();
-        let r = &info.results["evil_gw"];
-        assert_eq!(r.state, ResultState::Error, "{backend} was accepted");
-        assert!(r.message.contains(why), "{backend}: {}", r.message);
+        route_refused(&g, &other, &gw, &backend, why).await;
         assert_eq!(http_get(gw_addr, "evil.gw.test").await.unwrap().0, 404);
     }
     // A restarted gateway agent brings back the route it served, not the ones it refused.
@@ -1857,20 +1868,7 @@ async fn a_private_network_keeps_its_containers_apart_and_its_bridge_goes_with_t
         (format!("http://{ip}:8080"), "another twin's network"),
         (format!("http://{machine}:8080"), "a user's machine"),
     ] {
-        let d = deployment(
-            other.1,
-            vec![(
-                "evil_gw",
-                WorkloadData::GatewayNameProxy(GatewayNameProxySpec {
-                    name: "evil".into(),
-                    backends: vec![backend.clone()],
-                }),
-            )],
-        );
-        let info = g.deploy_as(&other, &gw, d).await.unwrap();
-        let r = &info.results["evil_gw"];
-        assert_eq!(r.state, ResultState::Error, "{backend} was accepted");
-        assert!(r.message.contains(why), "{backend}: {}", r.message);
+        route_refused(&g, &other, &gw, &backend, why).await;
     }
     user.submit(Call::CreateNameContract { name: "app".into() })
         .await
