@@ -24,7 +24,9 @@ struct Net {
 
 async fn registry() -> Net {
     let dir = tempfile::tempdir().unwrap();
-    let reg = Registry::open(dir.path(), RegistryConfig::default()).unwrap();
+    let reg = Registry::open(dir.path(), RegistryConfig::default())
+        .await
+        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(reg.serve(listener, std::future::pending()));

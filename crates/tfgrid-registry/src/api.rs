@@ -1,7 +1,7 @@
 //! The HTTP API: POST signed transactions, GET records and GridProxy-style searches.
 
 use crate::error::TxError;
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, Route};
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -10,6 +10,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tfgrid_core::filter::{ContractFilter, NodeFilter};
 use tfgrid_core::records::ErrorBody;
 use tfgrid_core::tx::{SignedTx, BINARY_CONTENT_TYPE};
@@ -26,7 +27,7 @@ const MAX_HEADERS: usize = 32 << 10;
 pub struct ApiError(StatusCode, ErrorBody);
 
 impl ApiError {
-    fn new(status: StatusCode, code: &str, msg: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &str, msg: impl Into<String>) -> Self {
         Self(
             status,
             ErrorBody {
@@ -35,10 +36,10 @@ impl ApiError {
             },
         )
     }
-    fn malformed(msg: impl Into<String>) -> Self {
+    pub(crate) fn malformed(msg: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "malformed", msg)
     }
-    fn not_found(msg: impl Into<String>) -> Self {
+    pub(crate) fn not_found(msg: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", msg)
     }
 }
@@ -53,7 +54,7 @@ impl From<TxError> for ApiError {
             TxError::Nonce { .. } | TxError::Conflict(_) | TxError::Capacity { .. } => {
                 StatusCode::CONFLICT
             }
-            TxError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            TxError::Unavailable(_) | TxError::NotLeader(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         Self::new(status, e.code(), e.to_string())
     }
@@ -65,8 +66,8 @@ impl IntoResponse for ApiError {
     }
 }
 
-type Api = Arc<Ledger>;
-type Result<T> = std::result::Result<T, ApiError>;
+pub(crate) type Api = Arc<Ledger>;
+pub(crate) type Result<T> = std::result::Result<T, ApiError>;
 
 pub fn router(ledger: Arc<Ledger>) -> Router {
     Router::new()
@@ -93,6 +94,7 @@ pub fn router(ledger: Arc<Ledger>) -> Router {
         .route("/contracts/{id}", get(contract))
         .route("/networks", get(networks))
         .route("/networks/{id}", get(network))
+        .merge(crate::cluster::api::routes())
         .layer(axum::middleware::from_fn(limits))
         .with_state(ledger)
 }
@@ -155,10 +157,132 @@ fn parse_tx(headers: &HeaderMap, body: &[u8]) -> Result<SignedTx> {
     }
 }
 
+/// A write that reached a validator that does not lead is sent on to the leader once (marked,
+/// so it is never sent on twice). While an election is on, the write waits for a leader, up to
+/// WRITE_WAIT; a write raft refused as "not the leader" was not written and is sent again.
+const WRITE_WAIT: Duration = Duration::from_secs(5);
+const FORWARDED: &str = "x-tfgrid-forwarded";
+
+enum Step<T> {
+    Done(T),
+    Again,
+}
+
+async fn routed<T, F, Fut>(
+    l: &Api,
+    path: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+    local: F,
+) -> Result<Response>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Step<T>>,
+    T: IntoResponse,
+{
+    let forwarded = headers.contains_key(FORWARDED);
+    let deadline = Instant::now() + WRITE_WAIT;
+    loop {
+        match l.route() {
+            Route::Local => {
+                if let Step::Done(r) = local().await {
+                    return Ok(r.into_response());
+                }
+            }
+            Route::Leader(id, url) if !forwarded => {
+                if let Step::Done(r) = forward(l, id, &url, path, headers, body).await? {
+                    return Ok(r);
+                }
+            }
+            Route::Leader(id, _) => {
+                return Err(TxError::NotLeader(format!("validator {id} leads")).into());
+            }
+            Route::Nobody => {}
+        }
+        if Instant::now() >= deadline {
+            return Err(TxError::NotLeader(format!(
+                "no validator took the write within {} s (is a majority up?)",
+                WRITE_WAIT.as_secs()
+            ))
+            .into());
+        }
+        l.settle(deadline).await;
+    }
+}
+
+/// Sends the request on to the leader and passes its answer back, once this validator has
+/// applied what the answer acknowledges (so the writer reads its write here too).
+async fn forward(
+    l: &Api,
+    id: u64,
+    url: &str,
+    path: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Step<Response>> {
+    let mut req = l
+        .forwarder()
+        .post(format!("{url}{path}"))
+        .header(FORWARDED, l.id().to_string())
+        .body(body.clone());
+    if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+        req = req.header(header::CONTENT_TYPE, ct.clone());
+    }
+    let resp = match req.send().await {
+        Ok(r) => r,
+        // Not sent: the leader is gone; wait for the next one.
+        Err(e) if e.is_connect() => return Ok(Step::Again),
+        Err(e) => {
+            return Err(TxError::Unavailable(format!(
+                "leader {id} at {url} did not answer ({e}); the write may have been committed"
+            ))
+            .into())
+        }
+    };
+    let status = resp.status();
+    let ct = resp.headers().get(header::CONTENT_TYPE).cloned();
+    let bytes = resp.bytes().await.map_err(|e| {
+        ApiError::from(TxError::Unavailable(format!(
+            "leader {id} at {url} broke off its answer ({e}); the write may have been committed"
+        )))
+    })?;
+    if status == StatusCode::SERVICE_UNAVAILABLE
+        && serde_json::from_slice::<ErrorBody>(&bytes).is_ok_and(|e| e.error == "not_leader")
+    {
+        return Ok(Step::Again);
+    }
+    if status.is_success() {
+        let height = serde_json::from_slice::<tfgrid_core::tx::Receipt>(&bytes)
+            .map(|r| r.height)
+            .or_else(|_| {
+                serde_json::from_slice::<Vec<serde_json::Value>>(&bytes).map(|items| {
+                    items
+                        .iter()
+                        .filter_map(|i| i.get("ok")?.get("height")?.as_u64())
+                        .max()
+                        .unwrap_or(0)
+                })
+            })
+            .unwrap_or(0);
+        l.wait_applied(height, Duration::from_secs(2)).await;
+    }
+    let mut out = (status, bytes).into_response();
+    if let Some(ct) = ct {
+        out.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    Ok(Step::Done(out))
+}
+
 async fn submit(State(l): State<Api>, headers: HeaderMap, body: Bytes) -> Result<Response> {
     let stx = parse_tx(&headers, &body)?;
-    let receipt = l.submit(stx).await?;
-    Ok(Json(receipt).into_response())
+    routed(&l, "/tx", &headers, &body, || async {
+        match l.submit(stx.clone()).await {
+            Err(TxError::NotLeader(_)) => Step::Again,
+            Ok(r) => Step::Done(Json(r).into_response()),
+            Err(e) => Step::Done(ApiError::from(e).into_response()),
+        }
+    })
+    .await
 }
 
 #[derive(Serialize)]
@@ -170,7 +294,7 @@ enum BatchItem {
 
 /// Many transactions in one request; each gets its own result, in order. Transactions from one
 /// signer must carry increasing nonces in the order given.
-async fn submit_batch(State(l): State<Api>, body: Bytes) -> Result<Response> {
+async fn submit_batch(State(l): State<Api>, headers: HeaderMap, body: Bytes) -> Result<Response> {
     let txs: Vec<SignedTx> = serde_json::from_slice(&body)
         .map_err(|e| ApiError::malformed(format!("transaction batch JSON: {e}")))?;
     if txs.len() > MAX_BATCH_TXS {
@@ -178,19 +302,29 @@ async fn submit_batch(State(l): State<Api>, body: Bytes) -> Result<Response> {
             "at most {MAX_BATCH_TXS} transactions per batch"
         )));
     }
-    let out = l
-        .submit_many(txs)
-        .await
-        .into_iter()
-        .map(|r| match r {
-            Ok(r) => BatchItem::Ok(r),
-            Err(e) => BatchItem::Err(ApiError::from(e).1),
-        })
-        .collect::<Vec<_>>();
-    Ok(Json(out).into_response())
+    routed(&l, "/txs", &headers, &body, || async {
+        let results = l.submit_many(txs.clone()).await;
+        // Sent again only when nothing of it was written.
+        if !results.is_empty()
+            && results
+                .iter()
+                .all(|r| matches!(r, Err(TxError::NotLeader(_))))
+        {
+            return Step::Again;
+        }
+        let out = results
+            .into_iter()
+            .map(|r| match r {
+                Ok(r) => BatchItem::Ok(r),
+                Err(e) => BatchItem::Err(ApiError::from(e).1),
+            })
+            .collect::<Vec<_>>();
+        Step::Done(Json(out))
+    })
+    .await
 }
 
-fn query<T: serde::de::DeserializeOwned>(q: Option<String>) -> Result<T> {
+pub(crate) fn query<T: serde::de::DeserializeOwned>(q: Option<String>) -> Result<T> {
     serde_urlencoded::from_str(q.as_deref().unwrap_or(""))
         .map_err(|e| ApiError::malformed(format!("query: {e}")))
 }

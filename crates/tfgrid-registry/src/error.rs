@@ -1,7 +1,7 @@
 use thiserror::Error;
 
 /// Why a transaction was refused. A refused transaction changes nothing, its nonce included.
-#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum TxError {
     #[error("malformed transaction: {0}")]
     Malformed(String),
@@ -21,6 +21,10 @@ pub enum TxError {
     Capacity { node: u32, detail: String },
     #[error("registry unavailable: {0}")]
     Unavailable(String),
+    /// Nothing was written: this validator does not lead (any more). Sending the same
+    /// transaction again is safe.
+    #[error("not the leader: {0}")]
+    NotLeader(String),
 }
 
 impl TxError {
@@ -34,6 +38,7 @@ impl TxError {
             TxError::Conflict(_) => "conflict",
             TxError::Capacity { .. } => "capacity",
             TxError::Unavailable(_) => "internal",
+            TxError::NotLeader(_) => "not_leader",
         }
     }
 }

@@ -1,16 +1,25 @@
-//! The single writer. Requests queue on a channel; the writer thread takes everything queued,
-//! applies it to the state machine, commits the batch to redb in one fsync, refreshes the read
-//! side, then answers every request in the batch. Throughput comes from batching, not from
-//! skipping the fsync: an acknowledged transaction is on disk.
+//! The write path. Requests queue on a channel; on the leader, the proposer takes everything
+//! queued (up to MAX_BATCH) as one raft entry and hands it to raft without waiting for the entry
+//! before it, so batches pipeline. An entry is acknowledged only after a majority of validators
+//! have it on disk and this validator's state machine applied it: throughput comes from batching,
+//! never from skipping the fsync.
 
+use crate::cluster::log_store::LogStore;
+use crate::cluster::machine::Machine;
+use crate::cluster::network::Network;
+use crate::cluster::{Applied, Batch, ClusterConfig, Raft, ValidatorId};
 use crate::error::{RegistryError, TxError};
-use crate::index::{Delta, ReadModel};
-use crate::state::{Changes, State, Verified};
+use crate::index::ReadModel;
+use crate::state::Verified;
 use crate::store::Store;
+use openraft::error::ClientWriteError;
+use openraft::BasicNode;
+use std::path::Path;
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tfgrid_core::records::RegistryConfig;
 use tfgrid_core::tx::{Receipt, SignedTx};
-use tfgrid_core::Millis;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 const MAX_BATCH: usize = 4096;
 const QUEUE: usize = 65_536;
@@ -20,56 +29,122 @@ type Reply = oneshot::Sender<Result<Receipt, TxError>>;
 pub struct Ledger {
     queue: mpsc::Sender<(Verified, Reply)>,
     read: Arc<RwLock<ReadModel>>,
+    height: watch::Receiver<u64>,
+    pub(crate) raft: Raft,
+    pub(crate) cluster: ClusterConfig,
+    pub(crate) net: Network,
+    pub(crate) store: Store,
+    forward: reqwest::Client,
 }
 
-fn delta(state: &State, ch: &Changes) -> Delta {
-    Delta {
-        height: state.height,
-        twins: ch.twins.iter().map(|id| state.twins[id].clone()).collect(),
-        farms: ch.farms.iter().map(|id| state.farms[id].clone()).collect(),
-        nodes: ch.nodes.iter().map(|id| state.nodes[id].clone()).collect(),
-        contracts: ch
-            .contracts
-            .iter()
-            .map(|id| state.contracts[id].clone())
-            .collect(),
-        networks: ch
-            .networks
-            .iter()
-            .map(|id| state.networks[id].clone())
-            .collect(),
-        nonces: ch.nonces.iter().map(|k| (*k, state.nonces[k])).collect(),
-    }
+/// Where a write goes from this validator.
+pub enum Route {
+    Local,
+    Leader(ValidatorId, String),
+    /// No leader is known (an election is on).
+    Nobody,
 }
 
 impl Ledger {
-    pub fn start(store: Store, state: State) -> Self {
-        let mut read = ReadModel::new(state.config.clone());
-        let everything = Changes {
-            twins: state.twins.keys().copied().collect(),
-            farms: state.farms.keys().copied().collect(),
-            nodes: state.nodes.keys().copied().collect(),
-            contracts: state.contracts.keys().copied().collect(),
-            networks: state.networks.keys().copied().collect(),
-            nonces: state.nonces.keys().copied().collect(),
-        };
-        read.apply(delta(&state, &everything));
-        let read = Arc::new(RwLock::new(read));
+    /// Opens the state machine and the raft log under `dir`, starts raft, and founds the cluster
+    /// when this is the lowest founding member and nothing was ever written.
+    pub async fn start(
+        dir: &Path,
+        config: RegistryConfig,
+        cluster: ClusterConfig,
+    ) -> Result<Self, RegistryError> {
+        let raft_config = cluster.raft_config().map_err(RegistryError::Config)?;
+        let store = Store::open(dir)?;
+        let (machine, read, height) = Machine::start(dir, store.clone(), config)?;
+        let log = LogStore::open(&dir.join("raft.redb"))?;
+        let net = Network::new(cluster.key);
+        let raft = Raft::new(cluster.id, Arc::new(raft_config), net.clone(), log, machine)
+            .await
+            .map_err(|e| RegistryError::Store(format!("starting raft: {e}")))?;
+        let founder = cluster.peers.keys().next() == Some(&cluster.id);
+        let initialized = raft
+            .is_initialized()
+            .await
+            .map_err(|e| RegistryError::Store(format!("raft: {e}")))?;
+        if founder && !initialized {
+            let members: std::collections::BTreeMap<ValidatorId, BasicNode> = cluster
+                .peers
+                .iter()
+                .map(|(id, url)| (*id, BasicNode::new(url)))
+                .collect();
+            tracing::info!(?members, "founding the registry cluster");
+            raft.initialize(members)
+                .await
+                .map_err(|e| RegistryError::Store(format!("founding the cluster: {e}")))?;
+        }
         let (queue, rx) = mpsc::channel(QUEUE);
-        let r = read.clone();
-        std::thread::Builder::new()
-            .name("registry-writer".into())
-            .spawn(move || writer(store, state, rx, r))
-            .expect("spawn the registry writer thread");
-        Self { queue, read }
+        tokio::spawn(propose(raft.clone(), rx));
+        Ok(Self {
+            queue,
+            read,
+            height,
+            raft,
+            cluster,
+            net,
+            store,
+            forward: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(Duration::from_secs(30))
+                .build()
+                .map_err(|e| RegistryError::Config(format!("an HTTP client: {e}")))?,
+        })
     }
 
     pub fn read(&self) -> std::sync::RwLockReadGuard<'_, ReadModel> {
         self.read.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    pub fn id(&self) -> ValidatorId {
+        self.cluster.id
+    }
+
+    /// The HTTP client that sends writes on to the leader.
+    pub(crate) fn forwarder(&self) -> &reqwest::Client {
+        &self.forward
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// Where a write should go now, from raft's view of the leader.
+    pub fn route(&self) -> Route {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        match m.current_leader {
+            Some(l) if l == self.cluster.id => Route::Local,
+            Some(l) => match m.membership_config.nodes().find(|(id, _)| **id == l) {
+                Some((_, n)) => Route::Leader(l, n.addr.clone()),
+                None => Route::Nobody,
+            },
+            None => Route::Nobody,
+        }
+    }
+
+    /// Waits (at most until `deadline`, and at most 50 ms) for raft's view to change: a new
+    /// leader, a new term.
+    pub async fn settle(&self, deadline: Instant) {
+        let mut m = self.raft.metrics();
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(50));
+        let _ = tokio::time::timeout(wait, m.changed()).await;
+    }
+
+    /// Waits until this validator has applied `height` (a write forwarded to the leader is then
+    /// readable here too), at most `max`.
+    pub async fn wait_applied(&self, height: u64, max: Duration) {
+        let mut h = self.height.clone();
+        let _ = tokio::time::timeout(max, h.wait_for(|a| *a >= height)).await;
+    }
+
     /// Verifies all signatures (spread over the blocking pool), then queues the valid ones in the
-    /// order given, so one signer's increasing nonces reach the writer in order.
+    /// order given, so one signer's increasing nonces reach the proposer in order.
     pub async fn submit_many(&self, txs: Vec<SignedTx>) -> Vec<Result<Receipt, TxError>> {
         let n = txs.len();
         let chunk = n
@@ -97,13 +172,7 @@ impl Ledger {
                 .unwrap_or_else(|e| vec![Err(TxError::Unavailable(e.to_string()))]);
             for c in checked {
                 pending.push(match c {
-                    Ok(v) => {
-                        let (tx, rx) = oneshot::channel();
-                        match self.queue.send((v, tx)).await {
-                            Ok(()) => Ok(rx),
-                            Err(_) => Err(TxError::Unavailable("the writer has stopped".into())),
-                        }
-                    }
+                    Ok(v) => self.enqueue(v).await,
                     Err(e) => Err(e),
                 });
             }
@@ -111,11 +180,7 @@ impl Ledger {
         let mut out = Vec::with_capacity(n);
         for p in pending {
             out.push(match p {
-                Ok(rx) => rx.await.unwrap_or_else(|_| {
-                    Err(TxError::Unavailable(
-                        "the writer stopped before committing".into(),
-                    ))
-                }),
+                Ok(rx) => rx.await.unwrap_or_else(|_| Err(stopped())),
                 Err(e) => Err(e),
             });
         }
@@ -123,28 +188,38 @@ impl Ledger {
     }
 
     /// Verifies the signature on the caller's thread (so verification runs on every core), then
-    /// queues the transaction for the writer and waits for its commit.
+    /// queues the transaction for the proposer and waits for its commit.
     pub async fn submit(&self, stx: SignedTx) -> Result<Receipt, TxError> {
         let v = Verified::check(stx)?;
+        self.enqueue(v)
+            .await?
+            .await
+            .unwrap_or_else(|_| Err(stopped()))
+    }
+
+    async fn enqueue(
+        &self,
+        v: Verified,
+    ) -> Result<oneshot::Receiver<Result<Receipt, TxError>>, TxError> {
         let (tx, rx) = oneshot::channel();
         self.queue
             .send((v, tx))
             .await
-            .map_err(|_| TxError::Unavailable("the writer has stopped".into()))?;
-        rx.await
-            .map_err(|_| TxError::Unavailable("the writer stopped before committing".into()))?
+            .map_err(|_| TxError::Unavailable("the proposer has stopped".into()))?;
+        Ok(rx)
     }
 }
 
-fn writer(
-    store: Store,
-    mut state: State,
-    mut rx: mpsc::Receiver<(Verified, Reply)>,
-    read: Arc<RwLock<ReadModel>>,
-) {
-    let mut last_now: Millis = 0;
+fn stopped() -> TxError {
+    TxError::Unavailable("the registry stopped before committing".into())
+}
+
+/// Takes what is queued as one batch and hands it to raft; a task per batch waits for its
+/// result, so the next batch is proposed while this one replicates.
+async fn propose(raft: Raft, mut rx: mpsc::Receiver<(Verified, Reply)>) {
+    let mut last_at = 0;
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
+    while let Some(first) = rx.recv().await {
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -152,51 +227,43 @@ fn writer(
                 Err(_) => break,
             }
         }
-        // Registry time never goes backwards, even if the wall clock does.
-        let now = tfgrid_core::now_millis().max(last_now);
-        last_now = now;
-        let mut ch = Changes::default();
-        let mut results = Vec::with_capacity(batch.len());
-        let mut log: Vec<(Millis, &Verified)> = Vec::new();
-        for (v, _) in &batch {
-            let r = state.apply(v, now, &mut ch).map(|outcome| {
-                log.push((now, v));
-                Receipt {
-                    height: state.height,
-                    tx_hash: v.tx().hash(),
-                    at: now,
-                    outcome,
-                }
-            });
-            results.push(r);
-        }
-        if !log.is_empty() {
-            let t = std::time::Instant::now();
-            if let Err(e) = store.commit(&state, &log, &ch) {
-                fatal(e);
+        let at = tfgrid_core::now_millis().max(last_at);
+        last_at = at;
+        let (txs, replies): (Vec<SignedTx>, Vec<Reply>) =
+            batch.drain(..).map(|(v, r)| (v.into_tx(), r)).unzip();
+        match raft.client_write_ff(Batch { at, txs }).await {
+            Ok(result) => {
+                tokio::spawn(async move {
+                    let outcome = match result.await {
+                        Ok(Ok(resp)) => Ok(resp.data),
+                        Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
+                            Err(TxError::NotLeader(match f.leader_id {
+                                Some(l) => format!("validator {l} leads now; send it again"),
+                                None => "an election is on; send it again".into(),
+                            }))
+                        }
+                        Ok(Err(e)) => Err(TxError::Unavailable(e.to_string())),
+                        Err(_) => Err(stopped()),
+                    };
+                    answer(replies, outcome);
+                });
             }
-            let committed = t.elapsed();
-            let d = delta(&state, &ch);
-            read.write().unwrap_or_else(|p| p.into_inner()).apply(d);
-            tracing::debug!(
-                txs = batch.len(),
-                applied = log.len(),
-                commit_us = committed.as_micros() as u64,
-                publish_us = (t.elapsed() - committed).as_micros() as u64,
-                "batch"
-            );
-        }
-        drop(log);
-        for ((_, reply), r) in batch.drain(..).zip(results) {
-            let _ = reply.send(r);
+            Err(fatal) => answer(replies, Err(TxError::Unavailable(fatal.to_string()))),
         }
     }
 }
 
-/// The in-memory state is ahead of the disk and cannot be rolled back: stop, and let the restart
-/// recover exactly what was committed (nothing in this batch was acknowledged).
-fn fatal(e: RegistryError) -> ! {
-    tracing::error!("commit failed, exiting so the restart recovers the committed state: {e}");
-    eprintln!("tfgrid registry: commit failed: {e}");
-    std::process::exit(70)
+fn answer(replies: Vec<Reply>, outcome: Result<Applied, TxError>) {
+    match outcome {
+        Ok(Applied(results)) => {
+            for (reply, r) in replies.into_iter().zip(results) {
+                let _ = reply.send(r);
+            }
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
 }

@@ -1,11 +1,14 @@
 //! The tfgrid registry: the grid's source of truth for twins, farms, nodes and contracts, in the
 //! role of ThreeFold's TFChain (the ledger) and GridProxy (the query API).
 //!
-//! Flow: HTTP handler verifies the signature -> [`ledger::Ledger`] queues it -> the writer thread
-//! applies it to [`state::State`] and commits the batch to [`store::Store`] -> the read side
-//! ([`index::ReadModel`]) is refreshed -> the handler answers with the receipt.
+//! Flow: HTTP handler verifies the signature (or sends the write on to the leader) ->
+//! [`ledger::Ledger`] queues it -> the proposer hands a batch to raft ([`cluster`]) -> once a
+//! majority of validators logged it, each one's state machine applies it to [`state::State`] and
+//! commits it to [`store::Store`] -> the read side ([`index::ReadModel`]) is refreshed -> the
+//! handler answers with the receipt.
 
 pub mod api;
+pub mod cluster;
 pub mod error;
 pub mod index;
 pub mod ledger;
@@ -23,8 +26,22 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Opens (or creates) the registry under `dir` and starts its writer.
-    pub fn open(dir: &Path, config: RegistryConfig) -> Result<Self, RegistryError> {
+    /// Opens (or creates) a registry of one validator under `dir`.
+    pub async fn open(dir: &Path, config: RegistryConfig) -> Result<Self, RegistryError> {
+        Self::open_cluster(
+            dir,
+            config,
+            cluster::ClusterConfig::single("http://127.0.0.1"),
+        )
+        .await
+    }
+
+    /// Opens (or creates) this validator's store under `dir` and joins its cluster.
+    pub async fn open_cluster(
+        dir: &Path,
+        config: RegistryConfig,
+        cluster: cluster::ClusterConfig,
+    ) -> Result<Self, RegistryError> {
         tfgrid_core::network::Layout::of(&config)
             .valid()
             .map_err(RegistryError::Config)?;
@@ -34,16 +51,9 @@ impl Registry {
                 config.network_range, config.workload_range
             )));
         }
-        let store = store::Store::open(dir)?;
-        let state = store.load(config)?;
-        tracing::info!(
-            height = state.height,
-            twins = state.twins.len(),
-            nodes = state.nodes.len(),
-            "registry loaded"
-        );
+        std::fs::create_dir_all(dir)?;
         Ok(Self {
-            ledger: Arc::new(ledger::Ledger::start(store, state)),
+            ledger: Arc::new(ledger::Ledger::start(dir, config, cluster).await?),
         })
     }
 
@@ -58,12 +68,15 @@ impl Registry {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         // With each connection's peer address, for `/whoami`.
-        axum::serve(
+        let r = axum::serve(
             listener,
             self.router()
                 .into_make_service_with_connect_info::<std::net::SocketAddr>(),
         )
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+        // Raft's tasks hold the stores: stop them so the files close with the server.
+        let _ = self.ledger.raft().shutdown().await;
+        r
     }
 }

@@ -38,6 +38,10 @@ impl Verified {
         &self.0
     }
 
+    pub(crate) fn into_tx(self) -> SignedTx {
+        self.0
+    }
+
     /// For records read back from the registry's own log, which were verified before commit.
     pub(crate) fn trusted(stx: SignedTx) -> Self {
         Self(stx)
@@ -70,6 +74,8 @@ impl Changes {
 pub struct State {
     pub config: RegistryConfig,
     pub height: u64,
+    /// The registry time of the last batch applied: batches never go back in time.
+    pub last_at: Millis,
     pub twins: BTreeMap<TwinId, Twin>,
     pub farms: BTreeMap<FarmId, Farm>,
     pub nodes: BTreeMap<NodeId, Node>,

@@ -1,6 +1,7 @@
 //! Durable state in one redb file. A batch of transactions is one redb write transaction: its log
 //! entries and every record it touched, committed with `Durability::Immediate` (fsync) before any
-//! of them is acknowledged.
+//! of them is acknowledged. The same write transaction records the last raft entry applied
+//! (table `raft`), so a restart re-applies exactly the entries after it, never one twice.
 
 use crate::error::RegistryError;
 use crate::state::{Changes, State, Verified};
@@ -19,14 +20,20 @@ const NODES: TableDefinition<u32, &[u8]> = TableDefinition::new("nodes");
 const CONTRACTS: TableDefinition<u64, &[u8]> = TableDefinition::new("contracts");
 const NETWORKS: TableDefinition<u32, &[u8]> = TableDefinition::new("networks");
 const NONCES: TableDefinition<&[u8], u64> = TableDefinition::new("nonces");
-/// Height -> (registry time, signed transaction): the history the records were built from.
+/// Height -> (registry time, signed transaction): the history the records were built from. A
+/// validator that joined from a snapshot holds the history after `meta.log_base` only.
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+/// The state machine's raft marks (last applied entry, membership), written with the records.
+const RAFT: TableDefinition<&str, &[u8]> = TableDefinition::new("raft");
 
 const REC_DOMAIN: &str = "tfgrid/store/v1";
 const LOG_DOMAIN: &str = "tfgrid/log/v1";
 
+/// A handle on the store; clones share one database (the state machine writes, the API reads
+/// the history).
+#[derive(Clone)]
 pub struct Store {
-    db: Database,
+    db: std::sync::Arc<Database>,
 }
 
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
@@ -58,9 +65,10 @@ impl Store {
             w.open_table(NETWORKS)?;
             w.open_table(NONCES)?;
             w.open_table(LOG)?;
+            w.open_table(RAFT)?;
         }
         w.commit()?;
-        Ok(Self { db })
+        Ok(Self { db: db.into() })
     }
 
     /// Loads every record and checks the result is consistent: a record whose id disagrees with
@@ -68,11 +76,13 @@ impl Store {
     pub fn load(&self, config: RegistryConfig) -> Result<State, RegistryError> {
         let r = self.db.begin_read()?;
         let mut st = State::new(config);
-        st.height = r
-            .open_table(META)?
-            .get("height")?
-            .map(|v| v.value())
-            .unwrap_or(0);
+        let meta = r.open_table(META)?;
+        let get = |k: &str| -> Result<u64, RegistryError> {
+            Ok(meta.get(k)?.map(|v| v.value()).unwrap_or(0))
+        };
+        st.height = get("height")?;
+        st.last_at = get("last_at")?;
+        let log_base = get("log_base")?;
         macro_rules! load_table {
             ($def:expr, $name:literal, $map:expr) => {
                 for row in r.open_table($def)?.iter()? {
@@ -120,9 +130,9 @@ impl Store {
             check("networks", (*k).into(), n.id.into())?;
         }
         let log_len = r.open_table(LOG)?.len()?;
-        if log_len != st.height {
+        if log_base + log_len != st.height {
             return Err(RegistryError::Corrupt(format!(
-                "height {} but the log holds {log_len} entries",
+                "height {} but the log holds {log_len} entries after height {log_base}",
                 st.height
             )));
         }
@@ -130,16 +140,29 @@ impl Store {
         Ok(st)
     }
 
-    /// Writes the batch's log entries (heights `state.height - log.len() + 1 ..= state.height`) and
-    /// the current value of every record the batch touched, then fsyncs.
+    /// A raft mark written by [`commit`](Self::commit) or [`install`](Self::install).
+    pub fn mark(&self, key: &str) -> Result<Option<Vec<u8>>, RegistryError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(RAFT)?;
+        let v = t.get(key)?.map(|v| v.value().to_vec());
+        Ok(v)
+    }
+
+    /// Writes the batch's log entries (heights `state.height - log.len() + 1 ..= state.height`),
+    /// the current value of every record the batch touched and the raft `marks`, then fsyncs.
     pub fn commit(
         &self,
         state: &State,
         log: &[(Millis, &Verified)],
         ch: &Changes,
+        marks: &[(&str, Vec<u8>)],
     ) -> Result<(), RegistryError> {
         let w = self.db.begin_write()?;
         {
+            let mut t = w.open_table(RAFT)?;
+            for (k, v) in marks {
+                t.insert(*k, v.as_slice())?;
+            }
             let first = state.height + 1 - log.len() as u64;
             let mut t = w.open_table(LOG)?;
             for (i, (at, v)) in log.iter().enumerate() {
@@ -148,7 +171,10 @@ impl Store {
                     canonical::encode(LOG_DOMAIN, &(at, v.tx())).as_slice(),
                 )?;
             }
-            w.open_table(META)?.insert("height", state.height)?;
+            let mut meta = w.open_table(META)?;
+            meta.insert("height", state.height)?;
+            meta.insert("last_at", state.last_at)?;
+            drop(meta);
             let mut t = w.open_table(TWINS)?;
             for id in &ch.twins {
                 t.insert(*id, enc(&state.twins[id]).as_slice())?;
@@ -178,6 +204,45 @@ impl Store {
         Ok(())
     }
 
+    /// Replaces everything with `state` (a snapshot installed from the leader): the history
+    /// before it is not held here, so the log restarts after its height.
+    pub fn install(&self, state: &State, marks: &[(&str, Vec<u8>)]) -> Result<(), RegistryError> {
+        let w = self.db.begin_write()?;
+        {
+            macro_rules! replace {
+                ($def:expr, $map:expr) => {{
+                    let mut t = w.open_table($def)?;
+                    t.retain(|_, _| false)?;
+                    for (k, v) in $map {
+                        t.insert(*k, enc(v).as_slice())?;
+                    }
+                }};
+            }
+            replace!(TWINS, &state.twins);
+            replace!(FARMS, &state.farms);
+            replace!(NODES, &state.nodes);
+            replace!(CONTRACTS, &state.contracts);
+            replace!(NETWORKS, &state.networks);
+            let mut t = w.open_table(NONCES)?;
+            t.retain(|_, _| false)?;
+            for (k, n) in &state.nonces {
+                t.insert(k.0.as_slice(), *n)?;
+            }
+            w.open_table(LOG)?.retain(|_, _| false)?;
+            let mut meta = w.open_table(META)?;
+            meta.insert("height", state.height)?;
+            meta.insert("last_at", state.last_at)?;
+            meta.insert("log_base", state.height)?;
+            drop(meta);
+            let mut t = w.open_table(RAFT)?;
+            for (k, v) in marks {
+                t.insert(*k, v.as_slice())?;
+            }
+        }
+        w.commit()?;
+        Ok(())
+    }
+
     /// Log entries from `from` (inclusive), at most `limit`.
     pub fn log(
         &self,
@@ -197,7 +262,8 @@ impl Store {
     }
 
     /// Rebuilds the state by replaying the log from scratch: a consistency check between the log
-    /// and the records (used by tests and `tfgrid registry check`).
+    /// and the records (a test runs it after a burst). Only a validator that holds the whole
+    /// history (it did not join from a snapshot) can replay.
     pub fn replay(&self, config: RegistryConfig) -> Result<State, RegistryError> {
         let mut st = State::new(config);
         let mut ch = Changes::default();

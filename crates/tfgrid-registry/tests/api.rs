@@ -1271,6 +1271,7 @@ async fn a_network_range_that_overlaps_the_workload_range_is_refused() {
         ..Default::default()
     };
     let e = tfgrid_registry::Registry::open(dir.path(), bad)
+        .await
         .err()
         .unwrap();
     assert!(e.to_string().contains("overlaps the workload range"), "{e}");
@@ -1279,6 +1280,7 @@ async fn a_network_range_that_overlaps_the_workload_range_is_refused() {
         ..Default::default()
     };
     let e = tfgrid_registry::Registry::open(dir.path(), bad)
+        .await
         .err()
         .unwrap();
     assert!(
@@ -1480,7 +1482,9 @@ async fn private_networks_are_the_owners_alone_and_addressed_by_position() {
     let dir = kept.path().to_path_buf();
     drop(g);
     sleep_ms(200).await;
-    let r = tfgrid_registry::Registry::open(&dir, RegistryConfig::default()).unwrap();
+    let r = tfgrid_registry::Registry::open(&dir, RegistryConfig::default())
+        .await
+        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(r.serve(listener, std::future::pending::<()>()));

@@ -169,7 +169,7 @@ async fn registry(b: RegistryBench) -> Result<()> {
         down_after_ms: 24 * 3600 * 1000,
         ..Default::default()
     };
-    let registry = Registry::open(dir.path(), config)?;
+    let registry = Registry::open(dir.path(), config).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let ledger = registry.ledger.clone();
@@ -595,7 +595,7 @@ async fn bus(b: BusBench) -> Result<()> {
     use tfgrid_bus::{Peer, PeerConfig};
     use tfgrid_registry_client::TwinSigner;
     let dir = tempfile::tempdir()?;
-    let registry = Registry::open(dir.path(), RegistryConfig::default())?;
+    let registry = Registry::open(dir.path(), RegistryConfig::default()).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     tokio::spawn(registry.serve(listener, std::future::pending()));

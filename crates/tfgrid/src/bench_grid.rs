@@ -218,7 +218,7 @@ pub async fn grid(nodes: usize, down_after_ms: u64) -> Result<Grid> {
         network_prefix_len: 22,
         ..Default::default()
     };
-    let registry = Registry::open(&dir.path().join("registry"), config)?;
+    let registry = Registry::open(&dir.path().join("registry"), config).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     tokio::spawn(registry.serve(listener, std::future::pending()));

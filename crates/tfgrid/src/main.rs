@@ -8,6 +8,7 @@ mod bench_node;
 mod bench_zdb;
 mod bot_cmd;
 mod bus_cmd;
+mod cluster_cmd;
 mod net_cmd;
 mod network_cmd;
 mod node_cmd;
@@ -38,8 +39,14 @@ struct Cli {
 enum Cmd {
     /// Start a local grid on this machine (for now: a registry and a relay) and keep it up until Ctrl-C.
     Up(up::UpArgs),
-    /// Run the registry: the grid's source of truth for twins, farms, nodes and contracts.
+    /// Run the registry: the grid's source of truth for twins, farms, nodes and contracts. One
+    /// process is one validator; several (--peers) replicate it with raft.
     Registry(RegistryArgs),
+    /// The registry's validators: status, add, remove.
+    Cluster {
+        #[command(subcommand)]
+        cmd: cluster_cmd::ClusterCmd,
+    },
     /// Run a relay of the message bus.
     Relay(bus_cmd::RelayArgs),
     /// Run a 0-db compatible key-value server (RESP; redis-cli and redis clients work).
@@ -273,6 +280,8 @@ struct RegistryArgs {
     listen: SocketAddr,
     #[command(flatten)]
     tuning: RegistryTuning,
+    #[command(flatten)]
+    cluster: cluster_cmd::ClusterArgs,
 }
 
 fn default_key_dir() -> PathBuf {
@@ -289,7 +298,8 @@ fn default_key_path() -> PathBuf {
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -311,11 +321,14 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Registry(a) => {
             let config = a.tuning.config()?;
-            let registry = Registry::open(&a.data, config)
-                .with_context(|| format!("opening registry in {}", a.data.display()))?;
+            // Bound first: with port 0 the advertised URL needs the port it got.
             let listener = tokio::net::TcpListener::bind(a.listen)
                 .await
                 .with_context(|| format!("binding {}", a.listen))?;
+            let cluster = a.cluster.config(&a.data, listener.local_addr()?)?;
+            let registry = Registry::open_cluster(&a.data, config, cluster)
+                .await
+                .with_context(|| format!("opening registry in {}", a.data.display()))?;
             println!("registry listening on http://{}", listener.local_addr()?);
             registry.serve(listener, shutdown_signal()).await?;
             Ok(())
@@ -424,6 +437,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Nodes { query, opt } => bot_cmd::nodes(opt, query).await,
         Cmd::Overlay { node, opt } => bot_cmd::overlay(opt, node).await,
         Cmd::Network { cmd } => network_cmd::network(cmd).await,
+        Cmd::Cluster { cmd } => cluster_cmd::cluster(cmd).await,
         Cmd::Bus { cmd } => bus_cmd::bus(cmd).await,
     }
 }

@@ -25,7 +25,7 @@ impl Drop for Grid {
 
 pub async fn start(config: RegistryConfig) -> Grid {
     let dir = tempfile::tempdir().unwrap();
-    let registry = Registry::open(dir.path(), config).unwrap();
+    let registry = Registry::open(dir.path(), config).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
