@@ -22,6 +22,10 @@ use tfgrid_core::tx::{Receipt, SignedTx};
 use tokio::sync::{mpsc, oneshot, watch};
 
 const MAX_BATCH: usize = 4096;
+/// Batches handed to raft and not yet applied. Small on purpose: while they commit, the next
+/// requests queue up and go out as one batch (one fsync per validator), instead of one entry
+/// each.
+const IN_FLIGHT: usize = 2;
 const QUEUE: usize = 65_536;
 
 type Reply = oneshot::Sender<Result<Receipt, TxError>>;
@@ -219,7 +223,11 @@ fn stopped() -> TxError {
 async fn propose(raft: Raft, mut rx: mpsc::Receiver<(Verified, Reply)>) {
     let mut last_at = 0;
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let window = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     while let Some(first) = rx.recv().await {
+        let Ok(permit) = window.clone().acquire_owned().await else {
+            return;
+        };
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -234,7 +242,9 @@ async fn propose(raft: Raft, mut rx: mpsc::Receiver<(Verified, Reply)>) {
         match raft.client_write_ff(Batch { at, txs }).await {
             Ok(result) => {
                 tokio::spawn(async move {
-                    let outcome = match result.await {
+                    let r = result.await;
+                    drop(permit);
+                    let outcome = match r {
                         Ok(Ok(resp)) => Ok(resp.data),
                         Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
                             Err(TxError::NotLeader(match f.leader_id {
