@@ -23,6 +23,9 @@ use tfgrid_registry_client::{BatchResult, RegistryClient};
 pub enum BenchCmd {
     /// Signed transactions committed per second, and /nodes search latency and throughput.
     Registry(RegistryBench),
+    /// The registry replicated: commits per second through N validator processes, and how
+    /// long writes stop when the leader is killed (kill -9) under load.
+    Cluster(crate::bench_cluster::ClusterBench),
     /// Bus round trips per second and their latency through one relay, signed and sealed.
     Bus(BusBench),
     /// redis-benchmark SET/GET against tfgrid zdb and redis-server, and zdb's idle RSS.
@@ -77,6 +80,7 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Registry(b) => registry(b).await,
         BenchCmd::Bus(b) => bus(b).await,
+        BenchCmd::Cluster(b) => crate::bench_cluster::run(b).await,
         BenchCmd::Zdb(b) => tokio::task::spawn_blocking(move || crate::bench_zdb::run(b)).await?,
         BenchCmd::Node(b) => crate::bench_node::run(b).await,
         BenchCmd::Scheduler(b) => crate::bench_grid::scheduler(b),
@@ -121,7 +125,7 @@ fn sign_all(items: Vec<(Identity, u64, Call)>) -> Vec<SignedTx> {
     })
 }
 
-fn new_twins(n: usize) -> Vec<SignedTx> {
+pub(crate) fn new_twins(n: usize) -> Vec<SignedTx> {
     sign_all(
         (0..n)
             .map(|_| {
@@ -138,15 +142,19 @@ fn new_twins(n: usize) -> Vec<SignedTx> {
     )
 }
 
-fn hist() -> Histogram<u64> {
+pub(crate) fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
 }
 
-fn ms(us: u64) -> String {
+pub(crate) fn ms(us: u64) -> String {
     format!("{:.2} ms", us as f64 / 1000.0)
 }
 
-async fn submit_in_batches(client: &RegistryClient, txs: &[SignedTx], per: usize) -> Result<()> {
+pub(crate) async fn submit_in_batches(
+    client: &RegistryClient,
+    txs: &[SignedTx],
+    per: usize,
+) -> Result<()> {
     for chunk in txs.chunks(per) {
         for (i, r) in client.submit_batch(chunk).await?.into_iter().enumerate() {
             if let BatchResult::Err(e) = r {
@@ -183,20 +191,24 @@ async fn registry(b: RegistryBench) -> Result<()> {
     );
     println!();
     println!("durable commits (create_twin, each from a new key; acknowledged only after fsync):");
-    commits_one_per_request(&client, &b).await?;
-    commits_bulk(&client, &b).await?;
+    commits_one_per_request(&client, b.txs, b.concurrency).await?;
+    commits_bulk(&client, b.txs).await?;
     commits_validator_only(&ledger, &b).await?;
     let farm_ids = build_grid(&client, &b).await?;
     println!();
     search(&ledger, &url, &farm_ids, &b).await
 }
 
-async fn commits_one_per_request(client: &RegistryClient, b: &RegistryBench) -> Result<()> {
-    let txs = Arc::new(new_twins(b.txs));
+pub(crate) async fn commits_one_per_request(
+    client: &RegistryClient,
+    n: usize,
+    concurrency: usize,
+) -> Result<()> {
+    let txs = Arc::new(new_twins(n));
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut workers = Vec::new();
-    for _ in 0..b.concurrency {
+    for _ in 0..concurrency {
         let (txs, next, client) = (txs.clone(), next.clone(), client.clone());
         workers.push(tokio::spawn(async move {
             let mut h = hist();
@@ -218,8 +230,8 @@ async fn commits_one_per_request(client: &RegistryClient, b: &RegistryBench) -> 
     let secs = start.elapsed().as_secs_f64();
     println!(
         "  one per HTTP request, {} clients:  {:>8.0} tx/s   latency p50 {}  p99 {}",
-        b.concurrency,
-        b.txs as f64 / secs,
+        concurrency,
+        n as f64 / secs,
         ms(lat.value_at_quantile(0.5)),
         ms(lat.value_at_quantile(0.99))
     );
@@ -227,8 +239,8 @@ async fn commits_one_per_request(client: &RegistryClient, b: &RegistryBench) -> 
 }
 
 /// /txs requests of 1000, four in flight: how a bulk importer would load the registry.
-async fn commits_bulk(client: &RegistryClient, b: &RegistryBench) -> Result<()> {
-    let txs = Arc::new(new_twins(b.txs));
+pub(crate) async fn commits_bulk(client: &RegistryClient, n: usize) -> Result<()> {
+    let txs = Arc::new(new_twins(n));
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut workers = Vec::new();
@@ -250,7 +262,7 @@ async fn commits_bulk(client: &RegistryClient, b: &RegistryBench) -> Result<()> 
     let secs = start.elapsed().as_secs_f64();
     println!(
         "  1000 per /txs request, 4 in flight: {:>8.0} tx/s",
-        b.txs as f64 / secs
+        n as f64 / secs
     );
     Ok(())
 }
