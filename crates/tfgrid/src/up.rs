@@ -23,8 +23,13 @@ pub struct UpArgs {
     /// Node agents to run (the last one is the gateway). They need root; 0 runs the rest.
     #[arg(long, default_value_t = 3)]
     nodes: u32,
+    /// The registry (the first validator; the others listen on the following ports).
     #[arg(long, default_value = "127.0.0.1:8080")]
     registry_listen: SocketAddr,
+    /// Registry validators: processes that replicate the registry with raft. With 3, any one
+    /// of them can die and the grid goes on.
+    #[arg(long, default_value_t = 1)]
+    validators: u64,
     #[arg(long, default_value = "127.0.0.1:9000")]
     relay_listen: SocketAddr,
     /// Your bot's API and dashboard.
@@ -260,33 +265,7 @@ pub async fn up(mut a: UpArgs) -> Result<()> {
     let data = std::path::absolute(&a.data)?;
     let logs = data.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
-    let registry_args: Vec<String> = [
-        "registry",
-        "--data",
-        &data.join("registry").to_string_lossy(),
-        "--listen",
-        &a.registry_listen.to_string(),
-        "--down-after-ms",
-        &a.down_after_ms.to_string(),
-        // Addresses are host-wide while these hosts share one: each grid its own range.
-        "--workload-range",
-        &workload_range(&data),
-        "--network-range",
-        &network_range(&data),
-        "--network-prefix-len",
-        "22",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let (registry, line) = spawn("registry", &registry_args, &logs)
-        .with_context(|| format!("is another grid using {}?", a.registry_listen))?;
-    let url = line
-        .strip_prefix("registry listening on ")
-        .unwrap_or_default()
-        .to_string();
-    let registry_line = format!("{:<10} pid {:<7} {line}", "registry", registry.child.id());
-    let mut procs: Vec<Proc> = vec![registry];
+    let (mut procs, url, registry_lines) = start_registry(&a, &data, &logs)?;
     let (relay_url, relay_twin, relay_server, relay_stop) = match crate::bus_cmd::start_relay(
         a.relay_listen,
         None,
@@ -340,21 +319,34 @@ pub async fn up(mut a: UpArgs) -> Result<()> {
         }
     };
 
-    node_lines.insert(0, registry_line);
+    for (i, l) in registry_lines.into_iter().enumerate() {
+        node_lines.insert(i, l);
+    }
     let mut forwards = Vec::new();
     if let Some(h) = &hosts {
-        let reg_addr: Option<SocketAddr> = url.trim_start_matches("http://").parse().ok();
+        let reg_addrs: Vec<Option<SocketAddr>> = url
+            .split(',')
+            .map(|u| u.trim_start_matches("http://").parse().ok())
+            .collect();
         let relay_addr: Option<SocketAddr> = relay_url
             .trim_start_matches("ws://")
             .trim_end_matches('/')
             .parse()
             .ok();
         let first_gateway = a.first_gateway();
-        let mut pairs = vec![
-            (local.registry, reg_addr),
+        // Validator i on the registry port + i - 1, as on the WAN.
+        let mut pairs: Vec<(SocketAddr, Option<SocketAddr>)> = reg_addrs
+            .iter()
+            .enumerate()
+            .map(|(i, to)| {
+                let port = local.registry.port().checked_add(i as u16).unwrap_or(0);
+                (SocketAddr::new(local.registry.ip(), port), *to)
+            })
+            .collect();
+        pairs.extend([
             (local.relay, relay_addr),
             (local.images, Some(a.images_listen)),
-        ];
+        ]);
         for i in first_gateway..=a.nodes {
             let port = local.gateway.port() + (i - first_gateway) as u16;
             pairs.push((
@@ -447,6 +439,109 @@ pub async fn up(mut a: UpArgs) -> Result<()> {
     relay_server.abort();
     println!("stopped");
     Ok(())
+}
+
+/// Starts the registry: one validator, or `--validators` of them founding a cluster (a key
+/// they share in DATA/cluster.key, validator i on the registry port + i - 1, or any free port
+/// when that is 0). Returns their processes, the URLs (comma-separated, as every client takes
+/// them) and a line per validator.
+fn start_registry(
+    a: &UpArgs,
+    data: &Path,
+    logs: &Path,
+) -> Result<(Vec<Proc>, String, Vec<String>)> {
+    let n = a.validators.max(1);
+    let dir = |i: u64| {
+        if i == 1 {
+            data.join("registry")
+        } else {
+            data.join(format!("registry-{i}"))
+        }
+    };
+    if n > 1 && dir(1).exists() && !dir(2).exists() {
+        bail!(
+            "{} holds a registry of one validator; run this grid with --validators 1 or use a new --data",
+            dir(1).display()
+        );
+    }
+    let mut common: Vec<String> = [
+        "--down-after-ms",
+        &a.down_after_ms.to_string(),
+        // Addresses are host-wide while these hosts share one: each grid its own range.
+        "--workload-range",
+        &workload_range(data),
+        "--network-range",
+        &network_range(data),
+        "--network-prefix-len",
+        "22",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut listens = vec![a.registry_listen];
+    if n > 1 {
+        let key = data.join("cluster.key");
+        tfgrid_registry::cluster::load_key(&key, true)
+            .with_context(|| format!("making {}", key.display()))?;
+        listens.clear();
+        for i in 0..n {
+            let port = if a.registry_listen.port() == 0 {
+                std::net::TcpListener::bind(SocketAddr::new(a.registry_listen.ip(), 0))?
+                    .local_addr()?
+                    .port()
+            } else {
+                a.registry_listen.port() + i as u16
+            };
+            listens.push(SocketAddr::new(a.registry_listen.ip(), port));
+        }
+        let peers = listens
+            .iter()
+            .enumerate()
+            .map(|(i, l)| format!("{}=http://{l}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        common.extend([
+            "--peers".into(),
+            peers,
+            "--cluster-key".into(),
+            key.to_string_lossy().into_owned(),
+        ]);
+    }
+    let mut procs = Vec::new();
+    let mut urls = Vec::new();
+    let mut lines = Vec::new();
+    for (i, listen) in (1..=n).zip(&listens) {
+        let mut args: Vec<String> = vec![
+            "registry".into(),
+            "--data".into(),
+            dir(i).to_string_lossy().into_owned(),
+            "--listen".into(),
+            listen.to_string(),
+            "--id".into(),
+            i.to_string(),
+        ];
+        args.extend(common.iter().cloned());
+        let name = if i == 1 {
+            "registry".to_string()
+        } else {
+            format!("registry-{i}")
+        };
+        let (p, line) = match spawn(&name, &args, logs) {
+            Ok(v) => v,
+            Err(e) => {
+                terminate(&mut procs);
+                return Err(e.context(format!("is another grid using {listen}?")));
+            }
+        };
+        urls.push(
+            line.strip_prefix("registry listening on ")
+                .unwrap_or_default()
+                .to_string(),
+        );
+        lines.push(format!("{:<10} pid {:<7} {line}", name, p.child.id()));
+        procs.push(p);
+    }
+    Ok((procs, urls.join(","), lines))
 }
 
 /// Keeps the bot running: a bot that exits (or is killed) is started again, and carries on from

@@ -532,3 +532,49 @@ fn ctrl_c_stops_everything_and_the_next_up_brings_it_back() {
     let ps = ok(cli(&g, &["ps"]));
     assert!(ps.contains("running") && ps.contains("2/2"), "{ps}");
 }
+
+/// `up --validators 3`: the registry is three raft validators. The leader is killed (kill -9)
+/// and nothing stops: every node keeps reporting (still up well after the registry's 3 s down
+/// threshold), and the bot deploys and serves through the two that are left.
+#[test]
+fn a_node_and_the_bot_keep_working_while_a_validator_is_down() {
+    if let Some(why) = grid_skip() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let gw = free_port();
+    let g = up_with(dir.path(), gw, &["--validators", "3", "--nodes", "2"], &[]);
+    assert_eq!(g.registry_pids.len(), 3, "{:?}", g.lines);
+    assert_eq!(g.registry.split(',').count(), 3, "{}", g.registry);
+    let status = registry_get(&g, "/cluster");
+    assert_eq!(status["members"].as_array().unwrap().len(), 3, "{status}");
+    let leader = status["leader"].as_u64().unwrap();
+    Command::new("kill")
+        .args(["-9", &g.registry_pids[leader as usize - 1].to_string()])
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(4500));
+    let status = registry_get(&g, "/cluster");
+    let now = status["leader"].as_u64();
+    assert!(now.is_some() && now != Some(leader), "{status}");
+    let nodes = registry_get(&g, "/nodes");
+    let nodes = nodes.as_array().unwrap();
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    for n in nodes {
+        assert_eq!(n["status"], "up", "node {} kept reporting: {n}", n["id"]);
+    }
+    let spec = spec_file(
+        dir.path(),
+        "one.yaml",
+        &format!(
+            "name: one\nservices:\n  web:\n    image: {}\n    memory: 32M\n    expose: {{name: one, port: 8080}}\n",
+            g.image
+        ),
+    );
+    let out = ok(cli(&g, &["deploy", spec.to_str().unwrap()]));
+    assert!(out.contains("deployed one"), "{out}");
+    assert_eq!(fetch(g.gateway, "one.gw.local").map(|r| r.0), Some(200));
+    ok(cli(&g, &["rm", "one"]));
+    assert!(live_contracts(&g).is_empty());
+}

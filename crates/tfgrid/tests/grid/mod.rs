@@ -39,7 +39,9 @@ pub struct Grid {
     pub node_pids: Vec<(u32, u32)>,
     pub bot_pid: u32,
     pub registry_pid: u32,
-    /// The registry's URL and the user's twin, as `up` printed them.
+    /// Every validator's pid, by validator id (1 first).
+    pub registry_pids: Vec<u32>,
+    /// The registry's URLs (comma-separated with several validators) and the user's twin, as `up` printed them.
     pub registry: String,
     pub twin: u32,
     pub lines: Vec<String>,
@@ -133,6 +135,7 @@ pub fn up_with(dir: &Path, gw: SocketAddr, extra: &[&str], env: &[(&str, &str)])
         .to_string();
     let mut node_pids = Vec::new();
     let (mut bot_pid, mut registry_pid) = (0, 0);
+    let mut registry_pids = Vec::new();
     for l in &lines {
         let w: Vec<&str> = l.split_whitespace().collect();
         if w.len() > 4 && w[0].starts_with("node") && w[1] == "pid" {
@@ -143,6 +146,9 @@ pub fn up_with(dir: &Path, gw: SocketAddr, extra: &[&str], env: &[(&str, &str)])
         }
         if w.len() > 2 && w[0] == "registry" && w[1] == "pid" {
             registry_pid = w[2].parse().unwrap();
+        }
+        if w.len() > 2 && w[0].starts_with("registry") && w[1] == "pid" {
+            registry_pids.push(w[2].parse().unwrap());
         }
     }
     let nodes = extra
@@ -172,6 +178,7 @@ pub fn up_with(dir: &Path, gw: SocketAddr, extra: &[&str], env: &[(&str, &str)])
         node_pids,
         bot_pid,
         registry_pid,
+        registry_pids,
         registry,
         twin,
         lines,
@@ -227,13 +234,18 @@ pub fn spec_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     p
 }
 
-/// GET a registry path as JSON.
+/// GET a registry path as JSON, from the first validator that answers.
 pub fn registry_get(g: &Grid, path: &str) -> serde_json::Value {
-    let out = Command::new("curl")
-        .args(["-s", "-m", "5", &format!("{}{path}", g.registry)])
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    for url in g.registry.split(',') {
+        let out = Command::new("curl")
+            .args(["-s", "-m", "5", &format!("{url}{path}")])
+            .output()
+            .unwrap();
+        if let Ok(v) = serde_json::from_slice(&out.stdout) {
+            return v;
+        }
+    }
+    serde_json::Value::Null
 }
 
 /// The live contracts of the user's twin, by id.
