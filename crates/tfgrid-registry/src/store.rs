@@ -273,6 +273,12 @@ impl Store {
             if batch.is_empty() {
                 break;
             }
+            if from == 1 && batch[0].0 != 1 {
+                return Err(RegistryError::Corrupt(format!(
+                    "the history here starts at height {} (this validator joined from a snapshot); a replay needs all of it",
+                    batch[0].0
+                )));
+            }
             for (h, at, stx) in batch {
                 st.apply(&Verified::trusted(stx), at, &mut ch)
                     .map_err(|e| {

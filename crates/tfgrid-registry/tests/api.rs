@@ -1054,6 +1054,34 @@ async fn batch_keeps_order_and_reports_each_result() {
     assert!(matches!(&out[2], BatchResult::Err(e) if e.error == "conflict"));
     assert!(matches!(&out[3], BatchResult::Ok(_)));
     assert_eq!(g.client.twin(1).await.unwrap().relay, "ws://after");
+
+    // The history alone rebuilds the same records (the refused transaction is not in it).
+    let mut g = g;
+    let kept = std::mem::replace(&mut g.dir, tempfile::tempdir().unwrap());
+    drop(g);
+    let store = loop {
+        match tfgrid_registry::store::Store::open(kept.path()) {
+            Ok(s) => break s,
+            // Raft's tasks close the files once the server stopped.
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    };
+    let loaded = store.load(RegistryConfig::default()).unwrap();
+    let replayed = store.replay(RegistryConfig::default()).unwrap();
+    assert_eq!(loaded.height, 3);
+    assert_eq!(replayed.height, loaded.height);
+    assert_eq!(json(&replayed.twins), json(&loaded.twins));
+    assert_eq!(json(&replayed.farms), json(&loaded.farms));
+    let nonces = |s: &tfgrid_registry::state::State| {
+        let mut v: Vec<(String, u64)> = s.nonces.iter().map(|(k, n)| (k.to_hex(), *n)).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(nonces(&replayed), nonces(&loaded));
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap()
 }
 
 #[tokio::test]
