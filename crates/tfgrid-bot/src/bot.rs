@@ -70,6 +70,9 @@ pub struct Bot {
     /// The twin's networks by name, as last read or written (the bot is their only writer).
     pub(crate) nets: std::sync::Mutex<HashMap<String, tfgrid_core::network::Network>>,
     pub(crate) layout: std::sync::OnceLock<tfgrid_core::network::Layout>,
+    /// What the reconciler's pings said about nodes (see `liveness`), and the nodes gone now.
+    pub(crate) liveness: std::sync::Mutex<crate::liveness::Liveness>,
+    pub(crate) gone: std::sync::Mutex<HashMap<tfgrid_core::NodeId, String>>,
 }
 
 /// How long a node may take for a deploy (an image pull can be slow); a node that dies meanwhile
@@ -162,6 +165,8 @@ impl Bot {
             ops_running: Default::default(),
             nets: Default::default(),
             layout: Default::default(),
+            liveness: Default::default(),
+            gone: Default::default(),
         });
         bot.recover().await?;
         Ok(bot)

@@ -52,27 +52,47 @@ impl Bot {
             free_hru: min(|w| w.capacity.hru).filter(|v| *v > 0),
             ..Default::default()
         };
-        let attempt = |nodes: Vec<NodeView>| {
+        let attempt = |nodes: &[NodeView], exclude: &HashSet<NodeId>| {
             let mut sched = Scheduler::new(nodes.iter().map(Candidate::from));
             let mut plan = Vec::new();
             for (sname, want, replicas) in &wants {
-                let placed = sched.place(
-                    &format!("service {sname}"),
-                    want,
-                    *replicas,
-                    &[],
-                    &HashSet::new(),
-                )?;
+                let placed =
+                    sched.place(&format!("service {sname}"), want, *replicas, &[], exclude)?;
                 for (i, id) in placed.into_iter().enumerate() {
                     plan.push((sname.clone(), i as u32, id));
                 }
             }
             Ok::<_, crate::scheduler::NoFit>((sched, plan))
         };
-        match attempt(self.nodes_where(prefilter).await?) {
-            Ok(v) => Ok(v),
-            Err(_) => attempt(self.all_nodes().await?).map_err(|e| BotError::NoFit(e.message)),
+        // The ledger may still call a dead node up: the chosen nodes are pinged, and a plan
+        // with one that does not answer is made again without it.
+        let mut exclude = self.gone_nodes();
+        let mut nodes = self.nodes_where(prefilter).await?;
+        let mut all = false;
+        for _ in 0..3 {
+            let (sched, plan) = match attempt(&nodes, &exclude) {
+                Ok(v) => v,
+                Err(_) if !all => {
+                    all = true;
+                    nodes = self.all_nodes().await?;
+                    attempt(&nodes, &exclude).map_err(|e| BotError::NoFit(e.message))?
+                }
+                Err(e) => return Err(BotError::NoFit(e.message)),
+            };
+            let chosen: Vec<(NodeId, TwinId)> = nodes
+                .iter()
+                .filter(|n| plan.iter().any(|(_, _, id)| *id == n.node.id))
+                .map(|n| (n.node.id, n.node.twin_id))
+                .collect();
+            let dead = self.not_answering(&chosen).await;
+            if dead.is_empty() {
+                return Ok((sched, plan));
+            }
+            exclude.extend(dead);
         }
+        Err(BotError::NoFit(
+            "the nodes chosen do not answer (three plans in a row)".into(),
+        ))
     }
 
     pub(crate) fn want(svc: &Service) -> Result<Want, BotError> {

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod bot;
 mod deploy;
+mod liveness;
 pub mod networks;
 mod reconcile;
 pub mod recovery;

@@ -43,19 +43,31 @@ impl Bot {
         if used.is_empty() {
             return Ok(());
         }
-        let status: HashMap<NodeId, NodeStatus> = self
+        let views = self
             .nodes_where(NodeFilter {
                 node_ids: Some(used),
                 ..Default::default()
             })
-            .await?
+            .await?;
+        // The registry's status is the ledger's slow view; the pings see a dead node in seconds.
+        let twins: Vec<(NodeId, TwinId)> =
+            views.iter().map(|n| (n.node.id, n.node.twin_id)).collect();
+        let gone = self.probe_nodes(&twins).await;
+        let status: HashMap<NodeId, NodeStatus> = views
             .iter()
-            .map(|n| (n.node.id, n.status))
+            .map(|n| {
+                let s = if gone.contains_key(&n.node.id) {
+                    NodeStatus::Down
+                } else {
+                    n.status
+                };
+                (n.node.id, s)
+            })
             .collect();
         let passes = records
             .iter()
             .filter(|r| matches!(r.state, State::Running | State::Degraded))
-            .map(|r| self.reconcile_one(&r.name, &status));
+            .map(|r| self.reconcile_one(&r.name, &status, &gone));
         for r in futures::future::join_all(passes).await {
             if let Err(e) = r {
                 tracing::warn!("reconcile: {e}");
@@ -68,7 +80,13 @@ impl Bot {
         &self,
         name: &str,
         status: &HashMap<NodeId, NodeStatus>,
+        gone: &HashMap<NodeId, String>,
     ) -> Result<(), BotError> {
+        let down = |n: NodeId| {
+            gone.get(&n)
+                .cloned()
+                .unwrap_or_else(|| format!("node {n} is down"))
+        };
         let lock = self.lock_of(name);
         // Busy (being deployed, updated or removed): its operation owns it this pass.
         let Ok(_g) = lock.try_lock() else {
@@ -99,7 +117,7 @@ impl Bot {
                     let why = why.or_else(|| unreachable(r, &from_gateways));
                     (seen, why)
                 }
-                Some(NodeStatus::Down) => (None, Some(format!("node {} is down", r.node_id))),
+                Some(NodeStatus::Down) => (None, Some(down(r.node_id))),
                 // Not in the pass's node list (placed after it was made): next pass.
                 None => (None, None),
             }
@@ -156,8 +174,11 @@ impl Bot {
                         &rec.name,
                         "gateway-moved",
                         format!(
-                            "gateway node {} is down; {} is now served at {} by node {}",
-                            old.node_id, old.name, new.url, new.node_id
+                            "gateway {}; {} is now served at {} by node {}",
+                            down(old.node_id),
+                            old.name,
+                            new.url,
+                            new.node_id
                         ),
                     );
                     rec.routes[j] = new;
@@ -166,7 +187,7 @@ impl Bot {
                     changed = true;
                 }
                 Err(e) => {
-                    self.heal_failed(&rec, format!("gateway node {} is down; {e}", old.node_id));
+                    self.heal_failed(&rec, format!("gateway {}; {e}", down(old.node_id)));
                     degraded = true;
                 }
             }
@@ -293,17 +314,33 @@ impl Bot {
             .filter(|r| r.service == old.service && r.contract_id != old.contract_id)
             .map(|r| r.node_id)
             .collect();
-        let exclude: HashSet<NodeId> = [old.node_id].into();
+        let mut exclude: HashSet<NodeId> = self.gone_nodes();
+        exclude.insert(old.node_id);
         let want = Self::want(svc).map_err(|e| e.to_string())?;
-        let target = sched
-            .place(
-                &format!("service {}", old.service),
-                &want,
-                1,
-                &used,
-                &exclude,
-            )
-            .map_err(|e| e.message)?[0];
+        // A target that does not answer a ping (the ledger may still call it up) is passed over.
+        let mut target = None;
+        for _ in 0..3 {
+            let t = sched
+                .place(
+                    &format!("service {}", old.service),
+                    &want,
+                    1,
+                    &used,
+                    &exclude,
+                )
+                .map_err(|e| e.message)?[0];
+            let twin = nodes
+                .iter()
+                .find(|n| n.node.id == t)
+                .map(|n| n.node.twin_id)
+                .unwrap_or_default();
+            if self.not_answering(&[(t, twin)]).await.is_empty() {
+                target = Some(t);
+                break;
+            }
+            exclude.insert(t);
+        }
+        let target = target.ok_or("the nodes chosen do not answer (three in a row)")?;
         let node = sched.node(target).cloned().expect("placed on a known node");
         let spec = Spec::parse(&rec.yaml).map_err(|e| e.to_string())?;
         let net = self.network_of(&spec).await?.id;

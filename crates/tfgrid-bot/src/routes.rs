@@ -100,9 +100,11 @@ impl Bot {
             })
             .await
             .map_err(|e| e.to_string())?;
+        let gone = self.gone_nodes();
         let mut gws: Vec<&NodeView> = nodes
             .iter()
             .filter(|n| n.status == NodeStatus::Up && n.node.public_config.domain.is_some())
+            .filter(|n| !gone.contains(&n.node.id))
             .collect();
         gws.sort_by_key(|n| n.node.id);
         let gw = gws

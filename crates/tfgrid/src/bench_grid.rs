@@ -44,6 +44,10 @@ pub struct HealBench {
     /// The registry's down_after_ms: how long a node may be silent before it counts as down.
     #[arg(long, default_value_t = 3000)]
     down_after_ms: u64,
+    /// How often nodes write uptime to the ledger. With a slow period (say 20000, down after
+    /// 60000) the heal comes from the bot's pings alone.
+    #[arg(long, default_value_t = 1000)]
+    report_interval_ms: u64,
 }
 
 fn ms(us: u64) -> String {
@@ -204,13 +208,14 @@ fn spawn_node(args: &[String]) -> Result<(Proc, u32, u32)> {
     ))
 }
 
-pub async fn grid(nodes: usize, down_after_ms: u64) -> Result<Grid> {
+pub async fn grid(nodes: usize, down_after_ms: u64, report_interval_ms: u64) -> Result<Grid> {
     if !nix::unistd::geteuid().is_root() {
         bail!("this benchmark runs node agents: run it as root");
     }
     let dir = tempfile::tempdir()?;
     let config = RegistryConfig {
         down_after_ms,
+        report_interval_ms,
         // Bridges share this host with any other grid: the bench's nodes get 10.251.<n-1>.0/24.
         workload_range: "10.251.0.0/16".parse().expect("a valid prefix"),
         // ... and the users' networks 10.252.<4k>.0/22.
@@ -330,7 +335,7 @@ fn spec(name: &str, image: &str, expose: bool) -> String {
 }
 
 pub async fn deploy(b: DeployBench) -> Result<()> {
-    let g = grid(2, 3000).await?;
+    let g = grid(2, 3000, 1000).await?;
     let http = reqwest::Client::new();
     let mut hist = Histogram::<u64>::new(3)?;
     // The first deploy on each node pulls the image; they are not counted.
@@ -407,7 +412,7 @@ fn power_off(dir: &Path, proc: Proc) {
 }
 
 pub async fn heal(b: HealBench) -> Result<()> {
-    let mut g = grid(3, b.down_after_ms).await?;
+    let mut g = grid(3, b.down_after_ms, b.report_interval_ms).await?;
     let http = reqwest::Client::new();
     let r = http
         .post(format!("{}/api/deployments", g.api))
@@ -464,9 +469,10 @@ pub async fn heal(b: HealBench) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
     println!(
-        "tfgrid bench heal: {} rounds; a node loses power (agent and containers killed), registry \
-         down_after_ms {}, bot reconciling every 250 ms",
-        b.rounds, b.down_after_ms
+        "tfgrid bench heal: {} rounds; a node loses power (agent and containers killed), nodes \
+         report uptime every {} ms, registry down_after_ms {}, bot reconciling (and pinging its \
+         nodes) every 250 ms",
+        b.rounds, b.report_interval_ms, b.down_after_ms
     );
     println!(
         "kill -> answering again elsewhere: p50 {:.2} s  max {:.2} s",

@@ -48,8 +48,13 @@ pub struct UpArgs {
     #[arg(long, default_value = "gw.local")]
     domain: String,
     /// How long a node may miss uptime reports before the registry calls it down.
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, default_value_t = 30_000)]
     down_after_ms: u64,
+    /// How often nodes write an uptime report to the ledger. The bot does not wait for the
+    /// ledger to notice a dead node (it pings its nodes), so this is slow: the ledger grows by
+    /// one entry per node per 10 s, not per second.
+    #[arg(long, default_value_t = 10_000)]
+    report_interval_ms: u64,
     /// Run every node on this machine's own network instead of a host of its own. By default
     /// each node is a separate host: a network namespace on a simulated WAN (198.18.x.0/24);
     /// hosts take turns being behind a NAT router, public with UDP blocked (so only the relay
@@ -467,6 +472,8 @@ fn start_registry(
     let mut common: Vec<String> = [
         "--down-after-ms",
         &a.down_after_ms.to_string(),
+        "--report-interval-ms",
+        &a.report_interval_ms.to_string(),
         // Addresses are host-wide while these hosts share one: each grid its own range.
         "--workload-range",
         &workload_range(data),

@@ -468,7 +468,9 @@ fn clients_registries_and_nodes_that_fail_mid_deploy() {
         Command::new(BIN)
             .args(["registry", "--data"])
             .arg(g.data.join("registry"))
-            .args(["--listen", &addr, "--down-after-ms", "3000"])
+            // As `up` runs it: nodes report every 10 s.
+            .args(["--listen", &addr, "--down-after-ms", "30000"])
+            .args(["--report-interval-ms", "10000"])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(d.join("registry2.log")).unwrap())
             .spawn()

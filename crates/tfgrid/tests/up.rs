@@ -100,8 +100,12 @@ fn up_deploys_heals_and_removes_through_the_cli() {
         assert_eq!(fetch(g.gateway, "web.gw.local").map(|r| r.0), Some(200));
     }
     let events = ok(cli(&g, &["events", "--deployment", "web"]));
+    // Found by the bot's ping (the relay saw the connection drop), not by the ledger, which
+    // `up` has nodes write to every 10 s only.
     assert!(
-        events.contains(&format!("node {victim} is down")),
+        events.contains(&format!(
+            "node {victim} is unreachable: its relay says it is not connected"
+        )),
         "{events}"
     );
     assert!(events.contains("repointed"), "{events}");
@@ -544,7 +548,22 @@ fn a_node_and_the_bot_keep_working_while_a_validator_is_down() {
     }
     let dir = tempfile::tempdir().unwrap();
     let gw = free_port();
-    let g = up_with(dir.path(), gw, &["--validators", "3", "--nodes", "2"], &[]);
+    // Reports every second, down after 3 s: a node whose reports stopped landing shows.
+    let g = up_with(
+        dir.path(),
+        gw,
+        &[
+            "--validators",
+            "3",
+            "--nodes",
+            "2",
+            "--report-interval-ms",
+            "1000",
+            "--down-after-ms",
+            "3000",
+        ],
+        &[],
+    );
     assert_eq!(g.registry_pids.len(), 3, "{:?}", g.lines);
     assert_eq!(g.registry.split(',').count(), 3, "{}", g.registry);
     let status = registry_get(&g, "/cluster");
@@ -577,4 +596,65 @@ fn a_node_and_the_bot_keep_working_while_a_validator_is_down() {
     assert_eq!(fetch(g.gateway, "one.gw.local").map(|r| r.0), Some(200));
     ok(cli(&g, &["rm", "one"]));
     assert!(live_contracts(&g).is_empty());
+}
+
+/// Healing does not wait for the ledger: nodes report uptime every 20 s and the registry would
+/// call a node down only after 60 s, yet a node killed with kill -9 has its replica moved within
+/// seconds, because its relay tells the bot's ping that the node is not connected. At the heal the
+/// registry still shows the dead node as up.
+#[test]
+fn a_dead_node_is_healed_around_before_the_ledger_notices() {
+    if let Some(why) = grid_skip() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let gw = free_port();
+    let g = up_with(
+        dir.path(),
+        gw,
+        &["--report-interval-ms", "20000", "--down-after-ms", "60000"],
+        &[],
+    );
+    let spec = spec_file(
+        dir.path(),
+        "one.yaml",
+        &format!(
+            "name: one\nservices:\n  web:\n    image: {}\n    memory: 32M\n    expose: {{name: one, port: 8080}}\n",
+            g.image
+        ),
+    );
+    ok(cli(&g, &["deploy", spec.to_str().unwrap()]));
+    assert_eq!(fetch(gw, "one.gw.local").map(|r| r.0), Some(200));
+    let before = inspect(&g, "one");
+    let dead = before["replicas"][0]["node_id"].as_u64().unwrap() as u32;
+    let pid = g.node_pids.iter().find(|(n, _)| *n == dead).unwrap().1;
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    wait_for("the replica to move", Duration::from_secs(20), || {
+        inspect(&g, "one")["replicas"][0]["node_id"].as_u64() != Some(dead.into())
+    });
+    let took = t0.elapsed();
+    let node = registry_get(&g, &format!("/nodes/{dead}"));
+    assert_eq!(
+        node["status"], "up",
+        "the ledger has not noticed yet, so the bot did not wait for it: {node}"
+    );
+    eprintln!("healed {} ms after the kill", took.as_millis());
+    let events = ok(cli(&g, &["events", "--deployment", "one"]));
+    assert!(
+        events.contains(&format!(
+            "node {dead} is unreachable: its relay says it is not connected"
+        )),
+        "{events}"
+    );
+    wait_for(
+        "the moved replica to serve",
+        Duration::from_secs(15),
+        || fetch(gw, "one.gw.local").map(|r| r.0) == Some(200),
+    );
+    ok(cli(&g, &["rm", "one"]));
 }
