@@ -107,9 +107,21 @@ impl Bot {
             .filter(|n| !gone.contains(&n.node.id))
             .collect();
         gws.sort_by_key(|n| n.node.id);
-        let gw = gws
-            .first()
-            .ok_or_else(|| "no gateway node is up (a node registered with --domain)".to_string())?;
+        // The lowest id that answers a ping: the ledger may still call a dead gateway up.
+        let mut gw = None;
+        for n in gws.iter().take(3) {
+            if self
+                .not_answering(&[(n.node.id, n.node.twin_id)])
+                .await
+                .is_empty()
+            {
+                gw = Some(*n);
+                break;
+            }
+        }
+        let gw = gw.ok_or_else(|| {
+            "no gateway node is up and answering (a node registered with --domain)".to_string()
+        })?;
         self.join_for_backends(gw.node.id, &backends).await?;
         let name_contract = self.name_contract(journal, name).await?;
         let mut d = Self::gateway_deployment(self.twin, service, name, backends.clone(), 0);
