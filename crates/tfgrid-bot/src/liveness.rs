@@ -130,6 +130,15 @@ impl Liveness {
 }
 
 impl crate::bot::Bot {
+    /// Pings every node at once.
+    async fn ping_all(&self, nodes: &[(NodeId, TwinId)]) -> Vec<(NodeId, TwinId, Probe)> {
+        let pings = nodes.iter().map(|(n, twin)| async move {
+            let r = self.peer.call(*twin, "bus.ping", b"", PING_TIMEOUT).await;
+            (*n, *twin, Probe::of(&r))
+        });
+        futures::future::join_all(pings).await
+    }
+
     /// Pings every node in `nodes`, and every node failing so far, at once; returns the ones
     /// that are gone.
     pub(crate) async fn probe_nodes(&self, nodes: &[(NodeId, TwinId)]) -> HashMap<NodeId, String> {
@@ -141,11 +150,8 @@ impl crate::bot::Bot {
             .into_iter()
             .collect();
         targets.extend(nodes.iter().copied());
-        let pings = targets.into_iter().map(|(n, twin)| async move {
-            let r = self.peer.call(twin, "bus.ping", b"", PING_TIMEOUT).await;
-            (n, twin, Probe::of(&r))
-        });
-        let probes = futures::future::join_all(pings).await;
+        let targets: Vec<(NodeId, TwinId)> = targets.into_iter().collect();
+        let probes = self.ping_all(&targets).await;
         let gone = self
             .liveness
             .lock()
@@ -162,11 +168,7 @@ impl crate::bot::Bot {
         &self,
         nodes: &[(NodeId, TwinId)],
     ) -> std::collections::HashSet<NodeId> {
-        let pings = nodes.iter().map(|(n, twin)| async move {
-            let r = self.peer.call(*twin, "bus.ping", b"", PING_TIMEOUT).await;
-            (*n, *twin, Probe::of(&r))
-        });
-        let probes = futures::future::join_all(pings).await;
+        let probes = self.ping_all(nodes).await;
         let now = Instant::now();
         let mut l = self.liveness.lock().unwrap_or_else(|p| p.into_inner());
         probes

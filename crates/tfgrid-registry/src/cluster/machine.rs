@@ -143,6 +143,20 @@ fn sm_err(verb: ErrorVerb, e: impl ToString) -> StorageError {
     )
 }
 
+/// A raft mark as [`mark`] wrote it; `None` when it was never written.
+fn read_mark<T: serde::de::DeserializeOwned>(
+    store: &Store,
+    key: &str,
+) -> Result<Option<T>, RegistryError> {
+    store
+        .mark(key)?
+        .map(|b| {
+            postcard::from_bytes(&b)
+                .map_err(|e| RegistryError::Corrupt(format!("raft mark {key}: {e}")))
+        })
+        .transpose()
+}
+
 fn mark<T: Serialize>(v: &T) -> Vec<u8> {
     postcard::to_stdvec(v).expect("postcard encodes raft marks")
 }
@@ -156,17 +170,8 @@ impl Machine {
         config: RegistryConfig,
     ) -> Result<Started, RegistryError> {
         let state = store.load(config)?;
-        let decode = |k: &str| -> Result<Option<Vec<u8>>, RegistryError> { store.mark(k) };
-        let applied: Option<LogId> = match decode("applied")? {
-            Some(b) => postcard::from_bytes(&b)
-                .map_err(|e| RegistryError::Corrupt(format!("raft mark applied: {e}")))?,
-            None => None,
-        };
-        let membership: StoredMembership = match decode("membership")? {
-            Some(b) => postcard::from_bytes(&b)
-                .map_err(|e| RegistryError::Corrupt(format!("raft mark membership: {e}")))?,
-            None => StoredMembership::default(),
-        };
+        let applied: Option<LogId> = read_mark(&store, "applied")?.flatten();
+        let membership: StoredMembership = read_mark(&store, "membership")?.unwrap_or_default();
         tracing::info!(
             height = state.height,
             twins = state.twins.len(),
