@@ -13,12 +13,22 @@ pub const GET: &str = "deployment.get";
 pub const DELETE: &str = "deployment.delete";
 pub const CHANGES: &str = "deployment.changes";
 pub const LIST: &str = "deployment.list";
+/// Every deployment of the caller on the node, with only its workloads' results: what an owner
+/// checks each reconcile pass, in one call per node.
+pub const STATES: &str = "deployment.states";
 pub const STATISTICS: &str = "node.statistics";
 pub const VERSION: &str = "node.version";
 pub const LOGS: &str = "workload.logs";
 pub const OVERLAY: &str = "node.overlay";
 pub const OWNER: &str = "workload.owner";
 pub const GATEWAY_BACKENDS: &str = "gateway.backends";
+
+/// One deployment's workload results (`deployment.states`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentState {
+    pub contract_id: ContractId,
+    pub results: BTreeMap<String, WorkloadResult>,
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ContractRef {

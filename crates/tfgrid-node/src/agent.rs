@@ -3,7 +3,7 @@
 
 use crate::api::{self, ContractRef, DeploymentInfo, Logs, LogsRequest, Version};
 use crate::capacity::{self, Discovered};
-use crate::engine::{Engine, Kinds};
+use crate::engine::{Engine, HostKinds, Kinds};
 use crate::images::Images;
 use crate::kinds::{container::Container, gateway::Gateway, volume::Volume, zdb::Zdb};
 use crate::net::Net;
@@ -72,21 +72,30 @@ pub struct NodeConfig {
     /// Containers in private networks reach the world outside the grid through this host's
     /// address; false keeps them inside the grid.
     pub masquerade: bool,
+    /// How often uptime goes to the ledger; None: the registry's `report_interval_ms`.
+    pub report_every: Option<Duration>,
+    /// How often the node looks for contracts cancelled on the registry (a safety net: a bot
+    /// that cancels a contract also asks the node to delete the deployment).
+    pub sweep_every: Duration,
 }
+
+/// The default of [`NodeConfig::sweep_every`].
+pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
 
 pub struct RunningNode {
     pub node_id: NodeId,
     pub twin_id: TwinId,
     pub engine: Arc<Engine>,
     pub gateway: Option<SocketAddr>,
-    pub zdb: SocketAddr,
+    /// The node's 0-db (none on a simulated node).
+    pub zdb: Option<SocketAddr>,
     pub total: Capacity,
     /// The overlay's device, for status (its peers and their paths).
     pub overlay: Option<Arc<tfgrid_net::Device>>,
     // Dropped before the device: the route into it goes first.
-    _grid: Option<Arc<tfgrid_net::grid::Grid>>,
-    _peer: Peer,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    pub(crate) _grid: Option<Arc<tfgrid_net::grid::Grid>>,
+    pub(crate) _peer: Peer,
+    pub(crate) tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for RunningNode {
@@ -149,7 +158,11 @@ fn secret(path: &std::path::Path) -> Result<String, AgentError> {
     Ok(s)
 }
 
-async fn register(signer: &TwinSigner, twin: TwinId, spec: NodeSpec) -> Result<NodeId, AgentError> {
+pub(crate) async fn register(
+    signer: &TwinSigner,
+    twin: TwinId,
+    spec: NodeSpec,
+) -> Result<NodeId, AgentError> {
     let reg = |e: tfgrid_registry_client::ClientError| AgentError::Registry(e.to_string());
     let existing = signer
         .client()
@@ -343,7 +356,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
         tasks.push(tokio::spawn(crate::kinds::health::run(gateway.routes())));
     }
     let routes = gateway.routes();
-    let kinds = Kinds {
+    let kinds = Kinds::Host(Box::new(HostKinds {
         volume: Volume::new(cfg.data.join("volumes")),
         zdb: Zdb::new(zdb_addr, zdb_admin),
         container: Container::new(
@@ -357,7 +370,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
         )
         .with_networks(networks.clone()),
         gateway,
-    };
+    }));
     let store = Store::open(&cfg.data.join("node.redb"))?;
     let engine = Arc::new(Engine::new(node_id, total, client.clone(), store, kinds));
     // A contract cancelled while the agent was down is removed, not brought back first.
@@ -438,35 +451,14 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
         tracing::warn!("not connected to the relay {} yet: {e}", cfg.relay);
     }
 
-    let interval = client
-        .config()
-        .await
-        .map(|c| Duration::from_millis(c.report_interval_ms))
-        .unwrap_or(Duration::from_secs(1));
-    let started = Instant::now();
-    let s2 = signer;
-    tasks.push(tokio::spawn(async move {
-        loop {
-            let uptime = started.elapsed().as_secs();
-            if let Err(e) = s2.submit(Call::ReportUptime { uptime }).await {
-                tracing::warn!("uptime report: {e}");
-            }
-            tokio::time::sleep(interval).await;
-        }
-    }));
-    let (e, c) = (engine.clone(), client);
-    tasks.push(tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            sweep_cancelled(&e, &c).await;
-        }
-    }));
+    tasks.push(spawn_uptime(signer, cfg.report_every).await);
+    tasks.push(spawn_sweep(engine.clone(), client, cfg.sweep_every));
     Ok(RunningNode {
         node_id,
         twin_id: twin,
         engine,
         gateway: gateway_addr,
-        zdb: zdb_addr,
+        zdb: Some(zdb_addr),
         total,
         overlay: overlay.map(|(d, _)| d),
         _grid: grid,
@@ -581,9 +573,32 @@ fn host_addresses(ranges: &[tfgrid_core::prefix::Ipv4Prefix]) -> Vec<std::net::I
 }
 
 /// A deployment whose contract was cancelled (or no longer exists) on the registry is removed.
-async fn sweep_cancelled(engine: &Engine, client: &RegistryClient) {
+/// One read lists the node's live contracts; only a deployment missing from it is looked up on
+/// its own (a reader that lags the leader may not list a contract made a moment ago).
+pub(crate) async fn sweep_cancelled(engine: &Engine, client: &RegistryClient) {
     let Ok(ids) = engine.contracts() else { return };
-    for id in ids {
+    if ids.is_empty() {
+        return;
+    }
+    let mut live = std::collections::HashSet::new();
+    for page in 1.. {
+        let f = tfgrid_core::filter::ContractFilter {
+            node_id: Some(engine.node_id()),
+            state: Some("live".into()),
+            page: Some(page),
+            size: Some(1000),
+            ..Default::default()
+        };
+        let Ok(cs) = client.contracts(&f).await else {
+            return;
+        };
+        let n = cs.len();
+        live.extend(cs.into_iter().map(|c| c.id));
+        if n < 1000 {
+            break;
+        }
+    }
+    for id in ids.into_iter().filter(|id| !live.contains(id)) {
         let gone = match client.contract(id).await {
             Ok(c) => !c.is_live(),
             Err(e) => e.code() == Some("not_found"),
@@ -600,7 +615,58 @@ async fn sweep_cancelled(engine: &Engine, client: &RegistryClient) {
     }
 }
 
-fn serve_bus(peer: &Peer, engine: Arc<Engine>, domain: Option<String>) {
+/// Reports uptime to the ledger every `every` (or the registry's period). The first report
+/// goes at once (the ledger learns the node is up); later ones start at a random point of the
+/// period, so nodes started together do not all write in the same second forever after.
+pub(crate) async fn spawn_uptime(
+    signer: TwinSigner,
+    every: Option<Duration>,
+) -> tokio::task::JoinHandle<()> {
+    let every = match every {
+        Some(d) => d,
+        None => signer
+            .client()
+            .config()
+            .await
+            .map(|c| Duration::from_millis(c.report_interval_ms))
+            .unwrap_or(Duration::from_secs(1)),
+    };
+    let started = Instant::now();
+    tokio::spawn(async move {
+        let mut b = [0u8; 8];
+        let _ = getrandom::getrandom(&mut b);
+        let phase = every.mul_f64((u64::from_le_bytes(b) % 1000) as f64 / 1000.0);
+        let mut first = true;
+        loop {
+            let uptime = started.elapsed().as_secs();
+            if let Err(e) = signer.submit(Call::ReportUptime { uptime }).await {
+                tracing::warn!("uptime report: {e}");
+            }
+            let wait = if std::mem::take(&mut first) {
+                phase
+            } else {
+                every
+            };
+            tokio::time::sleep(wait).await;
+        }
+    })
+}
+
+/// Runs [`sweep_cancelled`] every `every`.
+pub(crate) fn spawn_sweep(
+    engine: Arc<Engine>,
+    client: RegistryClient,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            sweep_cancelled(&engine, &client).await;
+        }
+    })
+}
+
+pub(crate) fn serve_bus(peer: &Peer, engine: Arc<Engine>, domain: Option<String>) {
     let e = engine.clone();
     let d = domain.clone();
     peer.handle_json(api::DEPLOY, move |src, dep: Deployment| {
@@ -648,6 +714,11 @@ fn serve_bus(peer: &Peer, engine: Arc<Engine>, domain: Option<String>) {
     peer.handle_json(api::LIST, move |src, _: serde_json::Value| {
         let e = e.clone();
         async move { e.list(src).map_err(|x| x.to_string()) as Result<Vec<DeploymentInfo>, String> }
+    });
+    let e = engine.clone();
+    peer.handle_json(api::STATES, move |src, _: serde_json::Value| {
+        let e = e.clone();
+        async move { e.states(src).map_err(|x| x.to_string()) }
     });
     let e = engine.clone();
     peer.handle_json(api::STATISTICS, move |_, _: serde_json::Value| {

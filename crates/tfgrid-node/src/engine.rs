@@ -34,7 +34,14 @@ pub enum EngineError {
     Store(#[from] StoreError),
 }
 
-pub struct Kinds {
+/// What makes workloads exist: this host's kinds, or a simulation of all of them.
+pub enum Kinds {
+    // One per node, held for its life: its size does not matter.
+    Host(Box<HostKinds>),
+    Simulated(crate::kinds::simulated::Simulated),
+}
+
+pub struct HostKinds {
     pub volume: Volume,
     pub zdb: Zdb,
     pub container: Container,
@@ -221,6 +228,10 @@ impl Engine {
         }
     }
 
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
     pub fn total(&self) -> Capacity {
         self.total
     }
@@ -372,12 +383,12 @@ impl Engine {
             deployment: d,
             workload: w,
         };
-        let k = &self.kinds;
-        let out = match &w.data {
-            WorkloadData::Volume(_) => op.run(&k.volume, &ctx).await,
-            WorkloadData::Zdb(_) => op.run(&k.zdb, &ctx).await,
-            WorkloadData::Container(_) => op.run(&k.container, &ctx).await,
-            WorkloadData::GatewayNameProxy(_) => op.run(&k.gateway, &ctx).await,
+        let out = match (&self.kinds, &w.data) {
+            (Kinds::Simulated(s), _) => op.run(s, &ctx).await,
+            (Kinds::Host(k), WorkloadData::Volume(_)) => op.run(&k.volume, &ctx).await,
+            (Kinds::Host(k), WorkloadData::Zdb(_)) => op.run(&k.zdb, &ctx).await,
+            (Kinds::Host(k), WorkloadData::Container(_)) => op.run(&k.container, &ctx).await,
+            (Kinds::Host(k), WorkloadData::GatewayNameProxy(_)) => op.run(&k.gateway, &ctx).await,
         };
         let r = match out {
             Ok(data) => result(ResultState::Ok, String::new(), data),
@@ -393,12 +404,12 @@ impl Engine {
 
     async fn take_down(&self, contract: ContractId, w: &Workload) -> Result<(), String> {
         let id = WorkloadId::new(contract, &w.name);
-        let k = &self.kinds;
-        match &w.data {
-            WorkloadData::Volume(_) => k.volume.deprovision(&id).await,
-            WorkloadData::Zdb(_) => k.zdb.deprovision(&id).await,
-            WorkloadData::Container(_) => k.container.deprovision(&id).await,
-            WorkloadData::GatewayNameProxy(_) => k.gateway.deprovision(&id).await,
+        match (&self.kinds, &w.data) {
+            (Kinds::Simulated(s), _) => s.deprovision(&id).await,
+            (Kinds::Host(k), WorkloadData::Volume(_)) => k.volume.deprovision(&id).await,
+            (Kinds::Host(k), WorkloadData::Zdb(_)) => k.zdb.deprovision(&id).await,
+            (Kinds::Host(k), WorkloadData::Container(_)) => k.container.deprovision(&id).await,
+            (Kinds::Host(k), WorkloadData::GatewayNameProxy(_)) => k.gateway.deprovision(&id).await,
         }
     }
 
@@ -530,6 +541,20 @@ impl Engine {
             .collect()
     }
 
+    /// Each of `src`'s deployments here with its workloads' results.
+    pub fn states(&self, src: TwinId) -> Result<Vec<crate::api::DeploymentState>, EngineError> {
+        let mut out = Vec::new();
+        for d in self.store.deployments()? {
+            if d.twin_id == src {
+                out.push(crate::api::DeploymentState {
+                    contract_id: d.contract_id,
+                    results: self.store.results(d.contract_id)?,
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// Every deployment's contract id (for the watcher that removes cancelled contracts).
     pub fn contracts(&self) -> Result<Vec<ContractId>, EngineError> {
         Ok(self
@@ -595,7 +620,10 @@ impl Engine {
                 w.data.kind()
             )));
         }
-        Ok(self.kinds.container.logs(&WorkloadId::new(id, name), tail))
+        Ok(match &self.kinds {
+            Kinds::Host(k) => k.container.logs(&WorkloadId::new(id, name), tail),
+            Kinds::Simulated(_) => "(a simulated node runs no process, so it has no logs)\n".into(),
+        })
     }
 
     /// After an agent restart: every persisted workload is adopted or remade, in order.

@@ -10,4 +10,6 @@ pub mod images;
 pub mod kinds;
 pub mod net;
 pub mod networks;
+pub mod sim;
+mod sparse;
 pub mod store;

@@ -47,7 +47,18 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path)?;
+        Self::init(Database::create(path)?)
+    }
+
+    /// A store that lives in memory only: a simulated node's, gone with its process.
+    pub fn in_memory() -> Result<Self, StoreError> {
+        let db = Database::builder()
+            .set_cache_size(256 << 10)
+            .create_with_backend(crate::sparse::SparseMemory::default())?;
+        Self::init(db)
+    }
+
+    fn init(db: Database) -> Result<Self, StoreError> {
         let tx = db.begin_write()?;
         tx.open_table(DEPLOYMENTS)?;
         tx.open_table(RESULTS)?;

@@ -5,6 +5,7 @@ use clap::{Args, Subcommand};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 use tfgrid_core::capacity::human_bytes;
 use tfgrid_node::agent::{self, NodeConfig};
 use tfgrid_node::capacity::{self, parse_size};
@@ -99,6 +100,20 @@ struct RunArgs {
     /// addresses outside it.
     #[arg(long)]
     no_masquerade: bool,
+    /// How often uptime goes to the ledger (default: the registry's report_interval_ms).
+    #[arg(long)]
+    report_interval_ms: Option<u64>,
+    /// How often the node looks for contracts cancelled on the registry.
+    #[arg(long, default_value_t = agent::SWEEP_EVERY.as_millis() as u64)]
+    sweep_interval_ms: u64,
+    /// Run N simulated nodes in this process instead of a real one: each registers, reports
+    /// uptime, keeps a bus connection and runs the engine, but starts nothing on the host (see
+    /// ARCHITECTURE.md). They offer --cru, --mru, --sru and --hru each, and live in memory.
+    #[arg(long, value_name = "N")]
+    simulate: Option<u32>,
+    /// Cores each simulated node offers.
+    #[arg(long, default_value_t = 16)]
+    cru: u32,
 }
 
 fn logins(v: &[String]) -> Result<HashMap<String, (String, String)>> {
@@ -162,6 +177,9 @@ pub async fn run(a: NodeArgs) -> Result<()> {
         return Ok(());
     }
     let r = a.run;
+    if let Some(n) = r.simulate {
+        return simulate(r, n).await;
+    }
     let cfg = NodeConfig {
         registry: r.registry,
         relay: r.relay,
@@ -194,17 +212,80 @@ pub async fn run(a: NodeArgs) -> Result<()> {
         overlay_listen: (!r.no_overlay).then_some(r.overlay_listen),
         overlay_endpoints: r.overlay_endpoints,
         masquerade: !r.no_masquerade,
+        report_every: r.report_interval_ms.map(Duration::from_millis),
+        sweep_every: Duration::from_millis(r.sweep_interval_ms),
     };
     let node = agent::start(cfg).await.context("starting the node agent")?;
     println!(
         "node {} (twin {}) up; zdb on {}{}",
         node.node_id,
         node.twin_id,
-        node.zdb,
+        node.zdb.map(|a| a.to_string()).unwrap_or_default(),
         node.gateway
             .map(|g| format!("; gateway proxy on {g}"))
             .unwrap_or_default()
     );
     crate::shutdown_signal().await;
     Ok(())
+}
+
+/// How many simulated nodes start at once: enough to keep the registry's batches full.
+const SIM_STARTS: usize = 128;
+
+async fn simulate(r: RunArgs, n: u32) -> Result<()> {
+    use futures::StreamExt;
+    raise_open_files();
+    let gib = 1u64 << 30;
+    let cfg = tfgrid_node::sim::SimConfig {
+        relay: r.relay,
+        farm: r.farm,
+        total: tfgrid_core::Capacity {
+            cru: r.cru as u64,
+            mru: r.mru.unwrap_or(64 * gib),
+            sru: r.sru.unwrap_or(1024 * gib),
+            hru: r.hru.unwrap_or(0),
+            ..Default::default()
+        },
+        country: r.country,
+        city: r.city,
+        report_every: r.report_interval_ms.map(Duration::from_millis),
+        sweep_every: Duration::from_millis(r.sweep_interval_ms),
+    };
+    let client = tfgrid_registry_client::RegistryClient::new(&r.registry);
+    let t0 = std::time::Instant::now();
+    let mut starts = futures::stream::iter(0..n)
+        .map(|i| {
+            let (cfg, client) = (&cfg, client.clone());
+            async move { tfgrid_node::sim::start(cfg, client, i).await }
+        })
+        .buffer_unordered(SIM_STARTS);
+    let mut nodes = Vec::with_capacity(n as usize);
+    while let Some(node) = starts.next().await {
+        nodes.push(node.context("starting a simulated node")?);
+        if nodes.len() % 1000 == 0 {
+            tracing::info!("{} of {n} simulated nodes up", nodes.len());
+        }
+    }
+    drop(starts);
+    let (lo, hi) = nodes.iter().fold((u32::MAX, 0), |(lo, hi), x| {
+        (lo.min(x.node_id), hi.max(x.node_id))
+    });
+    // The line `tfgrid bench grid` waits for.
+    println!(
+        "{} simulated nodes up in {:.1} s (node ids {lo} to {hi})",
+        nodes.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    crate::shutdown_signal().await;
+    Ok(())
+}
+
+/// Each simulated node holds a relay connection: lift the soft limit on open files to the hard one.
+fn raise_open_files() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            tracing::warn!("raising the open-file limit to {hard}: {e}");
+        }
+    }
 }

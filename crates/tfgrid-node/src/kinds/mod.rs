@@ -6,6 +6,7 @@ pub mod container;
 pub mod gateway;
 pub mod health;
 pub mod proxy;
+pub mod simulated;
 pub mod volume;
 pub mod zdb;
 
