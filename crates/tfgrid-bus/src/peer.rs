@@ -38,8 +38,19 @@ pub async fn open(
 ) -> Result<(SplitSink<Ws, Message>, SplitStream<Ws>, TwinId), BusError> {
     let (ws, _) = tokio::time::timeout(
         Duration::from_secs(5),
-        // Small frames (calls, relayed datagrams) must not wait for Nagle's algorithm.
-        tokio_tungstenite::connect_async_with_config(url, None, true),
+        // Small frames (calls, relayed datagrams) must not wait for Nagle's algorithm. Buffers
+        // as small as the relay's: a node's connection is idle most of the time.
+        tokio_tungstenite::connect_async_with_config(
+            url,
+            Some(
+                tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                    .read_buffer_size(crate::relay::SOCKET_BUFFER)
+                    .write_buffer_size(crate::relay::SOCKET_BUFFER)
+                    .max_message_size(Some(crate::relay::MAX_MESSAGE))
+                    .max_frame_size(Some(crate::relay::MAX_MESSAGE)),
+            ),
+            true,
+        ),
     )
     .await
     .map_err(|_| BusError::Auth(format!("connect {url}: no answer within 5 s")))?

@@ -32,9 +32,9 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed dial, envelopes for that relay are refused at once for this long.
 const DIAL_BACKOFF: Duration = Duration::from_secs(5);
 /// The largest websocket message (an envelope); bus payloads are far smaller.
-const MAX_MESSAGE: usize = 4 << 20;
+pub(crate) const MAX_MESSAGE: usize = 4 << 20;
 /// Per-connection socket buffers: small, since most connections are idle twins.
-const SOCKET_BUFFER: usize = 16 << 10;
+pub(crate) const SOCKET_BUFFER: usize = 16 << 10;
 
 pub struct RelayConfig {
     pub identity: Identity,
@@ -107,7 +107,10 @@ pub fn router(cfg: RelayConfig) -> (Router, RelayStop) {
         stop,
     });
     (
-        Router::new().route("/", get(upgrade)).with_state(relay),
+        Router::new()
+            .route("/", get(upgrade))
+            .route("/stats", get(stats))
+            .with_state(relay),
         RelayStop(stop_tx),
     )
 }
@@ -129,6 +132,30 @@ async fn upgrade(State(r): State<Arc<Relay>>, ws: WebSocketUpgrade) -> Response 
                 tracing::debug!("relay session ended: {e}");
             }
         })
+}
+
+/// `GET /stats`: what the relay holds now, for its operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RelayStats {
+    /// Twins with at least one session.
+    pub twins: usize,
+    /// Sessions (one twin may be connected more than once).
+    pub sessions: usize,
+    /// Open links to other relays.
+    pub links: usize,
+}
+
+async fn stats(State(r): State<Arc<Relay>>) -> axum::Json<RelayStats> {
+    let (twins, sessions) = {
+        let s = r.sessions.read().unwrap_or_else(|p| p.into_inner());
+        (s.len(), s.values().map(Vec::len).sum())
+    };
+    let links = r.links.lock().unwrap_or_else(|p| p.into_inner()).len();
+    axum::Json(RelayStats {
+        twins,
+        sessions,
+        links,
+    })
 }
 
 fn norm_url(u: &str) -> &str {

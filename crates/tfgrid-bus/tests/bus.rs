@@ -727,3 +727,41 @@ async fn notifications_are_one_way_sealed_and_unanswered() {
         .await;
     assert!(matches!(r, Err(BusError::Timeout(_))), "{r:?}");
 }
+
+#[tokio::test]
+async fn relay_stats_count_twins_and_sessions_as_they_come_and_go() {
+    let net = registry().await;
+    let relay = start_relay(&net, None).await;
+    let stats = || async {
+        reqwest::get(format!("http://{}/stats", relay.addr))
+            .await
+            .unwrap()
+            .json::<tfgrid_bus::relay::RelayStats>()
+            .await
+            .unwrap()
+    };
+    let (a, id) = peer(&net, &relay).await;
+    let (b, _) = peer(&net, &relay).await;
+    // The same key twice is one twin with two sessions.
+    let a2 = Peer::start(PeerConfig {
+        identity: id,
+        twin: a.twin(),
+        relay_url: relay.url.clone(),
+        registry: net.registry.clone(),
+    });
+    a2.connected(T).await.unwrap();
+    let s = stats().await;
+    assert_eq!((s.twins, s.sessions, s.links), (2, 3, 0));
+    drop(b);
+    drop(a2);
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let s = stats().await;
+        if (s.twins, s.sessions) == (1, 1) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {s:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop(a);
+}
