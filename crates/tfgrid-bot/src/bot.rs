@@ -73,6 +73,8 @@ pub struct Bot {
     /// What the reconciler's pings said about nodes (see `liveness`), and the nodes gone now.
     pub(crate) liveness: std::sync::Mutex<crate::liveness::Liveness>,
     pub(crate) gone: std::sync::Mutex<HashMap<tfgrid_core::NodeId, String>>,
+    /// Capacity placed but perhaps not in the registry's views yet (see `placement`).
+    pub(crate) placements: crate::placement::Placements,
 }
 
 /// How long a node may take for a deploy (an image pull can be slow); a node that dies meanwhile
@@ -99,6 +101,32 @@ pub(crate) fn inflight_key(call: &Call) -> Option<String> {
         Call::CreateNameContract { name } => Some(format!("name:{name}")),
         _ => None,
     }
+}
+
+/// Node ids per `/nodes?node_ids=` read: at most 11 characters each, so under 6 KiB.
+const IDS_PER_READ: usize = 500;
+
+/// The nodes matching `f`, all pages.
+pub(crate) async fn nodes_where(
+    registry: &RegistryClient,
+    f: NodeFilter,
+) -> Result<Vec<NodeView>, BotError> {
+    let mut out = Vec::new();
+    for page in 1.. {
+        let p = registry
+            .nodes(&NodeFilter {
+                page: Some(page),
+                size: Some(MAX_PAGE_SIZE),
+                ..f.clone()
+            })
+            .await?;
+        let n = p.nodes.len();
+        out.extend(p.nodes);
+        if n < MAX_PAGE_SIZE as usize {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 /// Where the contracts an operation makes are written down, the moment each exists: the stored
@@ -167,6 +195,7 @@ impl Bot {
             layout: Default::default(),
             liveness: Default::default(),
             gone: Default::default(),
+            placements: Default::default(),
         });
         bot.recover().await?;
         Ok(bot)
@@ -220,21 +249,24 @@ impl Bot {
 
     /// The nodes matching `f`, all pages.
     pub(crate) async fn nodes_where(&self, f: NodeFilter) -> Result<Vec<NodeView>, BotError> {
-        let mut out = Vec::new();
-        for page in 1.. {
-            let p = self
-                .registry
-                .nodes(&NodeFilter {
-                    page: Some(page),
-                    size: Some(MAX_PAGE_SIZE),
-                    ..f.clone()
-                })
-                .await?;
-            let n = p.nodes.len();
-            out.extend(p.nodes);
-            if n < MAX_PAGE_SIZE as usize {
-                break;
-            }
+        nodes_where(&self.registry, f).await
+    }
+
+    /// The nodes with these ids, asked for in groups that keep each request's URL short (the
+    /// registry takes at most 8 KiB), all groups at once.
+    pub(crate) async fn nodes_by_id(
+        &self,
+        ids: &[tfgrid_core::NodeId],
+    ) -> Result<Vec<NodeView>, BotError> {
+        let reads = ids.chunks(IDS_PER_READ).map(|c| {
+            self.nodes_where(NodeFilter {
+                node_ids: Some(c.to_vec()),
+                ..Default::default()
+            })
+        });
+        let mut out = Vec::with_capacity(ids.len());
+        for r in futures::future::join_all(reads).await {
+            out.extend(r?);
         }
         Ok(out)
     }

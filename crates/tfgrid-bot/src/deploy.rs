@@ -29,15 +29,19 @@ fn left_over(queued: usize) -> String {
     }
 }
 
+/// Where each replica goes (service, index, node), and the capacity held on those nodes until
+/// the deploy ends.
+struct Plan<'a> {
+    plan: Vec<(String, u32, NodeId)>,
+    holds: Vec<crate::placement::Hold<'a>>,
+}
+
 impl Bot {
     /// Places every service of `spec`. Candidates are first the nodes that are up and have at
     /// least the smallest replica's capacity free (the registry filters, so a grid of 100,000
     /// nodes is not fetched for every deploy); only when that fails is every node fetched, so
     /// the "no node fits" message counts every node's reason.
-    async fn place_spec(
-        &self,
-        spec: &Spec,
-    ) -> Result<(Scheduler, Vec<(String, u32, NodeId)>), BotError> {
+    async fn place_spec(&self, spec: &Spec) -> Result<(Scheduler, Plan<'_>), BotError> {
         let wants: Vec<(String, Want, u32)> = spec
             .services
             .iter()
@@ -52,8 +56,10 @@ impl Bot {
             free_hru: min(|w| w.capacity.hru).filter(|v| *v > 0),
             ..Default::default()
         };
-        let attempt = |nodes: &[NodeView], exclude: &HashSet<NodeId>| {
-            let mut sched = Scheduler::new(nodes.iter().map(Candidate::from));
+        // Placed replicas are held at once (no await in between): deploys running beside this
+        // one place around them.
+        let attempt = |nodes: &[NodeView], read_at: Instant, exclude: &HashSet<NodeId>| {
+            let mut sched = Scheduler::new(self.placements.candidates(nodes, read_at));
             let mut plan = Vec::new();
             for (sname, want, replicas) in &wants {
                 let placed =
@@ -62,31 +68,43 @@ impl Bot {
                     plan.push((sname.clone(), i as u32, id));
                 }
             }
-            Ok::<_, crate::scheduler::NoFit>((sched, plan))
+            let holds = plan
+                .iter()
+                .map(|(s, _, id)| {
+                    let w = &wants.iter().find(|(n, _, _)| n == s).expect("a service").1;
+                    self.placements.hold(*id, w.capacity)
+                })
+                .collect();
+            Ok::<_, crate::scheduler::NoFit>((sched, Plan { plan, holds }))
         };
         // The ledger may still call a dead node up: the chosen nodes are pinged, and a plan
         // with one that does not answer is made again without it.
         let mut exclude = self.gone_nodes();
+        let mut read_at = Instant::now();
         let mut nodes = self.nodes_where(prefilter).await?;
         let mut all = false;
         for _ in 0..3 {
-            let (sched, plan) = match attempt(&nodes, &exclude) {
+            let (sched, plan) = match attempt(&nodes, read_at, &exclude) {
                 Ok(v) => v,
                 Err(_) if !all => {
                     all = true;
+                    read_at = Instant::now();
                     nodes = self.all_nodes().await?;
-                    attempt(&nodes, &exclude).map_err(|e| BotError::NoFit(e.message))?
+                    attempt(&nodes, read_at, &exclude).map_err(|e| BotError::NoFit(e.message))?
                 }
                 Err(e) => return Err(BotError::NoFit(e.message)),
             };
             let chosen: Vec<(NodeId, TwinId)> = nodes
                 .iter()
-                .filter(|n| plan.iter().any(|(_, _, id)| *id == n.node.id))
+                .filter(|n| plan.plan.iter().any(|(_, _, id)| *id == n.node.id))
                 .map(|n| (n.node.id, n.node.twin_id))
                 .collect();
             let dead = self.not_answering(&chosen).await;
             if dead.is_empty() {
                 return Ok((sched, plan));
+            }
+            for h in plan.holds {
+                h.discard();
             }
             exclude.extend(dead);
         }
@@ -311,8 +329,20 @@ impl Bot {
             .unwrap_or_default();
         let mut todo = spec.clone();
         todo.services.retain(|n, _| !kept.contains(n));
-        let (sched, plan) = if todo.services.is_empty() {
-            (Scheduler::new([]), Vec::new())
+        let (
+            sched,
+            Plan {
+                plan,
+                holds: _holds,
+            },
+        ) = if todo.services.is_empty() {
+            (
+                Scheduler::new([]),
+                Plan {
+                    plan: Vec::new(),
+                    holds: Vec::new(),
+                },
+            )
         } else {
             self.place_spec(&todo).await?
         };

@@ -6,6 +6,7 @@ pub mod bot;
 mod deploy;
 mod liveness;
 pub mod networks;
+mod placement;
 mod reconcile;
 pub mod recovery;
 mod routes;

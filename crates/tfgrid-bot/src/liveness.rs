@@ -1,5 +1,6 @@
-//! Fast failure detection off the ledger: each reconcile pass the bot pings (`bus.ping`) the
-//! nodes its own replicas and names are on. A node is gone when its relay answers that its twin
+//! Fast failure detection off the ledger: each reconcile pass the bot asks the nodes its own
+//! replicas and names are on for its deployments' states there (`deployment.states`, one call
+//! per node, which is also the ping). A node is gone when its relay answers that its twin
 //! is not connected (the relay sees a dropped connection at once) for DISCONNECTED_FOR, or when
 //! it stays silent for SILENT_FOR while other nodes answer the same passes. The registry's
 //! uptime status still counts, but healing no longer waits for it, so the ledger's report period
@@ -9,14 +10,21 @@
 //! no node answers at all) decides nothing and restarts no clock, so a bot that loses the
 //! network moves nothing.
 
-use std::collections::HashMap;
+use futures::StreamExt;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 use tfgrid_bus::BusError;
-use tfgrid_core::{NodeId, TwinId};
+use tfgrid_core::deployment::WorkloadResult;
+use tfgrid_core::node_api;
+use tfgrid_core::{ContractId, NodeId, TwinId};
 
 pub(crate) const DISCONNECTED_FOR: Duration = Duration::from_secs(2);
 pub(crate) const SILENT_FOR: Duration = Duration::from_secs(5);
 const PING_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Survey calls in flight at once. The relay queues at most `relay::QUEUE` frames for one
+/// connection and refuses the rest, so thousands of answers arriving together would be lost
+/// and their nodes taken for silent.
+const SURVEY_IN_FLIGHT: usize = 256;
 
 /// What one ping said about one node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +52,17 @@ impl Probe {
         }
     }
 }
+
+/// What one reconcile pass learned from the nodes.
+pub(crate) struct Survey {
+    /// Nodes gone now, with the reason.
+    pub(crate) gone: HashMap<NodeId, String>,
+    /// Per node asked: the results of each of this bot's deployments there, or None when the
+    /// node did not say (no answer, or an answer that was not a list of states).
+    pub(crate) states: HashMap<NodeId, Option<NodeStates>>,
+}
+
+pub(crate) type NodeStates = HashMap<ContractId, BTreeMap<String, WorkloadResult>>;
 
 #[derive(Debug, Clone, Copy)]
 struct Streak {
@@ -139,9 +158,10 @@ impl crate::bot::Bot {
         futures::future::join_all(pings).await
     }
 
-    /// Pings every node in `nodes`, and every node failing so far, at once; returns the ones
-    /// that are gone.
-    pub(crate) async fn probe_nodes(&self, nodes: &[(NodeId, TwinId)]) -> HashMap<NodeId, String> {
+    /// Asks every node in `nodes`, and every node failing so far, at once for the states of this
+    /// bot's deployments on it (`deployment.states`, one call per node, which is also its
+    /// ping). Returns the nodes that are gone and what each node that answered said.
+    pub(crate) async fn survey(&self, nodes: &[(NodeId, TwinId)]) -> Survey {
         let mut targets: HashMap<NodeId, TwinId> = self
             .liveness
             .lock()
@@ -150,15 +170,31 @@ impl crate::bot::Bot {
             .into_iter()
             .collect();
         targets.extend(nodes.iter().copied());
-        let targets: Vec<(NodeId, TwinId)> = targets.into_iter().collect();
-        let probes = self.ping_all(&targets).await;
+        let asks = targets.into_iter().map(|(n, twin)| async move {
+            let r = self
+                .peer
+                .call(twin, node_api::STATES, b"{}", PING_TIMEOUT)
+                .await;
+            let states = r
+                .as_ref()
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Vec<node_api::DeploymentState>>(b).ok())
+                .map(|v| v.into_iter().map(|d| (d.contract_id, d.results)).collect());
+            ((n, twin, Probe::of(&r)), (n, states))
+        });
+        let (probes, states): (Vec<_>, HashMap<_, _>) = futures::stream::iter(asks)
+            .buffer_unordered(SURVEY_IN_FLIGHT)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .unzip();
         let gone = self
             .liveness
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .observe(Instant::now(), &probes);
         *self.gone.lock().unwrap_or_else(|p| p.into_inner()) = gone.clone();
-        gone
+        Survey { gone, states }
     }
 
     /// Of the nodes a placement chose, the ones that do not answer a ping now (the relay says

@@ -6,13 +6,13 @@
 //! being deployed or removed is skipped this pass, and a slow heal holds up no other deployment.
 
 use crate::bot::{wname, Bot, BotError};
-use crate::scheduler::{Candidate, Scheduler};
+use crate::liveness::NodeStates;
+use crate::scheduler::Scheduler;
 use crate::spec::{Service, Spec};
 use crate::store::{Record, Replica, State};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 use tfgrid_core::deployment::ResultState;
-use tfgrid_core::filter::NodeFilter;
 use tfgrid_core::node_api::{self, ContractRef, DeploymentInfo};
 use tfgrid_core::records::NodeStatus;
 use tfgrid_core::{now_millis, ContractId, NodeId, TwinId};
@@ -43,16 +43,11 @@ impl Bot {
         if used.is_empty() {
             return Ok(());
         }
-        let views = self
-            .nodes_where(NodeFilter {
-                node_ids: Some(used),
-                ..Default::default()
-            })
-            .await?;
+        let views = self.nodes_by_id(&used).await?;
         // The registry's status is the ledger's slow view; the pings see a dead node in seconds.
         let twins: Vec<(NodeId, TwinId)> =
             views.iter().map(|n| (n.node.id, n.node.twin_id)).collect();
-        let gone = self.probe_nodes(&twins).await;
+        let crate::liveness::Survey { gone, states } = self.survey(&twins).await;
         let status: HashMap<NodeId, NodeStatus> = views
             .iter()
             .map(|n| {
@@ -67,7 +62,7 @@ impl Bot {
         let passes = records
             .iter()
             .filter(|r| matches!(r.state, State::Running | State::Degraded))
-            .map(|r| self.reconcile_one(&r.name, &status, &gone));
+            .map(|r| self.reconcile_one(&r.name, &status, &gone, &states));
         for r in futures::future::join_all(passes).await {
             if let Err(e) = r {
                 tracing::warn!("reconcile: {e}");
@@ -81,6 +76,7 @@ impl Bot {
         name: &str,
         status: &HashMap<NodeId, NodeStatus>,
         gone: &HashMap<NodeId, String>,
+        states: &HashMap<NodeId, Option<NodeStates>>,
     ) -> Result<(), BotError> {
         let down = |n: NodeId| {
             gone.get(&n)
@@ -113,7 +109,7 @@ impl Bot {
         let checks = rec.replicas.iter().map(|r| async {
             match status.get(&r.node_id) {
                 Some(NodeStatus::Up) => {
-                    let (seen, why) = self.replica_health(r).await;
+                    let (seen, why) = self.replica_health(r, states).await;
                     let why = why.or_else(|| unreachable(r, &from_gateways));
                     (seen, why)
                 }
@@ -259,12 +255,47 @@ impl Bot {
         Ok(())
     }
 
-    /// Asks the node how the replica is: its container's state and message as the node reports
-    /// them, and a reason to heal when the container gave up restarting or the node no longer has
-    /// the deployment. A node that does not answer gives neither (the registry decides on it).
-    async fn replica_health(&self, r: &Replica) -> (Option<(String, String)>, Option<String>) {
-        let info: Result<DeploymentInfo, _> = self
-            .peer
+    /// How the replica is, from what its node said this pass: its container's state and
+    /// message, and a reason to heal when the container gave up restarting or the node no
+    /// longer has the deployment. A node that did not say gives neither (liveness decides on it).
+    async fn replica_health(
+        &self,
+        r: &Replica,
+        states: &HashMap<NodeId, Option<NodeStates>>,
+    ) -> (Option<(String, String)>, Option<String>) {
+        let Some(Some(on)) = states.get(&r.node_id) else {
+            return (None, None);
+        };
+        let results = match on.get(&r.contract_id) {
+            Some(results) => results.clone(),
+            // Missing from the node's answer: placed after it was asked, or gone. Asked alone.
+            None => match self.deployment_on(r).await {
+                Ok(info) => info.results,
+                Err(e) if e.contains("not found") => {
+                    return (
+                        None,
+                        Some(format!("node {} no longer has the deployment", r.node_id)),
+                    )
+                }
+                Err(_) => return (None, None),
+            },
+        };
+        let Some(res) = results.get(&wname(&r.service)) else {
+            return (None, None);
+        };
+        let why = (res.state == ResultState::Error && res.message.contains("gave up"))
+            .then(|| format!("container failed: {}", res.message));
+        (
+            Some((
+                format!("{:?}", res.state).to_lowercase(),
+                res.message.clone(),
+            )),
+            why,
+        )
+    }
+
+    async fn deployment_on(&self, r: &Replica) -> Result<DeploymentInfo, String> {
+        self.peer
             .call_json(
                 r.node_twin,
                 node_api::GET,
@@ -273,28 +304,8 @@ impl Bot {
                 },
                 Duration::from_secs(2),
             )
-            .await;
-        match info {
-            Err(e) if e.to_string().contains("not found") => (
-                None,
-                Some(format!("node {} no longer has the deployment", r.node_id)),
-            ),
-            Err(_) => (None, None),
-            Ok(info) => {
-                let Some(res) = info.results.get(&wname(&r.service)) else {
-                    return (None, None);
-                };
-                let why = (res.state == ResultState::Error && res.message.contains("gave up"))
-                    .then(|| format!("container failed: {}", res.message));
-                (
-                    Some((
-                        format!("{:?}", res.state).to_lowercase(),
-                        res.message.clone(),
-                    )),
-                    why,
-                )
-            }
-        }
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Deploys a replacement for `old` on another node. The caller stores it and cancels `old`.
@@ -306,8 +317,8 @@ impl Bot {
         why: &str,
     ) -> Result<Replica, String> {
         let t0 = Instant::now();
-        let nodes = self.all_nodes().await.map_err(|e| e.to_string())?;
-        let mut sched = Scheduler::new(nodes.iter().map(Candidate::from));
+        let (nodes, read_at) = self.recent_nodes().await.map_err(|e| e.to_string())?;
+        let mut sched = Scheduler::new(self.placements.candidates(&nodes, read_at));
         let used: Vec<NodeId> = rec
             .replicas
             .iter()
@@ -329,18 +340,17 @@ impl Bot {
                     &exclude,
                 )
                 .map_err(|e| e.message)?[0];
-            let twin = nodes
-                .iter()
-                .find(|n| n.node.id == t)
-                .map(|n| n.node.twin_id)
-                .unwrap_or_default();
+            // Held before the ping: heals running beside this one place around it.
+            let hold = self.placements.hold(t, want.capacity);
+            let twin = sched.node(t).map(|c| c.twin).unwrap_or_default();
             if self.not_answering(&[(t, twin)]).await.is_empty() {
-                target = Some(t);
+                target = Some((t, hold));
                 break;
             }
+            hold.discard();
             exclude.insert(t);
         }
-        let target = target.ok_or("the nodes chosen do not answer (three in a row)")?;
+        let (target, _hold) = target.ok_or("the nodes chosen do not answer (three in a row)")?;
         let node = sched.node(target).cloned().expect("placed on a known node");
         let spec = Spec::parse(&rec.yaml).map_err(|e| e.to_string())?;
         let net = self.network_of(&spec).await?.id;
