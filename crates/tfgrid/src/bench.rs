@@ -33,15 +33,18 @@ pub enum BenchCmd {
     /// Deploy latency of a container with a cached image, and the node agent's idle RSS (root).
     Node(crate::bench_node::NodeBench),
     /// The bot's scheduler: placements per second over simulated nodes.
-    Scheduler(crate::bench_grid::SchedulerBench),
+    Scheduler(crate::bench_bot::SchedulerBench),
     /// Deploy latency through the bot's API on a local grid, cached image (root).
-    Deploy(crate::bench_grid::DeployBench),
+    Deploy(crate::bench_bot::DeployBench),
     /// Self-heal time: a node dies, its service answers again from another node (root).
-    Heal(crate::bench_grid::HealBench),
+    Heal(crate::bench_bot::HealBench),
     /// The gateway proxy: large downloads (throughput, peak memory) and failover latency.
     Gateway(crate::bench_gateway::GatewayBench),
     /// Overlay throughput and latency between two hosts: plain, ours, wireguard-go (root).
     Net(crate::bench_net::NetBench),
+    /// The grid at thousands of simulated nodes: ledger writes at rest, the relay's load, a
+    /// reconcile pass over every replica, and the heal when a tenth of the nodes die at once.
+    Grid(crate::bench_grid::GridBench),
 }
 
 #[derive(Args)]
@@ -83,10 +86,11 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Cluster(b) => crate::bench_cluster::run(b).await,
         BenchCmd::Zdb(b) => tokio::task::spawn_blocking(move || crate::bench_zdb::run(b)).await?,
         BenchCmd::Node(b) => crate::bench_node::run(b).await,
-        BenchCmd::Scheduler(b) => crate::bench_grid::scheduler(b),
-        BenchCmd::Deploy(b) => crate::bench_grid::deploy(b).await,
-        BenchCmd::Heal(b) => crate::bench_grid::heal(b).await,
+        BenchCmd::Scheduler(b) => crate::bench_bot::scheduler(b),
+        BenchCmd::Deploy(b) => crate::bench_bot::deploy(b).await,
+        BenchCmd::Heal(b) => crate::bench_bot::heal(b).await,
         BenchCmd::Gateway(b) => crate::bench_gateway::run(b).await,
+        BenchCmd::Grid(b) => crate::bench_grid::run(b).await,
         BenchCmd::Net(b) => tokio::task::spawn_blocking(move || crate::bench_net::run(b)).await?,
     }
 }

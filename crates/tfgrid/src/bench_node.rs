@@ -32,7 +32,7 @@ fn rss_kib(pid: u32) -> Result<u64> {
 }
 
 pub async fn run(b: NodeBench) -> Result<()> {
-    let g = crate::bench_grid::grid(1, 3000, 1000).await?;
+    let g = crate::bench_bot::grid(1, 3000, 1000).await?;
     let (node_id, node_twin, pid) = g.node(0).context("the node agent")?;
     let (url, relay_url, image) = (g.url.clone(), g.relay.clone(), g.image.clone());
     let client = RegistryClient::new(&url);

@@ -1,6 +1,7 @@
 //! `tfgrid`: the one command of the grid. A thin clap layer over the crates.
 
 mod bench;
+mod bench_bot;
 mod bench_cluster;
 mod bench_gateway;
 mod bench_grid;
