@@ -29,8 +29,8 @@ fn left_over(queued: usize) -> String {
     }
 }
 
-/// Where each replica goes (service, index, node), and the capacity held on those nodes until
-/// the deploy ends.
+/// Where each replica goes (service, index, node), and the capacity held on each of those nodes
+/// until its contract exists.
 struct Plan<'a> {
     plan: Vec<(String, u32, NodeId)>,
     holds: Vec<crate::placement::Hold<'a>>,
@@ -196,7 +196,7 @@ impl Bot {
         owner: &str,
         (service, index): (&str, u32),
         svc: &Service,
-        node: &Candidate,
+        (node, hold): (&Candidate, crate::placement::Hold<'_>),
         network: Option<NetworkId>,
     ) -> Result<Replica, String> {
         // The node's subnet in the network exists before the node is asked to use it.
@@ -218,7 +218,10 @@ impl Bot {
                 node.twin,
             )
             .await
-            .map_err(|e| format!("contract on node {}: {e}", node.id))?;
+            .map_err(|e| format!("contract on node {}: {e}", node.id));
+        // The registry counts the contract from now on (or there is none): the hold is done.
+        drop(hold);
+        let contract_id = contract_id?;
         d.contract_id = contract_id;
         d.sign(&self.identity);
         let answer: Result<DeploymentInfo, _> = self
@@ -329,13 +332,7 @@ impl Bot {
             .unwrap_or_default();
         let mut todo = spec.clone();
         todo.services.retain(|n, _| !kept.contains(n));
-        let (
-            sched,
-            Plan {
-                plan,
-                holds: _holds,
-            },
-        ) = if todo.services.is_empty() {
+        let (sched, Plan { plan, holds }) = if todo.services.is_empty() {
             (
                 Scheduler::new([]),
                 Plan {
@@ -369,7 +366,7 @@ impl Bot {
             self.event(&spec.name, "placed", placed.join(", "));
         }
         let owner = spec.name.as_str();
-        let jobs = plan.iter().map(|(s, i, id)| {
+        let jobs = plan.iter().zip(holds).map(|((s, i, id), hold)| {
             let node = sched.node(*id).cloned().expect("placed on a known node");
             let svc = &spec.services[s];
             let journal = &journal;
@@ -377,7 +374,7 @@ impl Bot {
                 (
                     s,
                     *i,
-                    self.deploy_replica(journal, owner, (s, *i), svc, &node, Some(net))
+                    self.deploy_replica(journal, owner, (s, *i), svc, (&node, hold), Some(net))
                         .await,
                 )
             }

@@ -5,8 +5,10 @@
 //! them one at a time.
 //!
 //! A hold is taken on a node when a placement chooses it and marked done when that replica's
-//! deploy ends: views read after that show its contract (or its cancel). Views read before
-//! it do not, so for them the hold still counts.
+//! contract exists (or its creation failed): views read after that show the contract. Views read
+//! before it do not, so for them the hold still counts. (A hold kept to the end of the deploy
+//! would count twice in views that already show the contract: a deploy paused after its
+//! contracts would make its nodes look full.)
 //!
 //! Heals read every node; views of the whole grid are shared for [`VIEWS_FOR`], and a read in
 //! flight is awaited by every heal that wants one, so a hundred heals cost one read.
@@ -42,7 +44,7 @@ pub(crate) struct Placements {
     all: Mutex<Option<(Instant, Shared<BoxFuture<'static, Views>>)>>,
 }
 
-/// Capacity a placement took on a node; done when dropped.
+/// Capacity a placement took on a node; done when dropped (once the contract exists).
 pub(crate) struct Hold<'a> {
     of: &'a Placements,
     id: u64,

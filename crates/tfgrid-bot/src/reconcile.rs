@@ -350,7 +350,7 @@ impl Bot {
             hold.discard();
             exclude.insert(t);
         }
-        let (target, _hold) = target.ok_or("the nodes chosen do not answer (three in a row)")?;
+        let (target, hold) = target.ok_or("the nodes chosen do not answer (three in a row)")?;
         let node = sched.node(target).cloned().expect("placed on a known node");
         let spec = Spec::parse(&rec.yaml).map_err(|e| e.to_string())?;
         let net = self.network_of(&spec).await?.id;
@@ -361,7 +361,7 @@ impl Bot {
                 &rec.name,
                 (&old.service, old.index),
                 svc,
-                &node,
+                (&node, hold),
                 Some(net),
             )
             .await?;
