@@ -185,7 +185,11 @@ async fn simulated_nodes_deploy_check_and_sweep_like_real_ones() {
     let (_, r) = deploy(container(me, 256 << 20, Some(network_id)), &b).await;
     let web = &r.unwrap().results["web"];
     assert_eq!(web.state, tfgrid_core::deployment::ResultState::Error);
-    assert!(web.message.contains("has no subnet on node"), "{}", web.message);
+    assert!(
+        web.message.contains("has no subnet on node"),
+        "{}",
+        web.message
+    );
     submit(
         &user,
         Call::AddNetworkNode {
@@ -206,7 +210,10 @@ async fn simulated_nodes_deploy_check_and_sweep_like_real_ones() {
     // A second container on the same node gets an address of its own.
     let (_, r) = deploy(container(me, gib, None), &a).await;
     let ip2: std::net::Ipv4Addr = r.unwrap().results["web"].data["ip"].parse().unwrap();
-    assert!(view.node.workload_prefix.contains(ip2) && ip2 != ip1, "{ip2}");
+    assert!(
+        view.node.workload_prefix.contains(ip2) && ip2 != ip1,
+        "{ip2}"
+    );
 
     // A contract cancelled on the registry only is removed by the node's sweep.
     submit(&user, Call::CancelContract { contract_id: c1 }).await;

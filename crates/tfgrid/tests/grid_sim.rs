@@ -33,7 +33,10 @@ fn a_simulated_grid_heals_a_quarter_of_its_nodes_dying_at_once_and_moves_nothing
         .expect("running tfgrid bench grid");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "bench grid failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "bench grid failed:\n{stdout}\n{stderr}"
+    );
     assert!(
         stdout.contains("120 simulated nodes in 4 processes up"),
         "{stdout}"
