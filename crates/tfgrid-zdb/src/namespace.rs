@@ -835,13 +835,35 @@ fn write_settings(dir: &Path, s: &Settings) -> std::io::Result<()> {
     fs::rename(&tmp, dir.join("settings.json"))
 }
 
+/// The name a file is made under before it has its header.
+fn unfinished(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(UNFINISHED);
+    PathBuf::from(p)
+}
+
+const UNFINISHED: &str = ".new";
+
+/// Makes a file that has its header from the moment it exists under its name: the header is
+/// written under `<name>.new`, which is then renamed. A kill between the two leaves only the
+/// `.new` file, which the next open removes (made in place, a kill there left an empty data
+/// file that the next start refused as "bad header").
 fn create_file(path: &Path, magic: &[u8; 8], id: u32) -> std::io::Result<File> {
+    if path.exists() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("{} exists", path.display()),
+        ));
+    }
+    let tmp = unfinished(path);
+    let _ = fs::remove_file(&tmp);
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
-        .open(path)?;
+        .open(&tmp)?;
     file.write_all_at(&format::file_header(magic, id), 0)?;
+    fs::rename(&tmp, path)?;
     Ok(file)
 }
 
@@ -877,11 +899,15 @@ fn load(dir: &Path, name: &str, settings: Settings) -> Result<State, OpenError> 
     let io = |path: PathBuf| move |source| OpenError::Io { path, source };
     let mut report = OpenReport::default();
 
-    // Data files: d00000, d00001, ... with no gaps.
+    // Data files: d00000, d00001, ... with no gaps. A file a kill left unfinished goes.
     let mut ids = Vec::new();
     for entry in fs::read_dir(dir).map_err(io(dir.to_path_buf()))? {
         let entry = entry.map_err(io(dir.to_path_buf()))?;
         let fname = entry.file_name().to_string_lossy().to_string();
+        if fname.ends_with(UNFINISHED) {
+            fs::remove_file(entry.path()).map_err(io(entry.path()))?;
+            continue;
+        }
         if let Some(id) = fname.strip_prefix('d').and_then(|n| n.parse::<u32>().ok()) {
             ids.push(id);
         }
@@ -901,7 +927,17 @@ fn load(dir: &Path, name: &str, settings: Settings) -> Result<State, OpenError> 
     let mut data_lens = Vec::new();
     for &id in &ids {
         let path = dir.join(data_name(id));
-        let meta = fs::metadata(&path).map_err(io(path.clone()))?;
+        let mut meta = fs::metadata(&path).map_err(io(path.clone()))?;
+        // An empty last data file is one a kill left before its header (as files were made
+        // before `create_file` wrote them under another name first): it holds nothing.
+        if meta.len() == 0 && Some(&id) == ids.last() {
+            OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.write_all_at(&format::file_header(format::DATA_MAGIC, id), 0))
+                .map_err(io(path.clone()))?;
+            meta = fs::metadata(&path).map_err(io(path.clone()))?;
+        }
         data_lens.push(meta.len());
     }
 
