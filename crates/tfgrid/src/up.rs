@@ -27,7 +27,8 @@ pub struct UpArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     registry_listen: SocketAddr,
     /// Registry validators: processes that replicate the registry with raft. With 3, any one
-    /// of them can die and the grid goes on.
+    /// of them can die and the grid goes on. Above 1, each runs on a public host of its own
+    /// (`v1`, `v2`, ...) unless --one-host.
     #[arg(long, default_value_t = 1)]
     validators: u64,
     #[arg(long, default_value = "127.0.0.1:9000")]
@@ -71,6 +72,9 @@ struct Hosts {
     lab: tfgrid_net::hosts::Lab,
     machine: std::net::Ipv4Addr,
     nodes: Vec<tfgrid_net::hosts::Host>,
+    /// With `--validators` above 1, each validator's own public host (none: the registry
+    /// runs on the machine).
+    validators: Vec<tfgrid_net::hosts::Host>,
 }
 
 impl Hosts {
@@ -81,6 +85,15 @@ impl Hosts {
         }
         let mut lab = Lab::new()?;
         let machine = lab.connect_machine()?;
+        // A replicated registry is worth something only if its validators fail apart. They are
+        // made first, so their addresses (which the cluster's membership records) do not move
+        // when the grid is started again with another --nodes.
+        let mut validators = Vec::new();
+        if a.validators > 1 {
+            for i in 1..=a.validators {
+                validators.push(lab.add_host(&format!("v{i}"), HostKind::Public)?);
+            }
+        }
         let first_gateway = a.first_gateway();
         let mut nodes = Vec::new();
         for i in 1..=a.nodes {
@@ -102,6 +115,7 @@ impl Hosts {
             lab,
             machine,
             nodes,
+            validators,
         })
     }
 
@@ -174,17 +188,17 @@ fn spawn(name: &str, args: &[String], logs: &Path) -> Result<(Proc, String)> {
     spawn_in(None, name, args, logs)
 }
 
-/// [`spawn`] on one of the `--hosts` hosts.
+/// [`spawn`] on one of the lab's hosts.
 fn spawn_in(
-    host: Option<(&Hosts, usize)>,
+    host: Option<(&Hosts, &tfgrid_net::hosts::Host)>,
     name: &str,
     args: &[String],
     logs: &Path,
 ) -> Result<(Proc, String)> {
     let log = logs.join(format!("{name}.log"));
     let mut cmd = Command::new(std::env::current_exe()?);
-    if let Some((h, i)) = host {
-        h.lab.enter(&h.nodes[i], &mut cmd)?;
+    if let Some((h, host)) = host {
+        h.lab.enter(host, &mut cmd)?;
     }
     let mut child = cmd
         .args(args)
@@ -270,7 +284,7 @@ pub async fn up(mut a: UpArgs) -> Result<()> {
     let data = std::path::absolute(&a.data)?;
     let logs = data.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
-    let (mut procs, url, registry_lines) = start_registry(&a, &data, &logs)?;
+    let (mut procs, url, registry_lines) = start_registry(&a, &data, &logs, hosts.as_ref())?;
     let (relay_url, relay_twin, relay_server, relay_stop) = match crate::bus_cmd::start_relay(
         a.relay_listen,
         None,
@@ -448,12 +462,14 @@ pub async fn up(mut a: UpArgs) -> Result<()> {
 
 /// Starts the registry: one validator, or `--validators` of them founding a cluster (a key
 /// they share in DATA/cluster.key, validator i on the registry port + i - 1, or any free port
-/// when that is 0). Returns their processes, the URLs (comma-separated, as every client takes
-/// them) and a line per validator.
+/// when that is 0). On the lab's hosts each validator runs on its own public host (`v<i>`), so
+/// one can fail apart from the others and from the machine. Returns their processes, the URLs
+/// (comma-separated, as every client takes them) and a line per validator.
 fn start_registry(
     a: &UpArgs,
     data: &Path,
     logs: &Path,
+    hosts: Option<&Hosts>,
 ) -> Result<(Vec<Proc>, String, Vec<String>)> {
     let n = a.validators.max(1);
     let dir = |i: u64| {
@@ -492,14 +508,24 @@ fn start_registry(
             .with_context(|| format!("making {}", key.display()))?;
         listens.clear();
         for i in 0..n {
-            let port = if a.registry_listen.port() == 0 {
-                std::net::TcpListener::bind(SocketAddr::new(a.registry_listen.ip(), 0))?
-                    .local_addr()?
-                    .port()
-            } else {
-                a.registry_listen.port() + i as u16
+            let listen = match hosts.and_then(|h| h.validators.get(i as usize)) {
+                // Its own host: any port is free there.
+                Some(host) => SocketAddr::new(
+                    host.addr.into(),
+                    match a.registry_listen.port() {
+                        0 => 8080,
+                        p => p + i as u16,
+                    },
+                ),
+                None if a.registry_listen.port() == 0 => {
+                    std::net::TcpListener::bind(SocketAddr::new(a.registry_listen.ip(), 0))?
+                        .local_addr()?
+                }
+                None => {
+                    SocketAddr::new(a.registry_listen.ip(), a.registry_listen.port() + i as u16)
+                }
             };
-            listens.push(SocketAddr::new(a.registry_listen.ip(), port));
+            listens.push(listen);
         }
         let peers = listens
             .iter()
@@ -533,7 +559,8 @@ fn start_registry(
         } else {
             format!("registry-{i}")
         };
-        let (p, line) = match spawn(&name, &args, logs) {
+        let host = hosts.and_then(|h| Some((h, h.validators.get(i as usize - 1)?)));
+        let (p, line) = match spawn_in(host, &name, &args, logs) {
             Ok(v) => v,
             Err(e) => {
                 terminate(&mut procs);
@@ -727,7 +754,7 @@ async fn start_children(
                 }
             }
             let name = format!("node{i}");
-            let host = hosts.map(|h| (h, i as usize - 1));
+            let host = hosts.map(|h| (h, &h.nodes[i as usize - 1]));
             let (p, line) = spawn_in(host, &name, &args, logs)?;
             node_lines.push(format!("{:<10} pid {:<7} {}", name, p.child.id(), line));
             procs.push(p);

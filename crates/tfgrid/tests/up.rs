@@ -537,7 +537,8 @@ fn ctrl_c_stops_everything_and_the_next_up_brings_it_back() {
     assert!(ps.contains("running") && ps.contains("2/2"), "{ps}");
 }
 
-/// `up --validators 3`: the registry is three raft validators. The leader is killed (kill -9)
+/// `up --validators 3`: the registry is three raft validators, each on a host of its own. The
+/// leader is killed (kill -9)
 /// and nothing stops: every node keeps reporting (still up well after the registry's 3 s down
 /// threshold), and the bot deploys and serves through the two that are left.
 #[test]
@@ -566,6 +567,30 @@ fn a_node_and_the_bot_keep_working_while_a_validator_is_down() {
     );
     assert_eq!(g.registry_pids.len(), 3, "{:?}", g.lines);
     assert_eq!(g.registry.split(',').count(), 3, "{}", g.registry);
+    // Each validator on a host of its own: three addresses, none the machine's.
+    let hosts: std::collections::HashSet<&str> = g
+        .registry
+        .split(',')
+        .map(|u| u.trim_start_matches("http://").split(':').next().unwrap())
+        .collect();
+    assert_eq!(hosts.len(), 3, "{}", g.registry);
+    // The relay runs on the machine: no validator shares its address.
+    let relay = g
+        .lines
+        .iter()
+        .find_map(|l| {
+            l.trim_start()
+                .strip_prefix("relay")?
+                .trim()
+                .strip_prefix("ws://")
+        })
+        .and_then(|r| r.split(':').next())
+        .expect("up prints the relay's address");
+    assert!(
+        !hosts.contains(relay),
+        "{} beside the relay {relay}",
+        g.registry
+    );
     let status = registry_get(&g, "/cluster");
     assert_eq!(status["members"].as_array().unwrap().len(), 3, "{status}");
     let leader = status["leader"].as_u64().unwrap();
