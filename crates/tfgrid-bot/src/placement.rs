@@ -201,7 +201,7 @@ mod tests {
         assert_eq!(free(before), [2, 8]);
         drop(a);
         b.discard();
-        // A read that started before the deploy ended may miss its contract; one after has it.
+        // A read that started before the contract existed may miss it; one after has it.
         assert_eq!(free(before), [5, 8]);
         std::thread::sleep(Duration::from_millis(2));
         assert_eq!(free(Instant::now()), [8, 8]);

@@ -267,10 +267,10 @@ impl Bot {
             return (None, None);
         };
         let results = match on.get(&r.contract_id) {
-            Some(results) => results.clone(),
+            Some(results) => std::borrow::Cow::Borrowed(results),
             // Missing from the node's answer: placed after it was asked, or gone. Asked alone.
             None => match self.deployment_on(r).await {
-                Ok(info) => info.results,
+                Ok(info) => std::borrow::Cow::Owned(info.results),
                 Err(e) if e.contains("not found") => {
                     return (
                         None,

@@ -54,6 +54,23 @@ fn ms(us: u64) -> String {
     format!("{:.1} ms", us as f64 / 1000.0)
 }
 
+/// A farm named `name`, owned by a twin made for it.
+pub async fn new_farm(client: &RegistryClient, name: &str) -> Result<tfgrid_core::FarmId> {
+    let farmer = TwinSigner::new(Identity::generate(), client.clone());
+    farmer.ensure_twin("").await?;
+    match farmer
+        .submit(Call::CreateFarm {
+            name: name.into(),
+            dedicated: false,
+        })
+        .await?
+        .outcome
+    {
+        Outcome::FarmCreated { farm_id } => Ok(farm_id),
+        o => bail!("create_farm answered {o:?}"),
+    }
+}
+
 pub fn scheduler(b: SchedulerBench) -> Result<()> {
     let countries = ["BE", "EG", "DE", "AT", "TZ", "IN", "US", "BR"];
     // A grid with every load level: free memory from 0 to all of it, in 200 farms.
@@ -244,19 +261,7 @@ pub async fn grid(nodes: usize, down_after_ms: u64, report_interval_ms: u64) -> 
     .await
     .map_err(anyhow::Error::msg)?;
     let client = RegistryClient::new(&url);
-    let farmer = TwinSigner::new(Identity::generate(), client.clone());
-    farmer.ensure_twin("").await?;
-    let farm = match farmer
-        .submit(Call::CreateFarm {
-            name: "bench".into(),
-            dedicated: false,
-        })
-        .await?
-        .outcome
-    {
-        Outcome::FarmCreated { farm_id } => farm_id,
-        o => bail!("{o:?}"),
-    };
+    let farm = new_farm(&client, "bench").await?;
     let gw_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let mut node_procs = Vec::new();
     for i in 0..nodes {

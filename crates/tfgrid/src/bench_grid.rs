@@ -18,9 +18,8 @@ use tfgrid_bot::bot::{Bot, BotConfig};
 use tfgrid_bot::store::State;
 use tfgrid_bus::relay::RelayStats;
 use tfgrid_core::records::Stats;
-use tfgrid_core::tx::{Call, Outcome};
-use tfgrid_core::{Identity, NodeId};
-use tfgrid_registry_client::{RegistryClient, TwinSigner};
+use tfgrid_core::NodeId;
+use tfgrid_registry_client::RegistryClient;
 
 #[derive(Args)]
 pub struct GridBench {
@@ -192,19 +191,7 @@ pub async fn run(b: GridBench) -> Result<()> {
         "relay listening on",
     )?;
     let client = RegistryClient::new(&url);
-    let farmer = TwinSigner::new(Identity::generate(), client.clone());
-    farmer.ensure_twin("").await?;
-    let farm = match farmer
-        .submit(Call::CreateFarm {
-            name: "simulated".into(),
-            dedicated: false,
-        })
-        .await?
-        .outcome
-    {
-        Outcome::FarmCreated { farm_id } => farm_id,
-        o => bail!("create_farm answered {o:?}"),
-    };
+    let farm = crate::bench_bot::new_farm(&client, "simulated").await?;
 
     // One process after another, so each holds a contiguous range of node ids.
     let t0 = Instant::now();
