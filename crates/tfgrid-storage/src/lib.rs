@@ -18,6 +18,7 @@ mod upload;
 pub use codec::Layout;
 pub use keys::StorageKey;
 pub use repair::{RepairProgress, SlotStatus, Status};
+pub use s3::Pools;
 pub use slot::SlotAddr;
 pub use store::{ListPage, Listed, PoolConfig, Store};
 

@@ -8,12 +8,79 @@ use s3s::dto::*;
 use s3s::{s3_error, S3Error, S3ErrorCode, S3Request, S3Response, S3Result};
 use std::collections::BTreeMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+/// The pools one S3 endpoint serves. A bucket lives in one pool; a new bucket goes to the pool
+/// its location constraint names (S3's region), else to the first pool by name.
+pub struct Pools {
+    key: crate::StorageKey,
+    pools: RwLock<BTreeMap<String, Arc<Store>>>,
+}
+
+impl Pools {
+    pub fn new(key: crate::StorageKey) -> Arc<Pools> {
+        Arc::new(Pools {
+            key,
+            pools: RwLock::default(),
+        })
+    }
+
+    pub fn insert(&self, store: Arc<Store>) {
+        self.pools
+            .write()
+            .unwrap()
+            .insert(store.pool().to_string(), store);
+    }
+
+    pub fn remove(&self, name: &str) -> Option<Arc<Store>> {
+        self.pools.write().unwrap().remove(name)
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Store>> {
+        self.pools.read().unwrap().get(name).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Store>> {
+        self.pools.read().unwrap().values().cloned().collect()
+    }
+
+    /// The S3 access key id and secret (one pair for every pool of this key).
+    pub fn credentials(&self) -> (String, String) {
+        self.key.credentials()
+    }
+
+    fn of_bucket(&self, bucket: &str) -> Result<Arc<Store>, Error> {
+        self.all()
+            .into_iter()
+            .find(|s| s.has_bucket(bucket))
+            .ok_or_else(|| Error::NoSuchBucket(bucket.into()))
+    }
+
+    fn for_new_bucket(&self, bucket: &str, location: Option<&str>) -> Result<Arc<Store>, Error> {
+        if self.of_bucket(bucket).is_ok() {
+            return Err(Error::BucketExists(bucket.into()));
+        }
+        let pools = self.pools.read().unwrap();
+        match location.filter(|l| !l.is_empty() && *l != "us-east-1") {
+            Some(l) => pools.get(l).cloned().ok_or_else(|| {
+                Error::Invalid(format!(
+                    "no storage pool {l:?} (pools: {})",
+                    pools.keys().cloned().collect::<Vec<_>>().join(", ")
+                ))
+            }),
+            None => pools.values().next().cloned().ok_or_else(|| {
+                Error::Invalid(
+                    "no storage pool is ready yet: make one with `tfgrid storage create`".into(),
+                )
+            }),
+        }
+    }
+}
+
 #[derive(Clone)]
-pub struct S3Store(pub Arc<Store>);
+pub struct S3Store(pub Arc<Pools>);
 
 fn s3err(e: Error) -> S3Error {
     let msg = e.to_string();
@@ -94,15 +161,21 @@ fn max_keys(m: Option<i32>) -> usize {
     m.map(|m| m.clamp(0, 1000) as usize).unwrap_or(1000)
 }
 
+impl S3Store {
+    fn pool(&self, bucket: &str) -> S3Result<Arc<Store>> {
+        self.0.of_bucket(bucket).map_err(s3err)
+    }
+}
+
 #[async_trait::async_trait]
 impl s3s::S3 for S3Store {
     async fn list_buckets(
         &self,
         _req: S3Request<ListBucketsInput>,
     ) -> S3Result<S3Response<ListBucketsOutput>> {
-        let buckets = self
-            .0
-            .buckets()
+        let mut all: Vec<(String, i64)> = self.0.all().iter().flat_map(|p| p.buckets()).collect();
+        all.sort();
+        let buckets = all
             .into_iter()
             .map(|(name, t)| Bucket {
                 name: Some(name),
@@ -120,7 +193,15 @@ impl s3s::S3 for S3Store {
         &self,
         req: S3Request<CreateBucketInput>,
     ) -> S3Result<S3Response<CreateBucketOutput>> {
+        let location = req
+            .input
+            .create_bucket_configuration
+            .as_ref()
+            .and_then(|c| c.location_constraint.as_ref())
+            .map(|l| l.as_str().to_string());
         self.0
+            .for_new_bucket(&req.input.bucket, location.as_deref())
+            .map_err(s3err)?
             .create_bucket(&req.input.bucket)
             .await
             .map_err(s3err)?;
@@ -133,7 +214,7 @@ impl s3s::S3 for S3Store {
         &self,
         req: S3Request<DeleteBucketInput>,
     ) -> S3Result<S3Response<DeleteBucketOutput>> {
-        self.0
+        self.pool(&req.input.bucket)?
             .delete_bucket(&req.input.bucket)
             .await
             .map_err(s3err)?;
@@ -144,7 +225,7 @@ impl s3s::S3 for S3Store {
         &self,
         req: S3Request<HeadBucketInput>,
     ) -> S3Result<S3Response<HeadBucketOutput>> {
-        self.0.need_bucket(&req.input.bucket).map_err(s3err)?;
+        self.pool(&req.input.bucket)?;
         Ok(S3Response::new(HeadBucketOutput::default()))
     }
 
@@ -152,8 +233,10 @@ impl s3s::S3 for S3Store {
         &self,
         req: S3Request<GetBucketLocationInput>,
     ) -> S3Result<S3Response<GetBucketLocationOutput>> {
-        self.0.need_bucket(&req.input.bucket).map_err(s3err)?;
-        Ok(S3Response::new(GetBucketLocationOutput::default()))
+        let p = self.pool(&req.input.bucket)?;
+        Ok(S3Response::new(GetBucketLocationOutput {
+            location_constraint: Some(BucketLocationConstraint::from(p.pool().to_string())),
+        }))
     }
 
     async fn put_object(
@@ -165,7 +248,7 @@ impl s3s::S3 for S3Store {
             .body
             .ok_or_else(|| s3_error!(IncompleteBody, "a PUT needs a body"))?;
         let o = self
-            .0
+            .pool(&i.bucket)?
             .put_object(
                 &i.bucket,
                 &i.key,
@@ -186,7 +269,8 @@ impl s3s::S3 for S3Store {
         req: S3Request<GetObjectInput>,
     ) -> S3Result<S3Response<GetObjectOutput>> {
         let i = req.input;
-        let o = self.0.head(&i.bucket, &i.key).map_err(s3err)?;
+        let store = self.pool(&i.bucket)?;
+        let o = store.head(&i.bucket, &i.key).map_err(s3err)?;
         let (range, content_range) = match &i.range {
             Some(r) => {
                 let r = r
@@ -199,7 +283,7 @@ impl s3s::S3 for S3Store {
         };
         let len = range.end - range.start;
         let (tx, rx) = tokio::sync::mpsc::channel(2);
-        let stream = self.0.read(&o, range);
+        let stream = store.read(&o, range);
         tokio::spawn(async move {
             futures::pin_mut!(stream);
             use futures::StreamExt;
@@ -231,7 +315,7 @@ impl s3s::S3 for S3Store {
         req: S3Request<HeadObjectInput>,
     ) -> S3Result<S3Response<HeadObjectOutput>> {
         let o = self
-            .0
+            .pool(&req.input.bucket)?
             .head(&req.input.bucket, &req.input.key)
             .map_err(s3err)?;
         Ok(S3Response::new(HeadObjectOutput {
@@ -249,7 +333,7 @@ impl s3s::S3 for S3Store {
         &self,
         req: S3Request<DeleteObjectInput>,
     ) -> S3Result<S3Response<DeleteObjectOutput>> {
-        self.0
+        self.pool(&req.input.bucket)?
             .delete_object(&req.input.bucket, &req.input.key)
             .await
             .map_err(s3err)?;
@@ -261,10 +345,11 @@ impl s3s::S3 for S3Store {
         req: S3Request<DeleteObjectsInput>,
     ) -> S3Result<S3Response<DeleteObjectsOutput>> {
         let i = req.input;
+        let store = self.pool(&i.bucket)?;
         let mut deleted = Vec::new();
         let mut errors = Vec::new();
         for o in i.delete.objects {
-            match self.0.delete_object(&i.bucket, &o.key).await {
+            match store.delete_object(&i.bucket, &o.key).await {
                 Ok(()) => deleted.push(DeletedObject {
                     key: Some(o.key),
                     ..Default::default()
@@ -291,7 +376,7 @@ impl s3s::S3 for S3Store {
         let i = req.input;
         let prefix = i.prefix.clone().unwrap_or_default();
         let page = self
-            .0
+            .pool(&i.bucket)?
             .list(
                 &i.bucket,
                 &prefix,
@@ -323,7 +408,7 @@ impl s3s::S3 for S3Store {
         let prefix = i.prefix.clone().unwrap_or_default();
         let after = i.continuation_token.as_deref().or(i.start_after.as_deref());
         let page = self
-            .0
+            .pool(&i.bucket)?
             .list(
                 &i.bucket,
                 &prefix,
@@ -355,7 +440,7 @@ impl s3s::S3 for S3Store {
     ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
         let i = req.input;
         let id = self
-            .0
+            .pool(&i.bucket)?
             .create_upload(
                 &i.bucket,
                 &i.key,
@@ -383,7 +468,7 @@ impl s3s::S3 for S3Store {
         let number = u32::try_from(i.part_number)
             .map_err(|_| s3_error!(InvalidArgument, "part number {}", i.part_number))?;
         let e = self
-            .0
+            .pool(&i.bucket)?
             .upload_part(&i.upload_id, number, body)
             .await
             .map_err(s3err)?;
@@ -398,7 +483,10 @@ impl s3s::S3 for S3Store {
         req: S3Request<ListPartsInput>,
     ) -> S3Result<S3Response<ListPartsOutput>> {
         let i = req.input;
-        let parts = self.0.list_parts(&i.upload_id).map_err(s3err)?;
+        let parts = self
+            .pool(&i.bucket)?
+            .list_parts(&i.upload_id)
+            .map_err(s3err)?;
         Ok(S3Response::new(ListPartsOutput {
             bucket: Some(i.bucket),
             key: Some(i.key),
@@ -439,7 +527,7 @@ impl s3s::S3 for S3Store {
             })
             .collect();
         let (bucket, key, o) = self
-            .0
+            .pool(&i.bucket)?
             .complete_upload(&i.upload_id, &parts)
             .await
             .map_err(|e| match e {
@@ -461,7 +549,7 @@ impl s3s::S3 for S3Store {
         &self,
         req: S3Request<AbortMultipartUploadInput>,
     ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
-        self.0
+        self.pool(&req.input.bucket)?
             .abort_upload(&req.input.upload_id)
             .await
             .map_err(s3err)?;
@@ -469,17 +557,17 @@ impl s3s::S3 for S3Store {
     }
 }
 
-/// The S3 service of a store, with SigV4 checked against the store's credentials.
-pub fn service(store: Arc<Store>) -> s3s::service::S3Service {
-    let (id, secret) = store.key.credentials();
-    let mut b = s3s::service::S3ServiceBuilder::new(S3Store(store));
+/// The S3 service of some pools, with SigV4 checked against their key's credentials.
+pub fn service(pools: Arc<Pools>) -> s3s::service::S3Service {
+    let (id, secret) = pools.credentials();
+    let mut b = s3s::service::S3ServiceBuilder::new(S3Store(pools));
     b.set_auth(s3s::auth::SimpleAuth::from_single(id, secret));
     b.build()
 }
 
 /// Serves S3 on `listener` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, store: Arc<Store>) {
-    let svc = service(store);
+pub async fn serve(listener: tokio::net::TcpListener, pools: Arc<Pools>) {
+    let svc = service(pools);
     loop {
         let (sock, _) = match listener.accept().await {
             Ok(s) => s,

@@ -1,125 +1,14 @@
-//! The store against real zdb servers on loopback (each on a runtime of its own, so a test can
-//! take one down as a node dying takes its zdb down).
+//! The store against real zdb servers on loopback.
+
+mod common;
 
 use bytes::Bytes;
+use common::{pool, Pool, Zdb};
 use futures::StreamExt;
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tfgrid_storage::{Error, Layout, PoolConfig, SlotAddr, StorageKey, Store};
-use tfgrid_zdb::{Config, Mode, Server, StoreOptions};
-
-struct Zdb {
-    addr: SocketAddr,
-    rt: Option<tokio::runtime::Runtime>,
-    _dir: tempfile::TempDir,
-}
-
-impl Zdb {
-    fn start() -> Zdb {
-        let dir = tempfile::tempdir().unwrap();
-        let server = Server::open(Config {
-            data: dir.path().to_path_buf(),
-            admin_password: Some("admin".into()),
-            mode: Mode::User,
-            store: StoreOptions::default(),
-        })
-        .unwrap();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.spawn(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            let _ = server.serve(listener).await;
-        });
-        Zdb {
-            addr,
-            rt: Some(rt),
-            _dir: dir,
-        }
-    }
-
-    /// A namespace with a password, made as a node's zdb workload makes it.
-    fn namespace(&self, name: &str, password: &str) -> SlotAddr {
-        let mut c = redis::Client::open(format!("redis://{}/", self.addr))
-            .unwrap()
-            .get_connection()
-            .unwrap();
-        redis::cmd("AUTH").arg("admin").query::<()>(&mut c).unwrap();
-        redis::cmd("NSNEW").arg(name).query::<()>(&mut c).unwrap();
-        redis::cmd("NSSET")
-            .arg(name)
-            .arg("password")
-            .arg(password)
-            .query::<()>(&mut c)
-            .unwrap();
-        SlotAddr {
-            endpoint: self.addr.to_string(),
-            namespace: name.into(),
-            password: password.into(),
-        }
-    }
-
-    /// The zdb stops answering, its port closed: a node gone.
-    fn kill(&mut self) {
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
-    }
-
-    fn conn(&self, slot: &SlotAddr) -> redis::Connection {
-        let mut c = redis::Client::open(format!("redis://{}/", self.addr))
-            .unwrap()
-            .get_connection()
-            .unwrap();
-        redis::cmd("SELECT")
-            .arg(&slot.namespace)
-            .arg(&slot.password)
-            .query::<()>(&mut c)
-            .unwrap();
-        c
-    }
-}
-
-impl Drop for Zdb {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-struct Pool {
-    zdbs: Vec<Zdb>,
-    cfg: PoolConfig,
-    key: StorageKey,
-}
-
-fn pool(k: u8, m: u8, stripe: usize) -> Pool {
-    let key = StorageKey::from_seed(&[42; 32]);
-    let layout = Layout::new(k, m).unwrap();
-    let zdbs: Vec<Zdb> = (0..layout.n()).map(|_| Zdb::start()).collect();
-    let password = key.zdb_password("p");
-    let slots = zdbs
-        .iter()
-        .enumerate()
-        .map(|(i, z)| z.namespace(&format!("p-{i}"), &password))
-        .collect();
-    Pool {
-        zdbs,
-        cfg: PoolConfig {
-            name: "p".into(),
-            layout,
-            slots,
-            stripe_size: stripe,
-        },
-        key,
-    }
-}
+use tfgrid_storage::{Error, StorageKey, Store};
 
 fn body(data: &[u8]) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Unpin {
     // Chunks of odd sizes, as a network delivers them.
