@@ -50,6 +50,8 @@ pub fn router(bot: Arc<Bot>, registry_url: &str, token: Option<String>) -> Route
         .route("/api/nodes", get(nodes))
         .route("/api/nodes/{id}/overlay", get(overlay))
         .route("/api/networks", get(networks))
+        .route("/api/storage", get(storage))
+        .route("/api/storage/credentials", get(storage_credentials))
         .route(
             "/api/networks/{name}/access",
             axum::routing::post(network_access),
@@ -284,6 +286,16 @@ async fn overlay(State(a): State<App>, Path(id): Path<u32>) -> Response {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+/// Every storage pool: its health, slots, redundancy left, repair progress and events.
+async fn storage(State(a): State<App>) -> Response {
+    Json(a.bot.storage_pools()).into_response()
+}
+
+/// The S3 endpoint and the key pair for it (behind the API's guard like everything else).
+async fn storage_credentials(State(a): State<App>) -> Response {
+    Json(a.bot.storage_credentials()).into_response()
 }
 
 async fn networks(State(a): State<App>) -> Response {

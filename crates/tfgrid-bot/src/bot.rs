@@ -75,6 +75,8 @@ pub struct Bot {
     pub(crate) gone: std::sync::Mutex<HashMap<tfgrid_core::NodeId, String>>,
     /// Capacity placed but perhaps not in the registry's views yet (see `placement`).
     pub(crate) placements: crate::placement::Placements,
+    /// The storage pools and their S3 endpoint (see `storage`).
+    pub(crate) storage: crate::storage::Storage,
 }
 
 /// How long a node may take for a deploy (an image pull can be slow); a node that dies meanwhile
@@ -180,6 +182,7 @@ impl Bot {
             tracing::warn!("bus: not connected to {} yet: {e}", cfg.relay);
         }
         let store = Store::open(&cfg.data.join("bot.redb"))?;
+        let identity_seed = identity.seed();
         let bot = Arc::new(Bot {
             registry,
             signer,
@@ -196,6 +199,9 @@ impl Bot {
             liveness: Default::default(),
             gone: Default::default(),
             placements: Default::default(),
+            storage: crate::storage::Storage::new(tfgrid_storage::StorageKey::from_seed(
+                &identity_seed,
+            )),
         });
         bot.recover().await?;
         Ok(bot)

@@ -20,6 +20,9 @@ use tfgrid_core::records::{NodeStatus, NodeView};
 use tfgrid_core::tx::Call;
 use tfgrid_core::{now_millis, ContractId, NodeId, TwinId};
 
+/// Specs up to this size are carried in each replica's deployment.
+pub(crate) const ADOPTABLE_YAML: usize = 8 << 10;
+
 /// What a deploy left to the cancel queue because the registry did not confirm the cancels.
 fn left_over(queued: usize) -> String {
     if queued == 0 {
@@ -163,6 +166,18 @@ impl Bot {
                 }),
             ));
         }
+        if svc.image.is_empty() {
+            // A service of namespaces only.
+            return Deployment {
+                version: 0,
+                twin_id: twin,
+                contract_id: 0,
+                metadata: String::new(),
+                description: service.to_string(),
+                workloads,
+                signature: None,
+            };
+        }
         workloads.push(wl(
             wname(service),
             WorkloadData::Container(ContainerSpec {
@@ -193,20 +208,39 @@ impl Bot {
     pub(crate) async fn deploy_replica(
         &self,
         journal: &Journal<'_>,
-        owner: &str,
+        (owner, yaml): (&str, &str),
         (service, index): (&str, u32),
         svc: &Service,
         (node, hold): (&Candidate, crate::placement::Hold<'_>),
         network: Option<NetworkId>,
     ) -> Result<Replica, String> {
-        // The node's subnet in the network exists before the node is asked to use it.
+        // The node's subnet in the network exists before the node is asked to use it (a
+        // replica of namespaces only is in no network).
+        let network = network.filter(|_| !svc.image.is_empty());
         if let Some(id) = network {
             self.join_network(id, node.id).await?;
         }
         let mut d = Self::replica_deployment(self.twin, service, svc, network);
+        if service == crate::spec::STORAGE_SERVICE {
+            // Storage namespaces get a password from the user's key: a bot started afresh with
+            // the key opens them again, and nothing stores it.
+            let password = self.storage_key().zdb_password(owner);
+            for w in &mut d.workloads {
+                if let WorkloadData::Zdb(z) = &mut w.data {
+                    if z.password.is_empty() {
+                        z.password = password.clone();
+                    }
+                }
+            }
+        }
         // The registry holds one contract per deployment hash and node; the metadata (which the
         // hash covers) makes each replica, and each version of it, its own deployment.
         d.metadata = format!("{owner}/{service}/{index}@{}", now_millis());
+        // The spec rides along (when small), so a bot started afresh with the same key can
+        // adopt the deployment from its nodes (see `adopt`).
+        if yaml.len() <= ADOPTABLE_YAML {
+            d.description = yaml.to_string();
+        }
         let contract_id = self
             .create_contract(
                 journal,
@@ -241,7 +275,7 @@ impl Bot {
                     return Ok(Self::replica_of(
                         service,
                         index,
-                        node,
+                        (node.id, node.twin),
                         contract_id,
                         &d,
                         &info,
@@ -254,10 +288,10 @@ impl Bot {
         Err(failed)
     }
 
-    fn replica_of(
+    pub(crate) fn replica_of(
         service: &str,
         index: u32,
-        node: &Candidate,
+        (node_id, node_twin): (NodeId, TwinId),
         contract_id: ContractId,
         d: &Deployment,
         info: &DeploymentInfo,
@@ -284,8 +318,8 @@ impl Bot {
         Replica {
             service: service.to_string(),
             index,
-            node_id: node.id,
-            node_twin: node.twin,
+            node_id,
+            node_twin,
             contract_id,
             ip,
             state: "ok".into(),
@@ -374,8 +408,15 @@ impl Bot {
                 (
                     s,
                     *i,
-                    self.deploy_replica(journal, owner, (s, *i), svc, (&node, hold), Some(net))
-                        .await,
+                    self.deploy_replica(
+                        journal,
+                        (owner, yaml),
+                        (s, *i),
+                        svc,
+                        (&node, hold),
+                        Some(net),
+                    )
+                    .await,
                 )
             }
         });

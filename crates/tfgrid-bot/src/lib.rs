@@ -1,6 +1,7 @@
 //! tfgrid-bot: the user's agent (ThreeFold's 3Bot). It turns a declared deployment into contracts
 //! on the registry and workloads on nodes, and from then on keeps the declared state true.
 
+mod adopt;
 pub mod api;
 pub mod bot;
 mod deploy;
@@ -12,4 +13,5 @@ pub mod recovery;
 mod routes;
 pub mod scheduler;
 pub mod spec;
+pub mod storage;
 pub mod store;

@@ -280,7 +280,11 @@ impl Bot {
                 Err(_) => return (None, None),
             },
         };
-        let Some(res) = results.get(&wname(&r.service)) else {
+        // The container's result; a replica of namespaces only has its first namespace's.
+        let Some(res) = results
+            .get(&wname(&r.service))
+            .or_else(|| results.values().next())
+        else {
             return (None, None);
         };
         let why = (res.state == ResultState::Error && res.message.contains("gave up"))
@@ -358,7 +362,7 @@ impl Bot {
         let new = self
             .deploy_replica(
                 &journal,
-                &rec.name,
+                (&rec.name, &rec.yaml),
                 (&old.service, old.index),
                 svc,
                 (&node, hold),
@@ -393,8 +397,15 @@ impl Bot {
             self.sync_hosts().await;
             pass = pass.wrapping_add(1);
             if pass.is_multiple_of(SWEEP_EVERY) {
-                if let Err(e) = self.sweep_orphans().await {
-                    tracing::warn!("orphan sweep: {e}");
+                // A bot with no records first tries to adopt what its nodes hold (a start that
+                // could not); the sweep waits until that has been tried.
+                match self.adopt().await {
+                    Ok(_) => {
+                        if let Err(e) = self.sweep_orphans().await {
+                            tracing::warn!("orphan sweep: {e}");
+                        }
+                    }
+                    Err(e) => tracing::warn!("adopting deployments: {e}"),
                 }
             }
         }

@@ -167,8 +167,17 @@ impl Bot {
             }
         }
         self.retry_cancels().await;
-        if let Err(e) = self.sweep_orphans().await {
-            tracing::warn!("orphan sweep at start: {e}");
+        match self.adopt().await {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::info!("adopted {n} deployments found on nodes");
+                }
+                if let Err(e) = self.sweep_orphans().await {
+                    tracing::warn!("orphan sweep at start: {e}");
+                }
+            }
+            // Nothing is swept that might have been adopted: the next sweep comes later.
+            Err(e) => tracing::warn!("adopting deployments at start: {e}"),
         }
         Ok(())
     }
@@ -211,7 +220,7 @@ impl Bot {
     }
 
     /// Every live contract of this bot's twin, all pages.
-    async fn live_contracts(&self) -> Result<Vec<Contract>, BotError> {
+    pub(crate) async fn live_contracts(&self) -> Result<Vec<Contract>, BotError> {
         let mut out = Vec::new();
         for page in 1.. {
             let batch = self

@@ -59,7 +59,86 @@ pub struct Spec {
     /// named after the deployment.
     #[serde(default)]
     pub network: Option<String>,
+    #[serde(default)]
     pub services: BTreeMap<String, Service>,
+    /// Object storage: the bot places a pool of zdb namespaces (the service [`STORAGE_SERVICE`],
+    /// one replica per shard) and serves it over S3.
+    #[serde(default)]
+    pub storage: Option<StorageDecl>,
+}
+
+/// The service a `storage:` section becomes: one replica per shard, each a zdb namespace.
+pub const STORAGE_SERVICE: &str = "storage";
+/// The zdb workload of each storage replica.
+pub const STORAGE_ZDB: &str = "shards";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageDecl {
+    /// `data+parity`, e.g. `16+4`: any `data` of the shards read an object back.
+    #[serde(default = "default_shards")]
+    pub shards: String,
+    /// What the pool holds (the user's bytes); each of the data+parity namespaces gets
+    /// size/data plus 1/16 for padding and metadata.
+    pub size: Size,
+    #[serde(default)]
+    pub placement: Placement,
+}
+
+fn default_shards() -> String {
+    "16+4".into()
+}
+
+impl StorageDecl {
+    /// (data, parity)
+    pub fn layout(&self) -> Result<(u8, u8), String> {
+        let bad = || format!("{:?}: write data+parity, e.g. 16+4", self.shards);
+        let (k, m) = self.shards.split_once('+').ok_or_else(bad)?;
+        let (k, m): (u8, u8) = (
+            k.trim().parse().map_err(|_| bad())?,
+            m.trim().parse().map_err(|_| bad())?,
+        );
+        if k == 0 || m == 0 || usize::from(k) + usize::from(m) > 64 {
+            return Err(format!(
+                "{k}+{m}: at least one data and one parity shard, at most 64 in all"
+            ));
+        }
+        Ok((k, m))
+    }
+
+    pub fn slot_size(&self) -> u64 {
+        let k = self.layout().map(|(k, _)| u64::from(k)).unwrap_or(1);
+        let per = self.size.0.div_ceil(k);
+        per + per / 16
+    }
+
+    /// The service this section stands for (zdb passwords are filled in by the bot, from the
+    /// user's key).
+    pub fn service(&self) -> Service {
+        let (k, m) = self.layout().unwrap_or((1, 1));
+        Service {
+            image: String::new(),
+            command: None,
+            entrypoint: None,
+            env: BTreeMap::new(),
+            cpu: 1,
+            memory: default_memory(),
+            disk: default_disk(),
+            volumes: Vec::new(),
+            replicas: u32::from(k) + u32::from(m),
+            zdbs: vec![ZdbDecl {
+                name: STORAGE_ZDB.into(),
+                size: Size(self.slot_size()),
+                mode: ZdbMode::User,
+                password: String::new(),
+            }],
+            expose: None,
+            placement: Placement {
+                distinct_nodes: true,
+                ..self.placement.clone()
+            },
+        }
+    }
 }
 
 impl Spec {
@@ -87,6 +166,8 @@ fn yes() -> bool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
+    /// The container's image; a service without one is only its zdb namespaces.
+    #[serde(default)]
     pub image: String,
     /// Replaces the image's command (as `docker run IMAGE command...`).
     #[serde(default)]
@@ -247,9 +328,12 @@ impl Spec {
                 "the spec nests {depth} levels deep; at most {MAX_DEPTH} are accepted"
             )));
         }
-        let spec: Spec =
+        let mut spec: Spec =
             serde_yaml_ng::from_str(yaml).map_err(|e| SpecError::Parse(e.to_string()))?;
         spec.validate()?;
+        if let Some(st) = &spec.storage {
+            spec.services.insert(STORAGE_SERVICE.into(), st.service());
+        }
         Ok(spec)
     }
 
@@ -271,8 +355,22 @@ impl Spec {
                 return bad("network".into(), &e);
             }
         }
-        if self.services.is_empty() {
-            return bad("services".into(), "declare at least one service");
+        if let Some(st) = &self.storage {
+            if let Err(e) = st.layout() {
+                return bad("storage.shards".into(), &e);
+            }
+            checks::size(st.size.0, 1 << 20).or_else(|e| bad("storage.size".into(), &e))?;
+            if self.services.contains_key(STORAGE_SERVICE) {
+                return bad(
+                    format!("services.{STORAGE_SERVICE}"),
+                    "is the name of the storage section's service; choose another",
+                );
+            }
+        } else if self.services.is_empty() {
+            return bad(
+                "services".into(),
+                "declare at least one service (or a storage section)",
+            );
         }
         let mut exposed = std::collections::HashSet::new();
         for (sname, s) in &self.services {
@@ -284,7 +382,28 @@ impl Spec {
                     "service names: 1 to 16 lowercase letters, digits or -",
                 );
             }
-            checks::image_ref(&s.image).or_else(|e| bad(f("image"), &e))?;
+            if s.image.is_empty() {
+                // Namespaces only: nothing that belongs to a container.
+                if s.zdbs.is_empty() {
+                    return bad(
+                        f("image"),
+                        "is required (a service without one declares zdbs only)",
+                    );
+                }
+                if !s.volumes.is_empty()
+                    || s.command.is_some()
+                    || s.entrypoint.is_some()
+                    || !s.env.is_empty()
+                    || s.expose.is_some()
+                {
+                    return bad(
+                        f("image"),
+                        "is required for volumes, command, entrypoint, env or expose",
+                    );
+                }
+            } else {
+                checks::image_ref(&s.image).or_else(|e| bad(f("image"), &e))?;
+            }
             if s.cpu == 0 || s.cpu > 64 {
                 return bad(f("cpu"), "must be 1 to 64 cores");
             }

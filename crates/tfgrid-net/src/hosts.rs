@@ -34,6 +34,8 @@ pub struct Host {
     pub addr: Ipv4Addr,
     /// Where the WAN sees it: its own address, or its router's.
     pub wan_addr: Ipv4Addr,
+    /// The namespace of its NAT router, behind NAT.
+    pub router: Option<String>,
 }
 
 /// A set of hosts on one WAN. Dropping it kills every process in its namespaces and deletes them.
@@ -200,6 +202,7 @@ impl Lab {
                     kind,
                     addr,
                     wan_addr: addr,
+                    router: None,
                 }
             }
             HostKind::Nat => {
@@ -275,11 +278,31 @@ impl Lab {
                     kind,
                     addr,
                     wan_addr,
+                    router: Some(router),
                 }
             }
         };
         self.hosts.push(host.clone());
         Ok(host)
+    }
+
+    /// Forwards TCP `port` of a NAT host's router to the same port of the host, as a farmer
+    /// sets up a home router for a service that must be reachable (a node's zdb). Nothing else
+    /// gets in. A host with its own address needs none.
+    pub fn forward_tcp(&self, host: &Host, port: u16) -> Result<(), Error> {
+        let Some(router) = &host.router else {
+            return Ok(());
+        };
+        nft(
+            router,
+            &format!(
+                "table ip tfgrid_fwd {{\n\
+                 chain pre {{ type nat hook prerouting priority -100; iifname \"wan0\" tcp dport {port} dnat to {addr}; }}\n\
+                 }}\n\
+                 add rule ip tfgrid_nat forward iifname \"wan0\" ip daddr {addr} tcp dport {port} accept\n",
+                addr = host.addr
+            ),
+        )
     }
 
     /// Joins the machine itself to the WAN (at `198.18.x.1`), so processes outside every host

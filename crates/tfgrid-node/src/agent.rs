@@ -46,6 +46,9 @@ pub struct NodeConfig {
     /// Where the gateway proxy listens (gateway nodes).
     pub gateway_listen: SocketAddr,
     pub zdb_listen: SocketAddr,
+    /// The zdb address users are given, when it is not `zdb_listen` (a port a router forwards,
+    /// or a public address while listening on all).
+    pub zdb_public: Option<SocketAddr>,
     pub bridge: String,
     /// OCI runtime binary: runc or crun.
     pub oci_runtime: String,
@@ -358,7 +361,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
     let routes = gateway.routes();
     let kinds = Kinds::Host(Box::new(HostKinds {
         volume: Volume::new(cfg.data.join("volumes")),
-        zdb: Zdb::new(zdb_addr, zdb_admin),
+        zdb: Zdb::new(zdb_addr, cfg.zdb_public, zdb_admin),
         container: Container::new(
             cfg.oci_runtime.clone(),
             cfg.data.join("containers"),

@@ -32,6 +32,10 @@ pub struct BotArgs {
     /// listens on anything but loopback. The dashboard is then opened as `/#token=<token>`.
     #[arg(long, env = "TFGRID_BOT_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Where the S3 API of your storage pools is served (SigV4 with the keys of `tfgrid
+    /// storage credentials`); `off` serves none.
+    #[arg(long, default_value = "127.0.0.1:8333")]
+    s3_listen: String,
 }
 
 pub async fn bot(a: BotArgs) -> Result<()> {
@@ -65,10 +69,29 @@ pub async fn bot(a: BotArgs) -> Result<()> {
         bot.clone()
             .run_reconciler(Duration::from_millis(a.reconcile_ms)),
     );
+    let storage = tokio::spawn(bot.clone().run_storage(Duration::from_secs(1)));
+    let s3 = if a.s3_listen != "off" {
+        let l = tokio::net::TcpListener::bind(&a.s3_listen)
+            .await
+            .with_context(|| format!("binding S3 to {}", a.s3_listen))?;
+        let endpoint = format!("http://{}", l.local_addr()?);
+        println!("S3 on {endpoint} (keys: `tfgrid storage credentials`)");
+        let _ = bot.storage().endpoint.set(endpoint);
+        Some(tokio::spawn(tfgrid_storage::s3::serve(
+            l,
+            bot.storage().pools.clone(),
+        )))
+    } else {
+        None
+    };
     axum::serve(listener, app)
         .with_graceful_shutdown(crate::shutdown_signal())
         .await?;
     reconciler.abort();
+    storage.abort();
+    if let Some(s) = s3 {
+        s.abort();
+    }
     Ok(())
 }
 
@@ -86,8 +109,8 @@ pub struct BotOpt {
 }
 
 pub(crate) struct Client {
-    base: String,
-    http: reqwest::Client,
+    pub(crate) base: String,
+    pub(crate) http: reqwest::Client,
 }
 
 impl Client {
@@ -108,7 +131,10 @@ impl Client {
         }
     }
 
-    async fn check(&self, r: reqwest::Result<reqwest::Response>) -> Result<reqwest::Response> {
+    pub(crate) async fn check(
+        &self,
+        r: reqwest::Result<reqwest::Response>,
+    ) -> Result<reqwest::Response> {
         let r = r.with_context(|| {
             format!(
                 "cannot reach your bot at {} (is `tfgrid up` or `tfgrid bot` running?)",
@@ -201,9 +227,13 @@ async fn last_seq(c: &Client, deployment: &str) -> u64 {
 pub async fn deploy(o: BotOpt, file: PathBuf) -> Result<()> {
     let yaml =
         std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    deploy_yaml(o, yaml, &file.display().to_string()).await
+}
+
+/// Deploys `yaml` (read from `from`), printing the bot's events as they come.
+pub(crate) async fn deploy_yaml(o: BotOpt, yaml: String, from: &str) -> Result<()> {
     // Checked here first, so a mistake is reported with its line before anything is sent.
-    let spec = tfgrid_bot::spec::Spec::parse(&yaml)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let spec = tfgrid_bot::spec::Spec::parse(&yaml).map_err(|e| anyhow::anyhow!("{from}: {e}"))?;
     let c = Client::new(&o);
     let since = last_seq(&c, &spec.name).await;
     let progress = {
@@ -229,7 +259,7 @@ pub async fn deploy(o: BotOpt, file: PathBuf) -> Result<()> {
         })
     };
     if !o.json {
-        println!("deploying {} from {}", spec.name, file.display());
+        println!("deploying {} from {from}", spec.name);
     }
     let send = c
         .http

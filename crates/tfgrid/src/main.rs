@@ -14,6 +14,7 @@ mod cluster_cmd;
 mod net_cmd;
 mod network_cmd;
 mod node_cmd;
+mod storage_cmd;
 mod up;
 mod zdb_cmd;
 
@@ -44,6 +45,11 @@ enum Cmd {
     /// Run the registry: the grid's source of truth for twins, farms, nodes and contracts. One
     /// process is one validator; several (--peers) replicate it with raft.
     Registry(RegistryArgs),
+    /// Object storage pools (erasure coded, encrypted, S3): create, status, credentials, rm.
+    Storage {
+        #[command(subcommand)]
+        cmd: storage_cmd::StorageCmd,
+    },
     /// The registry's validators: status, add, remove.
     Cluster {
         #[command(subcommand)]
@@ -440,6 +446,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Overlay { node, opt } => bot_cmd::overlay(opt, node).await,
         Cmd::Network { cmd } => network_cmd::network(cmd).await,
         Cmd::Cluster { cmd } => cluster_cmd::cluster(cmd).await,
+        Cmd::Storage { cmd } => storage_cmd::storage(cmd).await,
         Cmd::Bus { cmd } => bus_cmd::bus(cmd).await,
     }
 }

@@ -49,6 +49,10 @@ struct RunArgs {
     gateway_listen: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:9900")]
     zdb_listen: SocketAddr,
+    /// The zdb address users are given for their namespaces, when it differs from
+    /// --zdb-listen (e.g. the port your router forwards to it).
+    #[arg(long)]
+    zdb_public: Option<SocketAddr>,
     /// Linux bridge for this node's workloads (at most 15 characters).
     #[arg(long, default_value = "tfgrid0")]
     bridge: String,
@@ -188,6 +192,7 @@ pub async fn run(a: NodeArgs) -> Result<()> {
         domain: r.domain,
         gateway_listen: r.gateway_listen,
         zdb_listen: r.zdb_listen,
+        zdb_public: r.zdb_public,
         bridge: r.bridge,
         oci_runtime: r.oci_runtime,
         insecure_registries: r.insecure_registries,

@@ -36,6 +36,9 @@ pub struct UpArgs {
     /// Your bot's API and dashboard.
     #[arg(long, default_value = "127.0.0.1:8090")]
     bot_listen: SocketAddr,
+    /// The S3 API of your storage pools (served by the bot).
+    #[arg(long, default_value = "127.0.0.1:8333")]
+    s3_listen: SocketAddr,
     /// The local image registry (the example image is pushed there).
     #[arg(long, default_value = "127.0.0.1:5000")]
     images_listen: SocketAddr,
@@ -395,6 +398,10 @@ pub async fn up(mut a: UpArgs) -> Result<()> {
     if let Some(img) = &images {
         println!("  images     {}   (example image {img})", a.images_listen);
     }
+    println!(
+        "  s3         http://{}   (storage: tfgrid storage create NAME --size 10G --shards 4+2; keys: tfgrid storage credentials)",
+        a.s3_listen
+    );
     for l in &node_lines {
         println!("  {l}");
     }
@@ -609,6 +616,9 @@ fn gateway_addr(a: &UpArgs, hosts: Option<&Hosts>, i: u32) -> SocketAddr {
     }
 }
 
+/// A node's zdb port on its own host.
+const ZDB_PORT: u16 = 9900;
+
 fn node_dir(data: &Path, i: u32) -> PathBuf {
     data.join("nodes").join(format!("node{i}"))
 }
@@ -717,8 +727,6 @@ async fn start_children(
                 &farm.to_string(),
                 "--data",
                 &node_dir(data, i).to_string_lossy(),
-                "--zdb-listen",
-                "127.0.0.1:0",
                 "--bridge",
                 &bridge(data, i),
                 "--mru",
@@ -755,6 +763,19 @@ async fn start_children(
             }
             let name = format!("node{i}");
             let host = hosts.map(|h| (h, &h.nodes[i as usize - 1]));
+            if let Some((h, host)) = host {
+                // Users' bots reach zdb namespaces at the host's WAN address (behind NAT, the
+                // port its router forwards, as a farmer would set up).
+                h.lab.forward_tcp(host, ZDB_PORT)?;
+                args.extend([
+                    "--zdb-listen".into(),
+                    format!("0.0.0.0:{ZDB_PORT}"),
+                    "--zdb-public".into(),
+                    format!("{}:{ZDB_PORT}", host.wan_addr),
+                ]);
+            } else {
+                args.extend(["--zdb-listen".into(), "127.0.0.1:0".into()]);
+            }
             let (p, line) = spawn_in(host, &name, &args, logs)?;
             node_lines.push(format!("{:<10} pid {:<7} {}", name, p.child.id(), line));
             procs.push(p);
@@ -772,6 +793,8 @@ async fn start_children(
         &data.join("bot").to_string_lossy(),
         "--listen",
         &a.bot_listen.to_string(),
+        "--s3-listen",
+        &a.s3_listen.to_string(),
     ]
     .iter()
     .map(|s| s.to_string())

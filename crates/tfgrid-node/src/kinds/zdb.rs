@@ -6,14 +6,19 @@ use std::net::SocketAddr;
 use tfgrid_core::deployment::{ResultState, WorkloadData, ZdbMode};
 
 pub struct Zdb {
+    /// Where the node itself reaches its zdb.
     endpoint: SocketAddr,
+    /// Where users reach it (the workload's `endpoint`): the same, or the address a router
+    /// forwards to it.
+    public: SocketAddr,
     admin_password: String,
 }
 
 impl Zdb {
-    pub fn new(endpoint: SocketAddr, admin_password: String) -> Self {
+    pub fn new(endpoint: SocketAddr, public: Option<SocketAddr>, admin_password: String) -> Self {
         Self {
             endpoint,
+            public: public.unwrap_or(endpoint),
             admin_password,
         }
     }
@@ -80,7 +85,7 @@ impl Zdb {
             }
         }
         Ok([
-            ("endpoint".to_string(), self.endpoint.to_string()),
+            ("endpoint".to_string(), self.public.to_string()),
             ("namespace".to_string(), ns),
         ]
         .into())

@@ -38,6 +38,8 @@ pub struct Grid {
     /// node id -> agent pid
     pub node_pids: Vec<(u32, u32)>,
     pub bot_pid: u32,
+    /// The bot's S3 endpoint.
+    pub s3: SocketAddr,
     pub registry_pid: u32,
     /// Every validator's pid, by validator id (1 first).
     pub registry_pids: Vec<u32>,
@@ -73,7 +75,7 @@ pub fn up(dir: &Path) -> Grid {
 /// `tfgrid up` with extra arguments and environment (crash and pause points reach every child).
 pub fn up_with(dir: &Path, gw: SocketAddr, extra: &[&str], env: &[(&str, &str)]) -> Grid {
     let data = dir.join("grid");
-    let (bot, images) = (free_port(), free_port());
+    let (bot, images, s3) = (free_port(), free_port(), free_port());
     let mut child = Command::new(BIN)
         .args(["up", "--data"])
         .arg(&data)
@@ -90,6 +92,7 @@ pub fn up_with(dir: &Path, gw: SocketAddr, extra: &[&str], env: &[(&str, &str)])
             &gw.to_string(),
         ])
         .args(["--images-listen", &images.to_string()])
+        .args(["--s3-listen", &s3.to_string()])
         .args(extra)
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
@@ -177,6 +180,7 @@ pub fn up_with(dir: &Path, gw: SocketAddr, extra: &[&str], env: &[(&str, &str)])
         image,
         node_pids,
         bot_pid,
+        s3,
         registry_pid,
         registry_pids,
         registry,

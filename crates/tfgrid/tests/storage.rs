@@ -1,0 +1,266 @@
+//! Object storage on `tfgrid up`, end to end: eight nodes on hosts of their own (some behind
+//! NAT), a 4+2 pool made with `tfgrid storage create`, objects put, listed, read and deleted with
+//! Debian's s3cmd and rclone through the bot's S3 endpoint; two nodes holding shards killed with
+//! kill -9: every object reads back identical, the bot moves the two namespaces and repair brings
+//! the pool back to full redundancy; a bot started afresh on another data dir with the same key
+//! lists and reads every object; wrong credentials refused.
+
+mod common;
+mod grid;
+use common::have;
+use grid::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+fn s3cmd(cfg: &Path, args: &[&str]) -> Output {
+    Command::new("s3cmd")
+        .arg("-c")
+        .arg(cfg)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn s3ok(cfg: &Path, args: &[&str]) -> String {
+    ok(s3cmd(cfg, args))
+}
+
+fn s3cfg(dir: &Path, name: &str, endpoint: &str, id: &str, secret: &str) -> PathBuf {
+    let p = dir.join(name);
+    let host = endpoint.trim_start_matches("http://");
+    std::fs::write(
+        &p,
+        format!("[default]\naccess_key = {id}\nsecret_key = {secret}\nhost_base = {host}\nhost_bucket = {host}\nuse_https = False\nsignature_v2 = False\nbucket_location = us-east-1\n"),
+    )
+    .unwrap();
+    p
+}
+
+fn rclone(endpoint: &str, id: &str, secret: &str, args: &[&str]) -> String {
+    ok(Command::new("rclone")
+        .args(args)
+        .env("RCLONE_CONFIG", "/dev/null")
+        .env("RCLONE_CONFIG_TF_TYPE", "s3")
+        .env("RCLONE_CONFIG_TF_PROVIDER", "Other")
+        .env("RCLONE_CONFIG_TF_ENDPOINT", endpoint)
+        .env("RCLONE_CONFIG_TF_ACCESS_KEY_ID", id)
+        .env("RCLONE_CONFIG_TF_SECRET_ACCESS_KEY", secret)
+        .env("RCLONE_CONFIG_TF_FORCE_PATH_STYLE", "true")
+        .env_remove("AWS_CA_BUNDLE")
+        .output()
+        .unwrap())
+}
+
+fn random(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn status(g: &Grid) -> serde_json::Value {
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(cli(g, &["storage", "status", "--json"]))).unwrap();
+    v.as_array()
+        .and_then(|a| a.iter().find(|p| p["name"] == "files").cloned())
+        .unwrap_or_default()
+}
+
+fn healthy(g: &Grid) -> bool {
+    status(g)["status"]["healthy"].as_bool() == Some(true)
+}
+
+/// Every object of the test, read back and compared.
+fn read_back(cfg: &Path, dir: &Path, files: &[(String, Vec<u8>)], what: &str) {
+    let got = dir.join("got");
+    for (key, want) in files {
+        s3ok(
+            cfg,
+            &[
+                "get",
+                "--force",
+                &format!("s3://photos/{key}"),
+                got.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            std::fs::read(&got).unwrap() == *want,
+            "{key} differs {what}"
+        );
+    }
+}
+
+#[test]
+fn storage_survives_two_dead_nodes_repairs_and_comes_back_with_the_key_alone() {
+    if let Some(why) = grid_skip() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    for tool in ["s3cmd", "rclone"] {
+        if !have(tool) {
+            eprintln!("skipped: {tool} is not installed (apt-get install {tool})");
+            return;
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let g = up_with(dir.path(), free_port(), &["--nodes", "8"], &[]);
+    let out = ok(cli(
+        &g,
+        &[
+            "storage", "create", "files", "--size", "2G", "--shards", "4+2",
+        ],
+    ));
+    assert!(out.contains("deployed files"), "{out}");
+    wait_for("the pool to open", Duration::from_secs(60), || healthy(&g));
+
+    let creds: serde_json::Value =
+        serde_json::from_str(&ok(cli(&g, &["storage", "credentials", "--json"]))).unwrap();
+    let (endpoint, id, secret) = (
+        creds["endpoint"].as_str().unwrap().to_string(),
+        creds["access_key"].as_str().unwrap().to_string(),
+        creds["secret_key"].as_str().unwrap().to_string(),
+    );
+    assert_eq!(endpoint, format!("http://{}", g.s3));
+    let cfg = s3cfg(dir.path(), "s3cfg", &endpoint, &id, &secret);
+
+    // Wrong credentials change nothing.
+    let bad = s3cfg(dir.path(), "bad", &endpoint, &id, &"0".repeat(40));
+    let o = s3cmd(&bad, &["mb", "s3://photos"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("SignatureDoesNotMatch"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    s3ok(&cfg, &["mb", "s3://photos"]);
+    let files: Vec<(String, Vec<u8>)> = vec![
+        ("small.txt".into(), b"a small object\n".to_vec()),
+        ("a/one.bin".into(), random(3 << 20, 1)),
+        ("a/big.bin".into(), random(20 << 20, 2)),
+    ];
+    for (key, data) in &files {
+        let f = dir.path().join("put");
+        std::fs::write(&f, data).unwrap();
+        s3ok(
+            &cfg,
+            &[
+                "put",
+                "--multipart-chunk-size-mb=8",
+                f.to_str().unwrap(),
+                &format!("s3://photos/{key}"),
+            ],
+        );
+    }
+    // rclone puts a directory of its own.
+    let src = dir.path().join("docs");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..5 {
+        std::fs::write(
+            src.join(format!("doc{i}.txt")),
+            random(10_000 + i, 10 + i as u64),
+        )
+        .unwrap();
+    }
+    rclone(
+        &endpoint,
+        &id,
+        &secret,
+        &["copy", src.to_str().unwrap(), "tf:photos/docs"],
+    );
+    let ls = s3ok(&cfg, &["ls", "--recursive", "s3://photos"]);
+    assert_eq!(ls.lines().count(), 8, "{ls}");
+    read_back(&cfg, dir.path(), &files, "before any node died");
+
+    // kill -9 the agents (and with them the zdbs) of two nodes holding shards.
+    let rec = inspect(&g, "files");
+    let holders: Vec<u32> = rec["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["node_id"].as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(holders.len(), 6);
+    let dead: Vec<u32> = holders[1..3].to_vec();
+    for d in &dead {
+        let pid = g.node_pids.iter().find(|(n, _)| n == d).unwrap().1;
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+    }
+    // Every object reads back identical from the four left, at once.
+    read_back(&cfg, dir.path(), &files, "with two nodes dead");
+    rclone(
+        &endpoint,
+        &id,
+        &secret,
+        &["check", src.to_str().unwrap(), "tf:photos/docs"],
+    );
+    // The bot moves the two namespaces to live nodes and repair fills them.
+    wait_for("full redundancy again", Duration::from_secs(90), || {
+        let s = status(&g);
+        let moved = inspect(&g, "files")["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| !dead.contains(&(r["node_id"].as_u64().unwrap() as u32)));
+        moved && s["status"]["healthy"].as_bool() == Some(true)
+    });
+    let text = ok(cli(&g, &["storage", "status", "files"]));
+    assert!(
+        text.contains("healthy") && text.contains("repaired"),
+        "{text}"
+    );
+    read_back(&cfg, dir.path(), &files, "after repair");
+
+    // A bot started afresh on another data dir with the same key finds every object.
+    let (api, s3) = (free_port(), free_port());
+    let registry = g.registry.clone();
+    let relay = g
+        .lines
+        .iter()
+        .find_map(|l| l.strip_prefix("relay"))
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let mut fresh = Command::new(BIN)
+        .args(["bot", "--registry", &registry, "--relay", &relay])
+        .arg("--key")
+        .arg(g.data.join("user.key"))
+        .arg("--data")
+        .arg(dir.path().join("fresh-bot"))
+        .args(["--listen", &api.to_string(), "--s3-listen", &s3.to_string()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("fresh-bot.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let fresh_cfg = s3cfg(dir.path(), "fresh", &format!("http://{s3}"), &id, &secret);
+    wait_for(
+        "the fresh bot to list the objects",
+        Duration::from_secs(60),
+        || {
+            s3cmd(&fresh_cfg, &["ls", "--recursive", "s3://photos"])
+                .stdout
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .count()
+                == 8
+        },
+    );
+    read_back(&fresh_cfg, dir.path(), &files, "through a fresh bot");
+    let _ = fresh.kill();
+    let _ = fresh.wait();
+
+    // Delete: objects and bucket go.
+    s3ok(&cfg, &["del", "--recursive", "--force", "s3://photos"]);
+    s3ok(&cfg, &["rb", "s3://photos"]);
+    assert!(!s3ok(&cfg, &["ls"]).contains("s3://photos"));
+    ok(cli(&g, &["storage", "rm", "files"]));
+}
