@@ -606,6 +606,57 @@ services:
     }
 
     #[test]
+    fn a_storage_section_is_a_service_of_namespaces_on_distinct_nodes() {
+        let s = Spec::parse(
+            "name: files\nstorage:\n  shards: 4+2\n  size: 4G\n  placement: {farms: [2]}\n",
+        )
+        .unwrap();
+        let svc = &s.services[STORAGE_SERVICE];
+        assert_eq!(svc.replicas, 6);
+        assert!(svc.image.is_empty());
+        assert!(svc.placement.distinct_nodes);
+        assert_eq!(svc.placement.farms, Some(vec![2]));
+        // 4G / 4 data shards = 1G each, plus 1/16.
+        assert_eq!(svc.zdbs[0].size.0, (1 << 30) + (1 << 26));
+        assert_eq!(svc.zdbs[0].name, STORAGE_ZDB);
+        // The default is 16+4.
+        let s = Spec::parse("name: f\nstorage: {size: 1G}\n").unwrap();
+        assert_eq!(s.services[STORAGE_SERVICE].replicas, 20);
+        for (yaml, field) in [
+            (
+                "name: f\nstorage: {size: 1G, shards: '4'}\n",
+                "storage.shards",
+            ),
+            (
+                "name: f\nstorage: {size: 1G, shards: 0+2}\n",
+                "storage.shards",
+            ),
+            (
+                "name: f\nstorage: {size: 1G, shards: 60+10}\n",
+                "storage.shards",
+            ),
+            ("name: f\nstorage: {size: 0}\n", "storage.size"),
+            (
+                "name: f\nstorage: {size: 1G}\nservices:\n  storage: {image: x}\n",
+                "services.storage",
+            ),
+            ("name: f\n", "services"),
+            // Without an image only zdbs; with volumes or env it needs one.
+            ("name: f\nservices:\n  s: {cpu: 1}\n", "services.s.image"),
+            (
+                "name: f\nservices:\n  s: {zdbs: [{name: z, size: 1G}], env: {A: b}}\n",
+                "services.s.image",
+            ),
+        ] {
+            match Spec::parse(yaml) {
+                Err(SpecError::Invalid { field: got, .. }) => assert_eq!(got, field, "{yaml}"),
+                other => panic!("{yaml}: {other:?}"),
+            }
+        }
+        assert!(Spec::parse("name: f\nservices:\n  s: {zdbs: [{name: z, size: 1G}]}\n").is_ok());
+    }
+
+    #[test]
     fn large_or_deep_yaml_is_refused_quickly() {
         let deep = format!(
             "name: a\nservices: {}{}\n",

@@ -45,6 +45,9 @@ pub enum BenchCmd {
     /// The grid at thousands of simulated nodes: ledger writes at rest, the relay's load, a
     /// reconcile pass over every replica, and the heal when a tenth of the nodes die at once.
     Grid(crate::bench_grid::GridBench),
+    /// Object storage: the codec per core, then S3 PUT/GET of large and 4 KiB objects on a pool
+    /// of zdb processes, a lost slot's repair, and reads with m slots lost.
+    Storage(crate::bench_storage::StorageBench),
 }
 
 #[derive(Args)]
@@ -91,6 +94,7 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Heal(b) => crate::bench_bot::heal(b).await,
         BenchCmd::Gateway(b) => crate::bench_gateway::run(b).await,
         BenchCmd::Grid(b) => crate::bench_grid::run(b).await,
+        BenchCmd::Storage(b) => crate::bench_storage::run(b).await,
         BenchCmd::Net(b) => tokio::task::spawn_blocking(move || crate::bench_net::run(b)).await?,
     }
 }

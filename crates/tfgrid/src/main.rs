@@ -7,6 +7,7 @@ mod bench_gateway;
 mod bench_grid;
 mod bench_net;
 mod bench_node;
+mod bench_storage;
 mod bench_zdb;
 mod bot_cmd;
 mod bus_cmd;
