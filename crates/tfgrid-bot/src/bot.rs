@@ -87,6 +87,15 @@ pub(crate) const QUICK: Duration = Duration::from_secs(5);
 const WATCH_EVERY: Duration = Duration::from_millis(700);
 const WATCH_MISSES: u32 = 2;
 
+/// " at <ip>" for a replica with an address (namespaces-only replicas have none).
+pub(crate) fn at_ip(ip: &str) -> String {
+    if ip.is_empty() {
+        String::new()
+    } else {
+        format!(" at {ip}")
+    }
+}
+
 /// Workload names allow letters, digits and `_`; spec names use `-`.
 pub(crate) fn wname(s: &str) -> String {
     s.replace('-', "_")

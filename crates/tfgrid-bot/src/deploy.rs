@@ -428,7 +428,11 @@ impl Bot {
                     self.event(
                         &spec.name,
                         "running",
-                        format!("{s}/{i} running on node {} at {}", rep.node_id, rep.ip),
+                        format!(
+                            "{s}/{i} running on node {}{}",
+                            rep.node_id,
+                            crate::bot::at_ip(&rep.ip)
+                        ),
                     );
                     rec.replicas.push(rep);
                 }

@@ -373,11 +373,11 @@ impl Bot {
             &rec.name,
             "healed",
             format!(
-                "{}/{}: {why}; redeployed on node {} at {} in {} ms",
+                "{}/{}: {why}; redeployed on node {}{} in {} ms",
                 old.service,
                 old.index,
                 new.node_id,
-                new.ip,
+                crate::bot::at_ip(&new.ip),
                 t0.elapsed().as_millis()
             ),
         );

@@ -348,6 +348,7 @@ impl Store {
             return Err(e);
         }
         // The marker last: a slot cut short in repair is found unmarked and repaired again.
+        tfgrid_core::faults::crash_point("storage-repair-before-marker");
         self.write_marker(i).await?;
         self.repair.clear(i);
         self.repair.event(format!(

@@ -607,6 +607,8 @@ impl Store {
         let (segments, inline, size) = match seg {
             SegmentOrInline::Inline(b) => (Vec::new(), Some(b.clone()), b.len() as u64),
             SegmentOrInline::Segment(s) => {
+                // A bot killed here leaves shards no record names: the next open sweeps them.
+                tfgrid_core::faults::crash_point("storage-put-after-shards");
                 let n = s.len();
                 (vec![s], None, n)
             }

@@ -3,7 +3,9 @@
 //! Debian's s3cmd and rclone through the bot's S3 endpoint; two nodes holding shards killed with
 //! kill -9: every object reads back identical, the bot moves the two namespaces and repair brings
 //! the pool back to full redundancy; a bot started afresh on another data dir with the same key
-//! lists and reads every object; wrong credentials refused.
+//! lists and reads every object; wrong credentials refused. The bot is killed (crash points)
+//! after a PUT's shards are written but before its record, and after a slot's repair but before
+//! its marker: the restarted bot sweeps the orphan shards and repairs the slot again.
 
 mod common;
 mod grid;
@@ -64,9 +66,13 @@ fn random(n: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// The pool's status (Null while the bot is down: it is killed on purpose here).
 fn status(g: &Grid) -> serde_json::Value {
-    let v: serde_json::Value =
-        serde_json::from_str(&ok(cli(g, &["storage", "status", "--json"]))).unwrap();
+    let o = cli(g, &["storage", "status", "--json"]);
+    if !o.status.success() {
+        return serde_json::Value::Null;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
     v.as_array()
         .and_then(|a| a.iter().find(|p| p["name"] == "files").cloned())
         .unwrap_or_default()
@@ -109,7 +115,20 @@ fn storage_survives_two_dead_nodes_repairs_and_comes_back_with_the_key_alone() {
         }
     }
     let dir = tempfile::tempdir().unwrap();
-    let g = up_with(dir.path(), free_port(), &["--nodes", "8"], &[]);
+    let once = dir.path().join("crashed");
+    std::fs::create_dir_all(&once).unwrap();
+    let g = up_with(
+        dir.path(),
+        free_port(),
+        &["--nodes", "8"],
+        &[
+            (
+                "TFGRID_CRASH_AT",
+                "storage-put-after-shards,storage-repair-before-marker",
+            ),
+            ("TFGRID_CRASH_ONCE_DIR", once.to_str().unwrap()),
+        ],
+    );
     let out = ok(cli(
         &g,
         &[
@@ -148,16 +167,39 @@ fn storage_survives_two_dead_nodes_repairs_and_comes_back_with_the_key_alone() {
     for (key, data) in &files {
         let f = dir.path().join("put");
         std::fs::write(&f, data).unwrap();
-        s3ok(
-            &cfg,
-            &[
-                "put",
-                "--multipart-chunk-size-mb=8",
-                f.to_str().unwrap(),
-                &format!("s3://photos/{key}"),
-            ],
-        );
+        let put = || {
+            s3cmd(
+                &cfg,
+                &[
+                    "put",
+                    "--multipart-chunk-size-mb=8",
+                    f.to_str().unwrap(),
+                    &format!("s3://photos/{key}"),
+                ],
+            )
+        };
+        // The first PUT with shards kills the bot before its record: s3cmd retries, and may
+        // give up before up has the bot back.
+        if !put().status.success() {
+            wait_for(
+                "the bot back with the pool",
+                Duration::from_secs(60),
+                || healthy(&g),
+            );
+            ok(put());
+        }
     }
+    assert!(
+        once.join("storage-put-after-shards").exists(),
+        "the bot was not killed during a PUT"
+    );
+    // The restarted bot swept the shards that PUT had written.
+    wait_for("the orphan shards swept", Duration::from_secs(30), || {
+        status(&g)["status"]["events"].as_array().is_some_and(|e| {
+            e.iter()
+                .any(|e| e[1].as_str().unwrap_or("").contains("no object refers to"))
+        })
+    });
     // rclone puts a directory of its own.
     let src = dir.path().join("docs");
     std::fs::create_dir_all(&src).unwrap();
@@ -206,11 +248,13 @@ fn storage_survives_two_dead_nodes_repairs_and_comes_back_with_the_key_alone() {
     // The bot moves the two namespaces to live nodes and repair fills them.
     wait_for("full redundancy again", Duration::from_secs(90), || {
         let s = status(&g);
-        let moved = inspect(&g, "files")["replicas"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|r| !dead.contains(&(r["node_id"].as_u64().unwrap() as u32)));
+        // The bot is killed during the repair: it may not answer for a moment.
+        let o = cli(&g, &["inspect", "files", "--json"]);
+        let rec: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        let moved = rec["replicas"].as_array().is_some_and(|r| {
+            r.iter()
+                .all(|r| !dead.contains(&(r["node_id"].as_u64().unwrap_or(0) as u32)))
+        });
         moved && s["status"]["healthy"].as_bool() == Some(true)
     });
     let text = ok(cli(&g, &["storage", "status", "files"]));
