@@ -351,7 +351,11 @@ impl Bot {
             }
         }
         let t0 = Instant::now();
-        let net = self.network_of(&spec).await.map_err(BotError::Registry)?.id;
+        // A spec of namespaces only (a storage pool) needs no private network.
+        let net = match spec.needs_network() {
+            true => Some(self.network_of(&spec).await.map_err(BotError::Registry)?.id),
+            false => None,
+        };
         // Services declared exactly as before keep their replicas and routes.
         let kept: HashSet<String> = old
             .as_ref()
@@ -408,15 +412,8 @@ impl Bot {
                 (
                     s,
                     *i,
-                    self.deploy_replica(
-                        journal,
-                        (owner, yaml),
-                        (s, *i),
-                        svc,
-                        (&node, hold),
-                        Some(net),
-                    )
-                    .await,
+                    self.deploy_replica(journal, (owner, yaml), (s, *i), svc, (&node, hold), net)
+                        .await,
                 )
             }
         });

@@ -162,6 +162,9 @@ impl Bot {
             let Ok(spec) = Spec::parse(&r.yaml) else {
                 continue;
             };
+            if !spec.needs_network() {
+                continue;
+            }
             let hosts = want.entry(spec.network_name().to_string()).or_default();
             if r.state == crate::store::State::Removing {
                 continue;

@@ -357,7 +357,10 @@ impl Bot {
         let (target, hold) = target.ok_or("the nodes chosen do not answer (three in a row)")?;
         let node = sched.node(target).cloned().expect("placed on a known node");
         let spec = Spec::parse(&rec.yaml).map_err(|e| e.to_string())?;
-        let net = self.network_of(&spec).await?.id;
+        let net = match spec.needs_network() {
+            true => Some(self.network_of(&spec).await?.id),
+            false => None,
+        };
         let journal = self.journal(&rec.name);
         let new = self
             .deploy_replica(
@@ -366,7 +369,7 @@ impl Bot {
                 (&old.service, old.index),
                 svc,
                 (&node, hold),
-                Some(net),
+                net,
             )
             .await?;
         self.event(

@@ -142,6 +142,11 @@ impl StorageDecl {
 }
 
 impl Spec {
+    /// Whether any service runs a container (a spec of namespaces only is in no network).
+    pub fn needs_network(&self) -> bool {
+        self.services.values().any(|s| !s.image.is_empty())
+    }
+
     pub fn network_name(&self) -> &str {
         self.network.as_deref().unwrap_or(&self.name)
     }

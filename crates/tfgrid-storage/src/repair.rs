@@ -150,6 +150,8 @@ impl Store {
             let mut s = self.repair.state.lock().unwrap();
             s.empty[i] = true;
             s.shards[i].clear();
+            // Its new namespace has not been checked yet: no "answers again" for it.
+            s.up[i] = true;
         }
         self.repair
             .event(format!("slot {i} moved from {from} to {addr}"));

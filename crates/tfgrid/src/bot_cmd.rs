@@ -75,7 +75,8 @@ pub async fn bot(a: BotArgs) -> Result<()> {
             .await
             .with_context(|| format!("binding S3 to {}", a.s3_listen))?;
         let endpoint = format!("http://{}", l.local_addr()?);
-        println!("S3 on {endpoint} (keys: `tfgrid storage credentials`)");
+        // Not on stdout: `up` reads the bot's first line there and closes the pipe.
+        tracing::info!("S3 on {endpoint} (keys: `tfgrid storage credentials`)");
         let _ = bot.storage().endpoint.set(endpoint);
         Some(tokio::spawn(tfgrid_storage::s3::serve(
             l,

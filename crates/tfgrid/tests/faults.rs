@@ -556,12 +556,13 @@ fn the_bot_api_refuses_what_its_user_did_not_send() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (bot, reg, relay) = (free_port(), free_port(), free_port());
+    let (bot, reg, relay, s3) = (free_port(), free_port(), free_port(), free_port());
     let mut up = Killed(
         Command::new(BIN)
             .args(["up", "--nodes", "0", "--data"])
             .arg(dir.path().join("grid"))
             .args(["--bot-listen", &bot.to_string()])
+            .args(["--s3-listen", &s3.to_string()])
             .args(["--registry-listen", &reg.to_string()])
             .args(["--relay-listen", &relay.to_string()])
             .stdout(Stdio::piped())
@@ -739,6 +740,8 @@ fn the_bot_api_refuses_what_its_user_did_not_send() {
         let mut c = Command::new(BIN);
         c.args([
             "bot",
+            "--s3-listen",
+            "off",
             "--registry",
             &reg_url,
             "--relay",

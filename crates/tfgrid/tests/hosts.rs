@@ -85,7 +85,15 @@ fn other_bot(g: &Grid, dir: &std::path::Path) -> OtherBot {
         .to_string();
     let listen = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_tfgrid"))
-        .args(["bot", "--registry", &g.registry, "--relay", &relay])
+        .args([
+            "bot",
+            "--s3-listen",
+            "off",
+            "--registry",
+            &g.registry,
+            "--relay",
+            &relay,
+        ])
         .arg("--key")
         .arg(dir.join("bob.key"))
         .arg("--data")

@@ -136,6 +136,9 @@ fn storage_survives_two_dead_nodes_repairs_and_comes_back_with_the_key_alone() {
         ],
     ));
     assert!(out.contains("deployed files"), "{out}");
+    // Namespaces only: no private network is made for the pool.
+    let nets = ok(cli(&g, &["network", "ls"]));
+    assert!(!nets.contains("files"), "{nets}");
     wait_for("the pool to open", Duration::from_secs(60), || healthy(&g));
 
     let creds: serde_json::Value =
@@ -263,6 +266,43 @@ fn storage_survives_two_dead_nodes_repairs_and_comes_back_with_the_key_alone() {
         "{text}"
     );
     read_back(&cfg, dir.path(), &files, "after repair");
+    if have("chromium") {
+        // The dashboard shows the pool, healthy, with its six slots and the repair.
+        let profile = tempfile::tempdir().unwrap();
+        let dom = Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--virtual-time-budget=4000",
+                "--dump-dom",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(format!("{}/", g.bot))
+            .output()
+            .unwrap();
+        let dom = String::from_utf8_lossy(&dom.stdout);
+        assert!(
+            dom.contains("<div class=\"pool\" data-pool=\"files\">"),
+            "{dom}"
+        );
+        // The rendered pool (the page's script holds the same markup as a template, after it).
+        let pool = dom
+            .split("data-pool=\"files\"")
+            .nth(1)
+            .and_then(|p| p.split("</table>").next())
+            .unwrap();
+        assert!(
+            pool.contains(">healthy<") && pool.contains("repaired"),
+            "{pool}"
+        );
+        assert_eq!(
+            pool.matches("<span class=\"pill ok\">ok</span>").count(),
+            6,
+            "{pool}"
+        );
+    }
 
     // A bot started afresh on another data dir with the same key finds every object.
     let (api, s3) = (free_port(), free_port());
