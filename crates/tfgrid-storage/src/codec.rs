@@ -125,6 +125,12 @@ fn compressible(plain: &[u8]) -> bool {
     }
 }
 
+/// Room a stripe buffer needs beyond its bytes so [`seal_owned`] never reallocates it: the
+/// tag and the padding of the last shard.
+pub fn seal_room(layout: Layout) -> usize {
+    16 + layout.k() * SHARD_ALIGN
+}
+
 /// Seals stripe `idx` of a segment (whose key is `key`) into `layout.n()` shards.
 pub fn seal(
     key: &aead::LessSafeKey,
@@ -132,18 +138,31 @@ pub fn seal(
     plain: &[u8],
     layout: Layout,
 ) -> Result<Encoded, Error> {
+    let mut buf = Vec::with_capacity(plain.len() + seal_room(layout));
+    buf.extend_from_slice(plain);
+    seal_owned(key, idx, buf, layout)
+}
+
+/// [`seal`] of a buffer it may encrypt in place (no copy of the stripe when it is not
+/// compressed).
+pub fn seal_owned(
+    key: &aead::LessSafeKey,
+    idx: u32,
+    plain: Vec<u8>,
+    layout: Layout,
+) -> Result<Encoded, Error> {
     let len = u32::try_from(plain.len()).map_err(|_| Error::Invalid("stripe too large".into()))?;
     let k = layout.k();
-    let (mut buf, zstd) = if !plain.is_empty() && compressible(plain) {
-        let c = zstd::bulk::compress(plain, ZSTD_LEVEL)
+    let (mut buf, zstd) = if !plain.is_empty() && compressible(&plain) {
+        let c = zstd::bulk::compress(&plain, ZSTD_LEVEL)
             .map_err(|e| Error::Invalid(format!("zstd: {e}")))?;
         if c.len() < plain.len() {
             (c, true)
         } else {
-            (plain.to_vec(), false)
+            (plain, false)
         }
     } else {
-        (plain.to_vec(), false)
+        (plain, false)
     };
     let tag = key
         .seal_in_place_separate_tag(nonce(idx), aead::Aad::from(aad(idx, len)), &mut buf)
