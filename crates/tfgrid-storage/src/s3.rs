@@ -284,9 +284,21 @@ impl s3s::S3 for S3Store {
         let len = range.end - range.start;
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let stream = store.read(&o, range);
+        use futures::StreamExt;
+        let mut stream = Box::pin(stream);
+        // The first piece is read before answering: an object whose first stripe cannot be
+        // read gets an S3 error with the reason, not a 200 with a cut body. (A later stripe
+        // can only cut the body short, as any S3 server must once it has answered.)
+        let first = match stream.next().await {
+            Some(Err(e)) => return Err(s3err(e)),
+            other => other,
+        };
         tokio::spawn(async move {
-            futures::pin_mut!(stream);
-            use futures::StreamExt;
+            if let Some(item) = first {
+                if tx.send(item).await.is_err() {
+                    return;
+                }
+            }
             while let Some(item) = stream.next().await {
                 let failed = item.is_err();
                 if let Err(e) = &item {

@@ -16,7 +16,7 @@ struct S3 {
     id: String,
     secret: String,
     dir: tempfile::TempDir,
-    _pool: common::Pool,
+    pool: common::Pool,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -43,7 +43,7 @@ fn start() -> S3 {
         id,
         secret,
         dir: tempfile::tempdir().unwrap(),
-        _pool: p,
+        pool: p,
         _rt: rt,
     }
 }
@@ -212,6 +212,77 @@ fn wrong_credentials_are_refused_and_change_nothing() {
         );
     }
     assert!(!s3.s3cmd(&["ls", "s3://kept"]).contains("s3://kept/x"));
+}
+
+/// Shard keys in slot `i`'s namespace.
+fn shard_keys(s3: &S3, i: usize) -> Vec<Vec<u8>> {
+    let mut c = s3.pool.zdbs[i].conn(&s3.pool.cfg.slots[i]);
+    let mut out = Vec::new();
+    let mut cursor: Option<Vec<u8>> = None;
+    loop {
+        let mut cmd = redis::cmd("SCAN");
+        if let Some(c) = &cursor {
+            cmd.arg(c);
+        }
+        match cmd.query::<(Vec<u8>, Vec<(Vec<u8>, u64, u64)>)>(&mut c) {
+            Ok((next, batch)) => {
+                out.extend(
+                    batch
+                        .into_iter()
+                        .map(|(k, _, _)| k)
+                        .filter(|k| k[0] == b's'),
+                );
+                cursor = Some(next);
+            }
+            Err(_) => return out,
+        }
+    }
+}
+
+#[test]
+fn altered_shards_are_read_around_and_too_many_refused_with_the_reason() {
+    if !have("s3cmd") {
+        eprintln!("SKIP: s3cmd is not installed (apt-get install s3cmd)");
+        return;
+    }
+    let s3 = start();
+    s3.s3cmd(&["mb", "s3://vault"]);
+    let data = random(600_000, 8);
+    let f = s3.file("x", &data);
+    s3.s3cmd(&["put", &f, "s3://vault/x"]);
+    let key = shard_keys(&s3, 0).remove(0);
+    let alter = |i: usize| {
+        let mut c = s3.pool.zdbs[i].conn(&s3.pool.cfg.slots[i]);
+        let mut v: Vec<u8> = redis::cmd("GET").arg(&key).query(&mut c).unwrap();
+        v[7] ^= 0xff;
+        redis::cmd("SET")
+            .arg(&key)
+            .arg(v)
+            .query::<()>(&mut c)
+            .unwrap();
+    };
+    // Two of six altered (4+2): read around.
+    alter(0);
+    alter(1);
+    let got = s3.dir.path().join("got");
+    s3.s3cmd(&["get", "--force", "s3://vault/x", got.to_str().unwrap()]);
+    assert!(std::fs::read(&got).unwrap() == data);
+    // A third: refused, and the error says why.
+    alter(2);
+    let o = s3.s3cmd_with(
+        &s3.id,
+        &s3.secret,
+        &["get", "--force", "s3://vault/x", got.to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "a stripe with 3 of 6 shards altered was served"
+    );
+    assert!(
+        err.contains("unreadable") && err.contains("3 altered"),
+        "{err}"
+    );
 }
 
 #[test]
