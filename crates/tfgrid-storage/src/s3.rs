@@ -577,8 +577,19 @@ pub fn service(pools: Arc<Pools>) -> s3s::service::S3Service {
     b.build()
 }
 
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Serves S3 on `listener` until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, pools: Arc<Pools>) {
+    serve_with(listener, pools, HEADER_TIMEOUT).await
+}
+
+/// [`serve`], closing connections that send no whole request header within `header_timeout`.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    pools: Arc<Pools>,
+    header_timeout: Duration,
+) {
     let svc = service(pools);
     loop {
         let (sock, _) = match listener.accept().await {
@@ -593,8 +604,12 @@ pub async fn serve(listener: tokio::net::TcpListener, pools: Arc<Pools>) {
         let svc = svc.clone();
         tokio::spawn(async move {
             let io = hyper_util::rt::TokioIo::new(sock);
-            let b =
+            let mut b =
                 hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            // A client that opens a connection and sends no request does not hold it forever.
+            b.http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout);
             if let Err(e) = b.serve_connection(io, svc).await {
                 tracing::debug!("s3 connection: {e}");
             }

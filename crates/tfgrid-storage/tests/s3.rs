@@ -185,6 +185,36 @@ fn s3cmd_puts_lists_gets_and_deletes() {
 }
 
 #[test]
+fn a_connection_that_sends_no_request_is_closed() {
+    use std::io::{Read, Write};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let p = common::pool(2, 1, 1 << 20);
+    let (key, cfg) = (p.key.clone(), p.cfg.clone());
+    let addr = rt.block_on(async move {
+        let pools = Pools::new(key.clone());
+        pools.insert(Store::open(key, cfg).await.unwrap());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(tfgrid_storage::s3::serve_with(
+            l,
+            pools,
+            std::time::Duration::from_millis(500),
+        ));
+        addr
+    });
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let t = std::time::Instant::now();
+    let mut buf = Vec::new();
+    // The server ends the connection (perhaps with a 408): the read ends before its own timeout.
+    let r = c.read_to_end(&mut buf);
+    assert!(r.is_ok(), "the connection was held: {r:?}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+}
+
+#[test]
 fn wrong_credentials_are_refused_and_change_nothing() {
     if !have("s3cmd") {
         eprintln!("SKIP: s3cmd is not installed (apt-get install s3cmd)");
