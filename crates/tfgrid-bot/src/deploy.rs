@@ -349,6 +349,15 @@ impl Bot {
                 self.event(&spec.name, "unchanged", "the same spec is deployed".into());
                 return Ok(old.clone());
             }
+            // An update deploys changed services anew and removes the old replicas: for a
+            // storage pool that would be new, empty namespaces and the data gone.
+            let before = Spec::parse(&old.yaml).ok().and_then(|s| s.storage);
+            if before.is_some() && before != spec.storage {
+                return Err(BotError::Conflict(format!(
+                    "{}: a storage pool's shards, size and placement cannot change (that would move every namespace); make another pool and copy the objects over",
+                    spec.name
+                )));
+            }
         }
         let t0 = Instant::now();
         // A spec of namespaces only (a storage pool) needs no private network.

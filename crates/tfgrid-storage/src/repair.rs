@@ -68,6 +68,9 @@ struct State {
     /// Per slot: single shards to rewrite (found missing or altered by a read).
     shards: Vec<HashSet<([u8; 16], u32)>>,
     up: Vec<bool>,
+    /// Per slot: marks so far. A repair clears the slot's need only if no mark came while it
+    /// ran (a write that missed the slot after the repair listed its stripes).
+    marks: Vec<u64>,
     progress: Option<RepairProgress>,
     repaired: u64,
     events: VecDeque<(i64, String)>,
@@ -88,6 +91,7 @@ impl Repair {
                 empty: vec![false; n],
                 shards: vec![HashSet::new(); n],
                 up: vec![true; n],
+                marks: vec![0; n],
                 ..Default::default()
             }),
             wake: tokio::sync::Notify::new(),
@@ -97,6 +101,7 @@ impl Repair {
 
     pub fn mark(&self, slot: usize, why: &str) {
         let mut s = self.state.lock().unwrap();
+        s.marks[slot] += 1;
         if s.need[slot].is_none() {
             s.need[slot] = Some(why.to_string());
             drop(s);
@@ -105,10 +110,21 @@ impl Repair {
         self.wake.notify_one();
     }
 
-    pub fn clear(&self, slot: usize) {
+    fn marks(&self, slot: usize) -> u64 {
+        self.state.lock().unwrap().marks[slot]
+    }
+
+    /// Clears the slot's need if nothing marked it since `marks` was read; otherwise the next
+    /// pass looks again (asking the slot what it has: it is no longer empty).
+    fn clear_since(&self, slot: usize, marks: u64) -> bool {
         let mut s = self.state.lock().unwrap();
-        s.need[slot] = None;
         s.empty[slot] = false;
+        if s.marks[slot] == marks {
+            s.need[slot] = None;
+            true
+        } else {
+            false
+        }
     }
 
     pub fn shard_missing(&self, slot: usize, uid: [u8; 16], idx: u32, altered: bool) {
@@ -263,6 +279,7 @@ impl Store {
     async fn repair_slot(self: &Arc<Self>, i: usize) -> Result<(), Error> {
         let slot = self.slot(i);
         let empty = self.repair.state.lock().unwrap().empty[i];
+        let marks = self.repair.marks(i);
         let records: Vec<meta::Record> = self
             .index
             .read()
@@ -352,7 +369,9 @@ impl Store {
         // The marker last: a slot cut short in repair is found unmarked and repaired again.
         tfgrid_core::faults::crash_point("storage-repair-before-marker");
         self.write_marker(i).await?;
-        self.repair.clear(i);
+        if !self.repair.clear_since(i, marks) {
+            self.repair.wake.notify_one();
+        }
         self.repair.event(format!(
             "slot {i} repaired: {total} stripes checked, {} MiB rebuilt in {:.2} s",
             bytes >> 20,
@@ -426,5 +445,26 @@ impl Store {
             .await
             .map_err(|e| Error::Invalid(format!("rebuilding: {e}")))?
             .map(|mut v| v.remove(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Repair;
+
+    #[test]
+    fn a_mark_during_a_repair_keeps_the_slot_marked() {
+        let r = Repair::new(3);
+        r.mark(1, "moved");
+        let at_start = r.marks(1);
+        // A write misses slot 1 while its repair runs.
+        r.mark(1, "missed a shard");
+        assert!(!r.clear_since(1, at_start));
+        assert!(r.state.lock().unwrap().need[1].is_some());
+        // The next repair, with no mark meanwhile, clears it.
+        let again = r.marks(1);
+        assert!(r.clear_since(1, again));
+        assert!(r.state.lock().unwrap().need[1].is_none());
+        assert!(!r.state.lock().unwrap().empty[1]);
     }
 }
