@@ -33,6 +33,15 @@ pub struct Slot {
     conn: Mutex<Option<MultiplexedConnection>>,
 }
 
+/// 0-db's error as it sent it: the redis crate splits a server error into a code (its first
+/// word) and the rest ("No space left" would read "No: space left").
+fn server_text(e: &redis::RedisError) -> String {
+    match (e.code(), e.detail()) {
+        (Some(code), Some(detail)) => format!("{code} {detail}"),
+        _ => e.to_string(),
+    }
+}
+
 impl Slot {
     pub fn new(addr: SlotAddr) -> Slot {
         Slot {
@@ -81,7 +90,7 @@ impl Slot {
                 if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
                     self.conn.lock().unwrap().take();
                 }
-                Err(self.err(e))
+                Err(self.err(server_text(&e)))
             }
         }
     }
@@ -130,8 +139,8 @@ impl Slot {
                     out.extend(batch.into_iter().map(|(k, _, _)| k));
                     cursor = Some(next);
                 }
-                // 0-db ends a scan with the error "No more data" (the redis crate shows it as "No: more data").
-                Err(Error::Backend(e)) if e.contains("more data") => return Ok(out),
+                // 0-db ends a scan with the error "No more data".
+                Err(Error::Backend(e)) if e.ends_with("No more data") => return Ok(out),
                 Err(e) => return Err(e),
             }
         }

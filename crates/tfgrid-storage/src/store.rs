@@ -456,9 +456,12 @@ impl Store {
     {
         let uid = new_uid();
         self.pending.lock().unwrap().insert(uid);
-        let r = self.write_segment_inner(uid, body, inline).await;
+        let mut started = 0;
+        let r = self
+            .write_segment_inner(uid, body, inline, &mut started)
+            .await;
         if r.is_err() {
-            self.delete_segment_shards(uid, u32::MAX).await;
+            self.delete_segment_shards(uid, started).await;
         }
         self.pending.lock().unwrap().remove(&uid);
         r
@@ -469,6 +472,7 @@ impl Store {
         uid: [u8; 16],
         mut body: S,
         inline: bool,
+        started: &mut u32,
     ) -> Result<(SegmentOrInline, [u8; 16]), Error>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
@@ -500,6 +504,7 @@ impl Store {
                         let stripe = std::mem::replace(&mut buf, new_buf());
                         writes.push_back(self.clone().write_stripe(uid, idx, stripe));
                         idx += 1;
+                        *started = idx;
                         first = false;
                         while writes.len() >= IN_FLIGHT {
                             stripes.push(writes.next().await.unwrap()?);
@@ -517,6 +522,7 @@ impl Store {
         }
         if !buf.is_empty() {
             writes.push_back(self.clone().write_stripe(uid, idx, buf));
+            *started = idx + 1;
         }
         while let Some(s) = writes.next().await {
             stripes.push(s?);
@@ -555,27 +561,24 @@ impl Store {
         Ok(enc.meta)
     }
 
-    /// Deletes a segment's shards from every slot (best effort: what a slot misses, the sweep
-    /// at the next open removes). `stripes` bounds the stripes tried (`u32::MAX`: until a
-    /// stripe is on no slot).
+    /// Deletes the shards of a segment's first `stripes` stripes from every slot (best effort:
+    /// what a slot misses, the sweep at the next open removes).
     pub(crate) async fn delete_segment_shards(&self, uid: [u8; 16], stripes: u32) {
         let slots = self.all_slots();
-        let mut idx = 0;
-        while idx < stripes {
-            let zkey = meta::shard_key(&uid, idx);
-            let results = futures::future::join_all(slots.iter().map(|s| s.del(&zkey))).await;
-            if stripes == u32::MAX {
-                // Unknown length: stop at the first stripe no slot held.
-                let held = futures::future::join_all(slots.iter().map(|s| s.exists(&zkey))).await;
-                if idx > 0 && !held.iter().any(|h| matches!(h, Ok(true))) {
-                    break;
-                }
-                if results.iter().all(|r| r.is_err()) {
-                    break;
-                }
-            }
-            idx += 1;
-        }
+        // Collected first: a lazy iterator of borrows inside the stream makes the future not
+        // `Send` for every lifetime (a rustc limitation).
+        let dels: Vec<(Arc<Slot>, [u8; 21])> = (0..stripes)
+            .flat_map(|idx| {
+                slots
+                    .iter()
+                    .map(move |s| (s.clone(), meta::shard_key(&uid, idx)))
+            })
+            .collect();
+        let _: Vec<_> = stream::iter(dels)
+            .map(|(s, zkey)| async move { s.del(&zkey).await })
+            .buffer_unordered(READS_AT_ONCE)
+            .collect()
+            .await;
     }
 
     pub(crate) fn forget_segments(self: &Arc<Self>, segments: Vec<Segment>) {

@@ -430,3 +430,43 @@ async fn multipart_uploads_complete_into_one_object_and_abort_leaves_nothing() {
     }
     assert_eq!(left, before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pool_refuses_the_put_with_the_reason_and_keeps_nothing_of_it() {
+    let p = pool(2, 1, 65_536);
+    // Namespaces of 300 KB each (as a zdb contract's size bounds them).
+    for (z, s) in p.zdbs.iter().zip(&p.cfg.slots) {
+        let mut c = redis::Client::open(format!("redis://{}/", z.addr))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        redis::cmd("AUTH").arg("admin").query::<()>(&mut c).unwrap();
+        redis::cmd("NSSET")
+            .arg(&s.namespace)
+            .arg("maxsize")
+            .arg(300_000)
+            .query::<()>(&mut c)
+            .unwrap();
+    }
+    let store = Store::open(p.key.clone(), p.cfg.clone()).await.unwrap();
+    store.create_bucket("bkt").await.unwrap();
+    put(&store, "bkt", "fits", &random(100_000, 1)).await;
+    let before = shard_count(&p);
+    let e = store
+        .put_object(
+            "bkt",
+            "big",
+            body(&random(1_000_000, 2)),
+            None,
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("No space left"), "{e}");
+    assert!(store.head("bkt", "big").is_err());
+    assert_eq!(shard_count(&p), before, "the refused PUT's shards stayed");
+    assert_eq!(
+        read_all(&store, "bkt", "fits").await.unwrap(),
+        random(100_000, 1)
+    );
+}
