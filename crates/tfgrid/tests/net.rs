@@ -253,7 +253,17 @@ fn tfgrid_net_and_wireguard_go_are_peers() {
     });
 
     // Ours makes the first handshake of a fresh pair (wireguard-go restarted with no session).
+    // The killed one's TUN device goes away asynchronously: a new wireguard-go started while it
+    // is still there cannot make its interface and exits (seen once on a loaded machine).
     drop(_wg);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sh(&lab, &b, &format!("ip link show {iface}"))
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "the old {iface} never went away");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let _wg = Killed(
         lab.command(&b, "wireguard-go")
             .args(["-f", &iface])

@@ -140,6 +140,19 @@ fn storage_survives_two_dead_nodes_repairs_and_comes_back_with_the_key_alone() {
     let nets = ok(cli(&g, &["network", "ls"]));
     assert!(!nets.contains("files"), "{nets}");
     wait_for("the pool to open", Duration::from_secs(60), || healthy(&g));
+    // A pool's layout does not change under it (that would replace every namespace).
+    let o = cli(
+        &g,
+        &[
+            "storage", "create", "files", "--size", "4G", "--shards", "4+2",
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("cannot change"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     let creds: serde_json::Value =
         serde_json::from_str(&ok(cli(&g, &["storage", "credentials", "--json"]))).unwrap();
@@ -346,5 +359,107 @@ fn storage_survives_two_dead_nodes_repairs_and_comes_back_with_the_key_alone() {
     s3ok(&cfg, &["del", "--recursive", "--force", "s3://photos"]);
     s3ok(&cfg, &["rb", "s3://photos"]);
     assert!(!s3ok(&cfg, &["ls"]).contains("s3://photos"));
+
+    tampered_shards_are_read_around_rewritten_and_refused(&g, &cfg, dir.path());
     ok(cli(&g, &["storage", "rm", "files"]));
+}
+
+/// Someone on a node (with the namespace's password, here derived from the user's key as the
+/// bot derives it) alters shards: one is read around and rewritten by repair; three of a
+/// stripe are refused with the reason.
+fn tampered_shards_are_read_around_rewritten_and_refused(g: &Grid, cfg: &Path, dir: &Path) {
+    let seed = tfgrid_core::Identity::load(&g.data.join("user.key"))
+        .unwrap()
+        .seed();
+    let password = tfgrid_storage::StorageKey::from_seed(&seed).zdb_password("files");
+    s3ok(cfg, &["mb", "s3://vault"]);
+    let data = random(1 << 20, 77);
+    let f = dir.join("vault.bin");
+    std::fs::write(&f, &data).unwrap();
+    s3ok(cfg, &["put", f.to_str().unwrap(), "s3://vault/x"]);
+    let slots: Vec<(String, String)> = status(g)["status"]["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let (ep, ns) = s["zdb"].as_str().unwrap().split_once('/').unwrap();
+            (ep.to_string(), ns.to_string())
+        })
+        .collect();
+    let conn = |i: usize| {
+        let (ep, ns) = &slots[i];
+        let mut c = redis::Client::open(format!("redis://{ep}/"))
+            .unwrap()
+            .get_connection_with_timeout(Duration::from_secs(5))
+            .unwrap();
+        redis::cmd("SELECT")
+            .arg(ns)
+            .arg(&password)
+            .query::<()>(&mut c)
+            .unwrap();
+        c
+    };
+    // The only shards left are x's (the deleted objects' went in the background).
+    let key = {
+        let mut c = conn(0);
+        let mut keys = Vec::new();
+        wait_for(
+            "deleted objects' shards gone",
+            Duration::from_secs(20),
+            || {
+                let (_, batch): (Vec<u8>, Vec<(Vec<u8>, u64, u64)>) =
+                    redis::cmd("SCAN").query(&mut c).unwrap_or_default();
+                keys = batch
+                    .into_iter()
+                    .map(|(k, _, _)| k)
+                    .filter(|k| k[0] == b's')
+                    .collect();
+                keys.len() == 1
+            },
+        );
+        keys.remove(0)
+    };
+    let read = |i: usize| -> Vec<u8> { redis::cmd("GET").arg(&key).query(&mut conn(i)).unwrap() };
+    let alter = |i: usize| {
+        let mut v = read(i);
+        v[3] ^= 0x5a;
+        redis::cmd("SET")
+            .arg(&key)
+            .arg(v)
+            .query::<()>(&mut conn(i))
+            .unwrap();
+    };
+    let good = read(1);
+    alter(1);
+    let got = dir.join("vault.got");
+    s3ok(
+        cfg,
+        &["get", "--force", "s3://vault/x", got.to_str().unwrap()],
+    );
+    assert!(
+        std::fs::read(&got).unwrap() == data,
+        "read around an altered shard"
+    );
+    wait_for(
+        "the altered shard rewritten",
+        Duration::from_secs(20),
+        || read(1) == good,
+    );
+    let events = status(g)["status"]["events"].to_string();
+    assert!(events.contains("altered"), "{events}");
+    for i in [0, 2, 3] {
+        alter(i);
+    }
+    let o = s3cmd(
+        cfg,
+        &["get", "--force", "s3://vault/x", got.to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "served with 3 of 6 shards altered");
+    assert!(
+        err.contains("unreadable") && err.contains("3 altered"),
+        "{err}"
+    );
+    s3ok(cfg, &["del", "s3://vault/x"]);
+    s3ok(cfg, &["rb", "s3://vault"]);
 }
