@@ -407,8 +407,8 @@ fn tampered_shards_are_read_around_rewritten_and_refused(g: &Grid, cfg: &Path, d
             "deleted objects' shards gone",
             Duration::from_secs(20),
             || {
-                let (_, batch): (Vec<u8>, Vec<(Vec<u8>, u64, u64)>) =
-                    redis::cmd("SCAN").query(&mut c).unwrap_or_default();
+                type Scan = (Vec<u8>, Vec<(Vec<u8>, u64, u64)>);
+                let (_, batch): Scan = redis::cmd("SCAN").query(&mut c).unwrap_or_default();
                 keys = batch
                     .into_iter()
                     .map(|(k, _, _)| k)
