@@ -81,16 +81,33 @@ impl Slot {
     }
 
     async fn run<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, Error> {
+        match self.run_once(cmd).await {
+            // The namespace was deleted under this connection; it may exist again (made anew):
+            // once more on a new connection, which selects it afresh.
+            Err(Error::Backend(e)) if e.contains("namespace is not available") => {
+                self.run_once(cmd).await
+            }
+            r => r,
+        }
+    }
+
+    async fn run_once<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, Error> {
         let mut c = self.conn().await?;
         match cmd.query_async(&mut c).await {
             Ok(v) => Ok(v),
             Err(e) => {
                 // A server error (a full namespace, a bad key) leaves the connection usable; a
-                // broken or timed-out one is dialled again next time.
-                if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
+                // broken or timed-out one is dialled again next time, and so is one whose
+                // namespace was deleted under it (made again, it needs a new SELECT).
+                let text = server_text(&e);
+                if e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || text.contains("namespace is not available")
+                {
                     self.conn.lock().unwrap().take();
                 }
-                Err(self.err(server_text(&e)))
+                Err(self.err(text))
             }
         }
     }

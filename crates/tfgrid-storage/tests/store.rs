@@ -470,3 +470,36 @@ async fn a_full_pool_refuses_the_put_with_the_reason_and_keeps_nothing_of_it() {
         random(100_000, 1)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_that_lost_its_data_is_refilled_in_place() {
+    let mut p = pool(4, 2, 262_144);
+    let store = Store::open(p.key.clone(), p.cfg.clone()).await.unwrap();
+    store.create_bucket("bkt").await.unwrap();
+    for (k, v) in objects() {
+        put(&store, "bkt", &k, &v).await;
+    }
+    // Slot 3's namespace is wiped and made again at the same address (a disk replaced).
+    {
+        let mut c = redis::Client::open(format!("redis://{}/", p.zdbs[3].addr))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        redis::cmd("AUTH").arg("admin").query::<()>(&mut c).unwrap();
+        redis::cmd("NSDEL").arg("p-3").query::<()>(&mut c).unwrap();
+    }
+    p.zdbs[3].namespace("p-3", &p.key.zdb_password("p"));
+    store.repair_pass().await.unwrap();
+    let s = store.status();
+    assert!(s.healthy, "{s:?}");
+    assert!(s
+        .events
+        .iter()
+        .any(|(_, e)| e.contains("slot 3") && e.contains("marker")));
+    // Refilled for real: two other slots go and everything still reads.
+    p.zdbs[0].kill();
+    p.zdbs[1].kill();
+    for (k, v) in objects() {
+        assert_eq!(read_all(&store, "bkt", &k).await.unwrap(), v, "{k}");
+    }
+}
