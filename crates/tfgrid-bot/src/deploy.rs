@@ -166,32 +166,23 @@ impl Bot {
                 }),
             ));
         }
-        if svc.image.is_empty() {
-            // A service of namespaces only.
-            return Deployment {
-                version: 0,
-                twin_id: twin,
-                contract_id: 0,
-                metadata: String::new(),
-                description: service.to_string(),
-                workloads,
-                signature: None,
-            };
+        // A service without an image is its namespaces only.
+        if !svc.image.is_empty() {
+            workloads.push(wl(
+                wname(service),
+                WorkloadData::Container(ContainerSpec {
+                    image: svc.image.clone(),
+                    entrypoint: svc.entrypoint.clone(),
+                    cmd: svc.command.clone(),
+                    env: svc.env.clone(),
+                    cpu: svc.cpu,
+                    memory: svc.memory.0,
+                    rootfs_size: svc.disk.0,
+                    mounts,
+                    network,
+                }),
+            ));
         }
-        workloads.push(wl(
-            wname(service),
-            WorkloadData::Container(ContainerSpec {
-                image: svc.image.clone(),
-                entrypoint: svc.entrypoint.clone(),
-                cmd: svc.command.clone(),
-                env: svc.env.clone(),
-                cpu: svc.cpu,
-                memory: svc.memory.0,
-                rootfs_size: svc.disk.0,
-                mounts,
-                network,
-            }),
-        ));
         Deployment {
             version: 0,
             twin_id: twin,
