@@ -247,26 +247,10 @@ fn wrong_credentials_are_refused_and_change_nothing() {
 /// Shard keys in slot `i`'s namespace.
 fn shard_keys(s3: &S3, i: usize) -> Vec<Vec<u8>> {
     let mut c = s3.pool.zdbs[i].conn(&s3.pool.cfg.slots[i]);
-    let mut out = Vec::new();
-    let mut cursor: Option<Vec<u8>> = None;
-    loop {
-        let mut cmd = redis::cmd("SCAN");
-        if let Some(c) = &cursor {
-            cmd.arg(c);
-        }
-        match cmd.query::<(Vec<u8>, Vec<(Vec<u8>, u64, u64)>)>(&mut c) {
-            Ok((next, batch)) => {
-                out.extend(
-                    batch
-                        .into_iter()
-                        .map(|(k, _, _)| k)
-                        .filter(|k| k[0] == b's'),
-                );
-                cursor = Some(next);
-            }
-            Err(_) => return out,
-        }
-    }
+    common::keys(&mut c)
+        .into_iter()
+        .filter(|k| k[0] == b's')
+        .collect()
 }
 
 #[test]

@@ -3,7 +3,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::{pool, Pool, Zdb};
+use common::{keys, pool, Pool, Zdb};
 use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -159,24 +159,6 @@ fn shard_count(p: &Pool) -> usize {
         .filter(|(z, _)| z.rt.is_some())
         .map(|(z, s)| keys(&mut z.conn(s)).iter().filter(|k| k[0] == b's').count())
         .sum()
-}
-
-fn keys(c: &mut redis::Connection) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut cursor: Option<Vec<u8>> = None;
-    loop {
-        let mut cmd = redis::cmd("SCAN");
-        if let Some(c) = &cursor {
-            cmd.arg(c);
-        }
-        match cmd.query::<(Vec<u8>, Vec<(Vec<u8>, u64, u64)>)>(c) {
-            Ok((next, batch)) => {
-                out.extend(batch.into_iter().map(|(k, _, _)| k));
-                cursor = Some(next);
-            }
-            Err(_) => return out,
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -116,3 +116,22 @@ pub fn pool(k: u8, m: u8, stripe: usize) -> Pool {
         key,
     }
 }
+
+/// Every key of the namespace `c` has selected, by 0-db's SCAN (it ends with "No more data").
+pub fn keys(c: &mut redis::Connection) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut cursor: Option<Vec<u8>> = None;
+    loop {
+        let mut cmd = redis::cmd("SCAN");
+        if let Some(c) = &cursor {
+            cmd.arg(c);
+        }
+        match cmd.query::<(Vec<u8>, Vec<(Vec<u8>, u64, u64)>)>(c) {
+            Ok((next, batch)) => {
+                out.extend(batch.into_iter().map(|(k, _, _)| k));
+                cursor = Some(next);
+            }
+            Err(_) => return out,
+        }
+    }
+}
