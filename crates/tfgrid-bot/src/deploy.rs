@@ -10,7 +10,7 @@ use crate::store::{Record, Replica, State, WorkloadView};
 use std::collections::HashSet;
 use std::time::Instant;
 use tfgrid_core::deployment::{
-    ContainerSpec, Deployment, Mount, ResultState, VolumeSpec, Workload, WorkloadData, ZdbSpec,
+    ContainerSpec, Deployment, Mount, ResultState, VmSpec, VolumeSpec, Workload, WorkloadData, ZdbSpec,
 };
 use tfgrid_core::faults::crash_point;
 use tfgrid_core::filter::NodeFilter;
@@ -167,7 +167,25 @@ impl Bot {
             ));
         }
         // A service without an image is its namespaces only.
-        if !svc.image.is_empty() {
+        if svc.kind == crate::spec::ServiceKind::Vm {
+            workloads.push(wl(
+                wname(service),
+                WorkloadData::Vm(VmSpec {
+                    image: (!svc.image.is_empty()).then(|| svc.image.clone()),
+                    disk_image: svc.disk_image.clone(),
+                    entrypoint: svc.entrypoint.clone(),
+                    cmd: svc.command.clone(),
+                    env: svc.env.clone(),
+                    cpu: svc.cpu,
+                    memory: svc.memory.0,
+                    disk_size: svc.disk.0,
+                    kernel_args: svc.kernel_args.clone(),
+                    ssh_keys: svc.ssh_keys.clone(),
+                    mounts,
+                    network,
+                }),
+            ));
+        } else if !svc.image.is_empty() {
             workloads.push(wl(
                 wname(service),
                 WorkloadData::Container(ContainerSpec {
@@ -207,7 +225,7 @@ impl Bot {
     ) -> Result<Replica, String> {
         // The node's subnet in the network exists before the node is asked to use it (a
         // replica of namespaces only is in no network).
-        let network = network.filter(|_| !svc.image.is_empty());
+        let network = network.filter(|_| svc.runs());
         if let Some(id) = network {
             self.join_network(id, node.id).await?;
         }

@@ -117,7 +117,11 @@ impl StorageDecl {
     pub fn service(&self) -> Service {
         let (k, m) = self.layout().unwrap_or((1, 1));
         Service {
+            kind: ServiceKind::Container,
             image: String::new(),
+            disk_image: None,
+            kernel_args: Vec::new(),
+            ssh_keys: Vec::new(),
             command: None,
             entrypoint: None,
             env: BTreeMap::new(),
@@ -144,7 +148,7 @@ impl StorageDecl {
 impl Spec {
     /// Whether any service runs a container (a spec of namespaces only is in no network).
     pub fn needs_network(&self) -> bool {
-        self.services.values().any(|s| !s.image.is_empty())
+        self.services.values().any(|s| s.runs())
     }
 
     pub fn network_name(&self) -> &str {
@@ -171,9 +175,24 @@ fn yes() -> bool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
-    /// The container's image; a service without one is only its zdb namespaces.
+    /// `container` (the default) or `vm`: the same service run as a virtual machine, with its
+    /// own kernel.
+    #[serde(default)]
+    pub kind: ServiceKind,
+    /// The container's image (for a vm: the image whose rootfs it boots with the node's
+    /// kernel); a service without one (nor a disk_image) is only its zdb namespaces.
     #[serde(default)]
     pub image: String,
+    /// A vm booted from a full disk image (qcow2 or raw, an OCI artifact) with its own kernel,
+    /// configured by cloud-init; instead of `image`.
+    #[serde(default)]
+    pub disk_image: Option<String>,
+    /// A vm's extra kernel command line words (image vms).
+    #[serde(default)]
+    pub kernel_args: Vec<String>,
+    /// OpenSSH public keys a vm lets in as root.
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
     /// Replaces the image's command (as `docker run IMAGE command...`).
     #[serde(default)]
     pub command: Option<Vec<String>>,
@@ -185,8 +204,8 @@ pub struct Service {
     pub cpu: u32,
     #[serde(default = "default_memory")]
     pub memory: Size,
-    /// The container's writable layer (its own files outside volumes), bounded and reserved as
-    /// SSD on the node.
+    /// The container's writable layer (its own files outside volumes), or a vm's root disk,
+    /// bounded and reserved as SSD on the node.
     #[serde(default = "default_disk")]
     pub disk: Size,
     #[serde(default)]
@@ -199,6 +218,21 @@ pub struct Service {
     pub expose: Option<Expose>,
     #[serde(default)]
     pub placement: Placement,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceKind {
+    #[default]
+    Container,
+    Vm,
+}
+
+impl Service {
+    /// Whether the service runs anything (a container or a vm) besides its namespaces.
+    pub fn runs(&self) -> bool {
+        !self.image.is_empty() || self.disk_image.is_some()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -387,7 +421,43 @@ impl Spec {
                     "service names: 1 to 16 lowercase letters, digits or -",
                 );
             }
-            if s.image.is_empty() {
+            let vm = s.kind == ServiceKind::Vm;
+            if !vm && (s.disk_image.is_some() || !s.kernel_args.is_empty() || !s.ssh_keys.is_empty())
+            {
+                return bad(
+                    f("kind"),
+                    "disk_image, kernel_args and ssh_keys are for kind: vm",
+                );
+            }
+            if vm {
+                match (s.image.is_empty(), &s.disk_image) {
+                    (false, Some(_)) => {
+                        return bad(f("disk_image"), "a vm boots an image or a disk_image, not both")
+                    }
+                    (true, None) => {
+                        return bad(f("image"), "a vm needs an image or a disk_image")
+                    }
+                    (_, Some(d)) => {
+                        checks::image_ref(d).or_else(|e| bad(f("disk_image"), &e))?;
+                        if s.command.is_some() || s.entrypoint.is_some() || !s.kernel_args.is_empty() {
+                            return bad(
+                                f("disk_image"),
+                                "boots its own system: command, entrypoint and kernel_args are for image vms",
+                            );
+                        }
+                    }
+                    _ => {}
+                }
+                checks::size(s.memory.0, 64 << 20)
+                    .or_else(|_| bad(f("memory"), "a vm needs at least 64M"))?;
+                for (i, a) in s.kernel_args.iter().enumerate() {
+                    checks::kernel_arg(a).or_else(|e| bad(f(&format!("kernel_args[{i}]")), &e))?;
+                }
+                for (i, k) in s.ssh_keys.iter().enumerate() {
+                    checks::ssh_key(k).or_else(|e| bad(f(&format!("ssh_keys[{i}]")), &e))?;
+                }
+            }
+            if !s.runs() {
                 // Namespaces only: nothing that belongs to a container.
                 if s.zdbs.is_empty() {
                     return bad(
@@ -406,7 +476,7 @@ impl Spec {
                         "is required for volumes, command, entrypoint, env or expose",
                     );
                 }
-            } else {
+            } else if !s.image.is_empty() {
                 checks::image_ref(&s.image).or_else(|e| bad(f("image"), &e))?;
             }
             if s.cpu == 0 || s.cpu > 64 {

@@ -88,6 +88,45 @@ pub fn command(args: &[String]) -> Result<(), (usize, String)> {
     Ok(())
 }
 
+/// One kernel command-line word for a VM: printable, no spaces or quotes (the node joins them
+/// with spaces), bounded.
+pub fn kernel_arg(a: &str) -> Result<(), String> {
+    if a.is_empty() || a.len() > 256 {
+        return Err("must be 1 to 256 bytes".into());
+    }
+    if !a.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\'') {
+        return Err("use printable ASCII without spaces or quotes (one word per argument)".into());
+    }
+    Ok(())
+}
+
+/// An OpenSSH public key line: a key type, base64 key data and an optional comment, one line.
+pub fn ssh_key(k: &str) -> Result<(), String> {
+    if k.len() > 16 << 10 {
+        return Err("longer than 16 KiB".into());
+    }
+    if k.chars().any(|c| c.is_control()) {
+        return Err("must be one line (no control characters)".into());
+    }
+    let mut parts = k.split_whitespace();
+    let (Some(kind), Some(data)) = (parts.next(), parts.next()) else {
+        return Err("expected \"TYPE BASE64 [comment]\" as in an .pub file".into());
+    };
+    let kinds = ["ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com"];
+    if !kinds.contains(&kind) {
+        return Err(format!("key type {kind:?} is not one OpenSSH takes"));
+    }
+    if data.len() < 16
+        || !data
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=')
+    {
+        return Err("the key data is not base64".into());
+    }
+    Ok(())
+}
+
 pub fn zdb_password(p: &str) -> Result<(), String> {
     if p.len() > MAX_PASSWORD {
         return Err(format!("longer than {MAX_PASSWORD} bytes"));
@@ -346,5 +385,24 @@ mod tests {
         assert!(size(u64::MAX, 1).is_err());
         assert!(size(0, 1).is_err());
         size(1 << 30, 1 << 20).unwrap();
+    }
+
+    #[test]
+    fn vm_kernel_args_and_ssh_keys() {
+        kernel_arg("init=/bin/sh").unwrap();
+        for bad in ["", "a b", "a\nb", "x\"y", "it's"] {
+            assert!(kernel_arg(bad).is_err(), "{bad:?}");
+        }
+        ssh_key("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx7 me@host").unwrap();
+        ssh_key("ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAB").unwrap();
+        for bad in [
+            "",
+            "ssh-ed25519",
+            "ssh-dss AAAAB3NzaC1kc3MAAACBAP",
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx7 me\nssh-rsa AAAA",
+            "ssh-ed25519 not*base64*at*all*here",
+        ] {
+            assert!(ssh_key(bad).is_err(), "{bad:?}");
+        }
     }
 }

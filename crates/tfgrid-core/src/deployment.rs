@@ -48,6 +48,7 @@ pub enum WorkloadData {
     Volume(VolumeSpec),
     Zdb(ZdbSpec),
     GatewayNameProxy(GatewayNameProxySpec),
+    Vm(VmSpec),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,6 +82,44 @@ pub struct Mount {
     /// Name of a volume workload in the same deployment.
     pub volume: String,
     pub path: String,
+}
+
+/// A virtual machine: booted either from an OCI image's rootfs with the node's kernel, or from a
+/// full disk image (an OCI artifact) with its own kernel. Exactly one of `image` and
+/// `disk_image` is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// OCI image whose rootfs the VM runs, its entrypoint as a container's.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// OCI artifact holding one qcow2 or raw disk, booted by its own bootloader and configured
+    /// with cloud-init (NoCloud).
+    #[serde(default)]
+    pub disk_image: Option<String>,
+    #[serde(default)]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(default)]
+    pub cmd: Option<Vec<String>>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Virtual CPUs.
+    pub cpu: u32,
+    /// Guest memory bytes.
+    pub memory: u64,
+    /// The root disk: a disk image is grown to it; an image's writable layer is bounded by it.
+    /// Counted as SSD.
+    pub disk_size: u64,
+    /// Appended to the kernel command line (image mode only: a disk image has its own).
+    #[serde(default)]
+    pub kernel_args: Vec<String>,
+    /// OpenSSH public keys let in as root.
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
+    /// Volumes of the deployment attached as virtio disks, mounted at `path` in the guest.
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
+    #[serde(default)]
+    pub network: Option<crate::network::NetworkId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +159,7 @@ impl WorkloadData {
             WorkloadData::Volume(_) => "volume",
             WorkloadData::Zdb(_) => "zdb",
             WorkloadData::GatewayNameProxy(_) => "gateway-name-proxy",
+            WorkloadData::Vm(_) => "vm",
         }
     }
 
@@ -141,6 +181,12 @@ impl WorkloadData {
                 ..Default::default()
             },
             WorkloadData::GatewayNameProxy(_) => Capacity::default(),
+            WorkloadData::Vm(v) => Capacity {
+                cru: v.cpu.into(),
+                mru: v.memory,
+                sru: v.disk_size,
+                ..Default::default()
+            },
         }
     }
 }

@@ -80,6 +80,7 @@ pub struct NodeConfig {
     /// How often the node looks for contracts cancelled on the registry (a safety net: a bot
     /// that cancels a contract also asks the node to delete the deployment).
     pub sweep_every: Duration,
+    pub vm: crate::kinds::vm::VmOptions,
 }
 
 /// The default of [`NodeConfig::sweep_every`].
@@ -359,6 +360,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
         tasks.push(tokio::spawn(crate::kinds::health::run(gateway.routes())));
     }
     let routes = gateway.routes();
+    let (vm_images, vm_net, vm_reports) = (images.clone(), net.clone(), report_tx.clone());
     let kinds = Kinds::Host(Box::new(HostKinds {
         volume: Volume::new(cfg.data.join("volumes")),
         zdb: Zdb::new(zdb_addr, cfg.zdb_public, zdb_admin),
@@ -371,8 +373,19 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, AgentError> {
             net,
             report_tx,
         )
-        .with_networks(networks.clone()),
+        .with_networks(networks.clone())
+        .with_peer_dir(cfg.data.join("vms")),
         gateway,
+        vm: crate::kinds::vm::Vm::new(
+            cfg.data.join("vms"),
+            cfg.data.join("volumes"),
+            cfg.data.join("containers"),
+            vm_images,
+            vm_net,
+            networks.clone(),
+            vm_reports,
+            cfg.vm.clone(),
+        ),
     }));
     let store = Store::open(&cfg.data.join("node.redb"))?;
     let engine = Arc::new(Engine::new(node_id, total, client.clone(), store, kinds));
@@ -807,6 +820,7 @@ fn serve_overlay(peer: &Peer, grid: Option<Arc<tfgrid_net::grid::Grid>>) {
 /// For a local grid shutting down; the next agent start remakes the workloads from its store.
 pub async fn stop_workloads(data: &std::path::Path, runtime: &str, bridge: &str) {
     use crate::kinds::run;
+    crate::kinds::vm::stop_all(&data.join("vms")).await;
     let root = data.join("runtime");
     let root_s = root.to_string_lossy().into_owned();
     if root.is_dir() {

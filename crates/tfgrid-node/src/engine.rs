@@ -46,6 +46,7 @@ pub struct HostKinds {
     pub zdb: Zdb,
     pub container: Container,
     pub gateway: Gateway,
+    pub vm: crate::kinds::vm::Vm,
 }
 
 pub struct Engine {
@@ -80,7 +81,7 @@ fn rank(w: &Workload) -> u8 {
     match w.data {
         WorkloadData::Volume(_) => 0,
         WorkloadData::Zdb(_) => 1,
-        WorkloadData::Container(_) => 2,
+        WorkloadData::Container(_) | WorkloadData::Vm(_) => 2,
         WorkloadData::GatewayNameProxy(_) => 3,
     }
 }
@@ -89,6 +90,43 @@ fn ordered(d: &Deployment) -> Vec<&Workload> {
     let mut v: Vec<&Workload> = d.workloads.iter().collect();
     v.sort_by_key(|w| rank(w));
     v
+}
+
+/// The checks containers and image VMs share: mounts name volumes of the deployment at distinct
+/// paths, env names and values, entrypoint and cmd.
+fn check_process(
+    n: &str,
+    mounts: &[tfgrid_core::deployment::Mount],
+    volumes: &HashSet<&str>,
+    env: &BTreeMap<String, String>,
+    entrypoint: &Option<Vec<String>>,
+    cmd: &Option<Vec<String>>,
+) -> Result<(), EngineError> {
+    let bad = |m: String| Err(EngineError::Malformed(m));
+    let mut paths = HashSet::new();
+    for m in mounts {
+        if !volumes.contains(m.volume.as_str()) {
+            return bad(format!(
+                "{n}: mount names volume {:?}, which is not a volume workload of this deployment",
+                m.volume
+            ));
+        }
+        checks::mount_path(&m.path)
+            .or_else(|e| bad(format!("{n}: mount path {:?}: {e}", m.path)))?;
+        if !paths.insert(m.path.as_str()) {
+            return bad(format!("{n}: two mounts on {:?}", m.path));
+        }
+    }
+    for (k, v) in env {
+        checks::env_name(k).or_else(|e| bad(format!("{n}: env {k:?} {e}")))?;
+        checks::arg(v).or_else(|e| bad(format!("{n}: env {k}: {e}")))?;
+    }
+    for (what, args) in [("entrypoint", entrypoint), ("cmd", cmd)] {
+        if let Some(a) = args {
+            checks::command(a).or_else(|(i, e)| bad(format!("{n}: {what}[{i}] {e}")))?;
+        }
+    }
+    Ok(())
 }
 
 fn result(state: ResultState, message: String, data: Output) -> WorkloadResult {
@@ -116,6 +154,27 @@ pub fn validate(d: &Deployment, gateway_domain: Option<&str>) -> Result<(), Engi
         .filter(|w| matches!(w.data, WorkloadData::Volume(_)))
         .map(|w| w.name.as_str())
         .collect();
+    // A VM's volume is a disk only it writes: no container or other VM may mount it too.
+    let mut users: BTreeMap<&str, Vec<(&str, bool)>> = BTreeMap::new();
+    for w in &d.workloads {
+        let (mounts, vm) = match &w.data {
+            WorkloadData::Container(c) => (&c.mounts, false),
+            WorkloadData::Vm(v) => (&v.mounts, true),
+            _ => continue,
+        };
+        for m in mounts {
+            users.entry(m.volume.as_str()).or_default().push((w.name.as_str(), vm));
+        }
+    }
+    for (vol, u) in &users {
+        if u.len() > 1 && u.iter().any(|(_, vm)| *vm) {
+            let names: Vec<&str> = u.iter().map(|(n, _)| *n).collect();
+            return bad(format!(
+                "volume {vol} is mounted by {}: a volume a vm mounts is its disk alone",
+                names.join(" and ")
+            ));
+        }
+    }
     for w in &d.workloads {
         let n = &w.name;
         if n.is_empty() || n.len() > 36 || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
@@ -138,30 +197,46 @@ pub fn validate(d: &Deployment, gateway_domain: Option<&str>) -> Result<(), Engi
                     checks::size(c.rootfs_size, 1 << 20)
                         .or_else(|e| bad(format!("{n}: rootfs_size {e}")))?;
                 }
-                let mut paths = HashSet::new();
-                for m in &c.mounts {
-                    if !volumes.contains(m.volume.as_str()) {
-                        return bad(format!(
-                            "{n}: mount names volume {:?}, which is not a volume workload of this deployment",
-                            m.volume
-                        ));
-                    }
-                    checks::mount_path(&m.path)
-                        .or_else(|e| bad(format!("{n}: mount path {:?}: {e}", m.path)))?;
-                    if !paths.insert(m.path.as_str()) {
-                        return bad(format!("{n}: two mounts on {:?}", m.path));
-                    }
+                check_process(n, &c.mounts, &volumes, &c.env, &c.entrypoint, &c.cmd)?;
+            }
+            WorkloadData::Vm(v) => {
+                match (&v.image, &v.disk_image) {
+                    (Some(i), None) | (None, Some(i)) => checks::image_ref(i)
+                        .or_else(|e| bad(format!("{n}: image: {e}")))?,
+                    _ => return bad(format!("{n}: a vm needs exactly one of image and disk_image")),
                 }
-                for (k, v) in &c.env {
-                    checks::env_name(k).or_else(|e| bad(format!("{n}: env {k:?} {e}")))?;
-                    checks::arg(v).or_else(|e| bad(format!("{n}: env {k}: {e}")))?;
+                if v.cpu == 0 || v.cpu > 64 {
+                    return bad(format!("{n}: a vm has 1 to 64 vcpus"));
                 }
-                for (what, args) in [("entrypoint", &c.entrypoint), ("cmd", &c.cmd)] {
-                    if let Some(a) = args {
-                        checks::command(a)
-                            .or_else(|(i, e)| bad(format!("{n}: {what}[{i}] {e}")))?;
-                    }
+                checks::size(v.memory, 64 << 20)
+                    .or_else(|e| bad(format!("{n}: memory {e} (a vm needs 64 MiB or more)")))?;
+                if v.disk_image.is_some() || v.disk_size > 0 {
+                    checks::size(v.disk_size, 1 << 20)
+                        .or_else(|e| bad(format!("{n}: disk_size {e}")))?;
                 }
+                if v.disk_image.is_some() && (v.entrypoint.is_some() || v.cmd.is_some()) {
+                    return bad(format!(
+                        "{n}: a disk image boots its own system: entrypoint and cmd are for image VMs"
+                    ));
+                }
+                if v.disk_image.is_some() && !v.kernel_args.is_empty() {
+                    return bad(format!(
+                        "{n}: a disk image boots its own kernel: kernel_args are for image VMs"
+                    ));
+                }
+                if v.kernel_args.len() > 32 {
+                    return bad(format!("{n}: at most 32 kernel_args"));
+                }
+                for a in &v.kernel_args {
+                    checks::kernel_arg(a).or_else(|e| bad(format!("{n}: kernel arg {a:?}: {e}")))?;
+                }
+                if v.ssh_keys.len() > 64 {
+                    return bad(format!("{n}: at most 64 ssh_keys"));
+                }
+                for k in &v.ssh_keys {
+                    checks::ssh_key(k).or_else(|e| bad(format!("{n}: ssh key: {e}")))?;
+                }
+                check_process(n, &v.mounts, &volumes, &v.env, &v.entrypoint, &v.cmd)?;
             }
             WorkloadData::Volume(v) => {
                 checks::size(v.size, 1 << 20).or_else(|e| bad(format!("{n}: volume size {e}")))?;
@@ -389,6 +464,7 @@ impl Engine {
             (Kinds::Host(k), WorkloadData::Zdb(_)) => op.run(&k.zdb, &ctx).await,
             (Kinds::Host(k), WorkloadData::Container(_)) => op.run(&k.container, &ctx).await,
             (Kinds::Host(k), WorkloadData::GatewayNameProxy(_)) => op.run(&k.gateway, &ctx).await,
+            (Kinds::Host(k), WorkloadData::Vm(_)) => op.run(&k.vm, &ctx).await,
         };
         let r = match out {
             Ok(data) => result(ResultState::Ok, String::new(), data),
@@ -410,6 +486,7 @@ impl Engine {
             (Kinds::Host(k), WorkloadData::Zdb(_)) => k.zdb.deprovision(&id).await,
             (Kinds::Host(k), WorkloadData::Container(_)) => k.container.deprovision(&id).await,
             (Kinds::Host(k), WorkloadData::GatewayNameProxy(_)) => k.gateway.deprovision(&id).await,
+            (Kinds::Host(k), WorkloadData::Vm(_)) => k.vm.deprovision(&id).await,
         }
     }
 
@@ -614,14 +691,16 @@ impl Engine {
         let w = d.workloads.iter().find(|w| w.name == name).ok_or_else(|| {
             EngineError::NotFound(format!("contract {id} has no workload {name:?}"))
         })?;
-        if !matches!(w.data, WorkloadData::Container(_)) {
+        if !matches!(w.data, WorkloadData::Container(_) | WorkloadData::Vm(_)) {
             return Err(EngineError::Malformed(format!(
-                "{name} is a {} workload; only containers have logs",
+                "{name} is a {} workload; only containers and vms have logs",
                 w.data.kind()
             )));
         }
+        let wid = WorkloadId::new(id, name);
         Ok(match &self.kinds {
-            Kinds::Host(k) => k.container.logs(&WorkloadId::new(id, name), tail),
+            Kinds::Host(k) if matches!(w.data, WorkloadData::Vm(_)) => k.vm.logs(&wid, tail),
+            Kinds::Host(k) => k.container.logs(&wid, tail),
             Kinds::Simulated(_) => "(a simulated node runs no process, so it has no logs)\n".into(),
         })
     }

@@ -189,6 +189,73 @@ impl Images {
         Ok(img)
     }
 
+    /// A disk image published as an OCI artifact: a manifest with one layer, the disk itself
+    /// (qcow2 or raw, uncompressed). Fetched once into `disks/<digest>` and shared read-only as
+    /// the backing file of every VM that boots it. Returns the file and the manifest digest.
+    pub async fn disk(&self, reference: &str) -> Result<(PathBuf, String), String> {
+        let gate = self
+            .pulling
+            .lock()
+            .await
+            .entry(reference.to_string())
+            .or_default()
+            .clone();
+        let _g = gate.lock().await;
+        let refs = self.dir.join("disk-refs").join(format!(
+            "{}.json",
+            blake3::hash(reference.as_bytes()).to_hex()
+        ));
+        if let Ok(t) = std::fs::read(&refs) {
+            if let Ok((path, digest)) = serde_json::from_slice::<(PathBuf, String)>(&t) {
+                if path.is_file() {
+                    return Ok((path, digest));
+                }
+            }
+        }
+        let r: Reference = reference
+            .parse()
+            .map_err(|e| format!("disk image reference {reference:?}: {e}"))?;
+        let auth = match self.logins.get(r.resolve_registry()) {
+            Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
+            None => RegistryAuth::Anonymous,
+        };
+        let (manifest, digest) = self
+            .client
+            .pull_image_manifest(&r, &auth)
+            .await
+            .map_err(|e| format!("pulling {reference}: {e}"))?;
+        let [layer] = manifest.layers.as_slice() else {
+            return Err(format!(
+                "{reference} has {} layers; a disk image has exactly one (the disk)",
+                manifest.layers.len()
+            ));
+        };
+        let disks = self.dir.join("disks");
+        std::fs::create_dir_all(&disks).map_err(|e| format!("{}: {e}", disks.display()))?;
+        let size = u64::try_from(layer.size).unwrap_or(0);
+        crate::capacity::check_room(&disks, size, &format!("disk image {reference}"))?;
+        let path = disks.join(layer.digest.replace(':', "-"));
+        if !path.is_file() {
+            let tmp = path.with_extension("partial");
+            let file = tokio::fs::File::create(&tmp)
+                .await
+                .map_err(|e| format!("{}: {e}", tmp.display()))?;
+            // oci-client checks the blob against its digest while it streams it.
+            if let Err(e) = self.client.pull_blob(&r, layer, file).await {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(format!("pulling the disk of {reference}: {e}"));
+            }
+            std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        write_atomic(
+            &refs,
+            &serde_json::to_vec(&(&path, &digest)).expect("serializes"),
+        )
+        .map_err(|e| format!("saving {}: {e}", refs.display()))?;
+        tracing::info!(image = reference, %digest, "pulled a disk image");
+        Ok((path, digest))
+    }
+
     async fn fetch_layer(
         &self,
         r: &Reference,

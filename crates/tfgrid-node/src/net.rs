@@ -40,6 +40,10 @@ impl Net {
         })
     }
 
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
     pub fn gateway(&self) -> Ipv4Addr {
         Ipv4Addr::from(self.network + 1)
     }

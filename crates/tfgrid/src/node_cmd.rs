@@ -110,6 +110,18 @@ struct RunArgs {
     /// How often the node looks for contracts cancelled on the registry.
     #[arg(long, default_value_t = agent::SWEEP_EVERY.as_millis() as u64)]
     sweep_interval_ms: u64,
+    /// QEMU for VM workloads.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: String,
+    /// The kernel image-mode VMs boot (default: the newest /boot/vmlinuz-* with modules).
+    #[arg(long)]
+    vm_kernel: Option<PathBuf>,
+    /// A static busybox for the VMs' initramfs (Debian's busybox-static).
+    #[arg(long, default_value = "/bin/busybox")]
+    vm_busybox: PathBuf,
+    /// VM acceleration: auto (KVM when it boots the kernel, else TCG), kvm or tcg.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
+    vm_accel: String,
     /// Run N simulated nodes in this process instead of a real one: each registers, reports
     /// uptime, keeps a bus connection and runs the engine, but starts nothing on the host (see
     /// ARCHITECTURE.md). They offer --cru, --mru, --sru and --hru each, and live in memory.
@@ -219,6 +231,16 @@ pub async fn run(a: NodeArgs) -> Result<()> {
         masquerade: !r.no_masquerade,
         report_every: r.report_interval_ms.map(Duration::from_millis),
         sweep_every: Duration::from_millis(r.sweep_interval_ms),
+        vm: tfgrid_node::kinds::vm::VmOptions {
+            qemu: r.qemu,
+            kernel: r.vm_kernel,
+            busybox: r.vm_busybox,
+            accel: match r.vm_accel.as_str() {
+                "kvm" => Some(tfgrid_node::kinds::vm::boot::Accel::Kvm),
+                "tcg" => Some(tfgrid_node::kinds::vm::boot::Accel::Tcg),
+                _ => None,
+            },
+        },
     };
     let node = agent::start(cfg).await.context("starting the node agent")?;
     println!(

@@ -36,6 +36,8 @@ pub struct Container {
     reporter: Reporter,
     log_limit: u64,
     supervisors: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// Other kinds' workload directories whose addresses come from the same bridges (VMs).
+    peer_dirs: Vec<PathBuf>,
 }
 
 #[derive(PartialEq)]
@@ -144,7 +146,14 @@ impl Container {
             reporter,
             log_limit: 1 << 20,
             supervisors: Mutex::new(HashMap::new()),
+            peer_dirs: Vec::new(),
         }
+    }
+
+    /// Addresses held by workloads under `dir` (VMs) are not given to containers.
+    pub fn with_peer_dir(mut self, dir: PathBuf) -> Self {
+        self.peer_dirs.push(dir);
+        self
     }
 
     /// Containers may join the users' private networks (a node on the overlay).
@@ -166,21 +175,10 @@ impl Container {
         read_tail(&self.cdir(id).join("log"), tail)
     }
 
-    /// The lowest address of `net`'s subnet no other container of this node holds.
     fn allocate_ip(&self, net: &Net) -> Result<Ipv4Addr, String> {
-        let mut used = std::collections::HashSet::new();
-        if let Ok(rd) = std::fs::read_dir(&self.dir) {
-            for e in rd.flatten() {
-                if let Ok(s) = std::fs::read_to_string(e.path().join("ip")) {
-                    if let Ok(ip) = s.trim().parse::<Ipv4Addr>() {
-                        used.insert(ip);
-                    }
-                }
-            }
-        }
-        net.hosts()
-            .find(|ip| !used.contains(ip))
-            .ok_or_else(|| format!("the subnet of bridge {} is full", net.bridge))
+        let mut dirs = vec![self.dir.clone()];
+        dirs.extend(self.peer_dirs.iter().cloned());
+        allocate_ip(&dirs, net)
     }
 
     fn config(&self, id: &WorkloadId, spec: &ContainerSpec, image: &Image) -> Result<Spec, String> {
@@ -303,63 +301,8 @@ impl Container {
         Ok(s)
     }
 
-    /// The overlay rootfs: the image's layers under a writable layer. With a `rootfs_size`, the
-    /// writable layer lives on an ext4 image of that size (sparse, on a loop device), so the
-    /// container's writes stop there instead of filling the node's disk.
     async fn mount_rootfs(&self, id: &WorkloadId, image: &Image, size: u64) -> Result<(), String> {
-        let c = self.cdir(id);
-        let rootfs = c.join("rootfs");
-        std::fs::create_dir_all(&rootfs).map_err(|e| format!("{}: {e}", rootfs.display()))?;
-        if is_mounted(&rootfs) {
-            return Ok(());
-        }
-        let rw = if size > 0 {
-            let (img, dir) = (c.join("rw.img"), c.join("rw"));
-            if !img.exists() {
-                crate::capacity::check_room(&c, size, &format!("the rootfs of {}", id.key()))?;
-                let f =
-                    std::fs::File::create(&img).map_err(|e| format!("{}: {e}", img.display()))?;
-                f.set_len(size)
-                    .map_err(|e| format!("{}: {e}", img.display()))?;
-                drop(f);
-                run("mkfs.ext4", &["-q", "-F", &img.to_string_lossy()]).await?;
-            }
-            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            if !is_mounted(&dir) {
-                run(
-                    "mount",
-                    &["-o", "loop", &img.to_string_lossy(), &dir.to_string_lossy()],
-                )
-                .await?;
-            }
-            dir
-        } else {
-            c.clone()
-        };
-        let (upper, work) = (rw.join("upper"), rw.join("work"));
-        for d in [&upper, &work] {
-            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
-        }
-        let lower: Vec<String> = image
-            .layers
-            .iter()
-            .rev()
-            .map(|l| l.to_string_lossy().into_owned())
-            .collect();
-        let opts = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            lower.join(":"),
-            upper.display(),
-            work.display()
-        );
-        nix::mount::mount(
-            Some("overlay"),
-            &rootfs,
-            Some("overlay"),
-            nix::mount::MsFlags::empty(),
-            Some(opts.as_str()),
-        )
-        .map_err(|e| format!("mounting the overlay rootfs: {e}"))
+        mount_overlay(&self.cdir(id), image, size, &format!("the rootfs of {}", id.key())).await
     }
 
     fn supervise(&self, id: WorkloadId, memory: u64) {
@@ -458,13 +401,7 @@ impl Container {
             self.runtime.cmd(&["delete", "--force", &key]).await?;
         }
         let c = self.cdir(id);
-        // The rootfs first, then the sized writable layer under it (if any).
-        for m in [c.join("rootfs"), c.join("rw")] {
-            if is_mounted(&m) {
-                nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH)
-                    .map_err(|e| format!("unmounting {}: {e}", m.display()))?;
-            }
-        }
+        unmount_overlay(&c)?;
         self.net.detach(&key).await?;
         let network = std::fs::read_to_string(c.join("network"))
             .ok()
@@ -510,6 +447,99 @@ impl Kind for Container {
         // restarted agent never runs a second copy.
         self.make(ctx).await
     }
+}
+
+/// The overlay rootfs at `dir/rootfs`: the image's layers under a writable layer. With a `size`,
+/// the writable layer lives on an ext4 image of that size (sparse, on a loop device, at
+/// `dir/rw`), so the workload's writes stop there instead of filling the node's disk.
+pub(crate) async fn mount_overlay(
+    c: &Path,
+    image: &Image,
+    size: u64,
+    what: &str,
+) -> Result<(), String> {
+    let rootfs = c.join("rootfs");
+    std::fs::create_dir_all(&rootfs).map_err(|e| format!("{}: {e}", rootfs.display()))?;
+    if is_mounted(&rootfs) {
+        return Ok(());
+    }
+    let rw = if size > 0 {
+        let (img, dir) = (c.join("rw.img"), c.join("rw"));
+        if !img.exists() {
+            crate::capacity::check_room(c, size, what)?;
+            let f = std::fs::File::create(&img).map_err(|e| format!("{}: {e}", img.display()))?;
+            f.set_len(size)
+                .map_err(|e| format!("{}: {e}", img.display()))?;
+            drop(f);
+            run("mkfs.ext4", &["-q", "-F", &img.to_string_lossy()]).await?;
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if !is_mounted(&dir) {
+            run(
+                "mount",
+                &["-o", "loop", &img.to_string_lossy(), &dir.to_string_lossy()],
+            )
+            .await?;
+        }
+        dir
+    } else {
+        c.to_path_buf()
+    };
+    let (upper, work) = (rw.join("upper"), rw.join("work"));
+    for d in [&upper, &work] {
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    let lower: Vec<String> = image
+        .layers
+        .iter()
+        .rev()
+        .map(|l| l.to_string_lossy().into_owned())
+        .collect();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.join(":"),
+        upper.display(),
+        work.display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        &rootfs,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .map_err(|e| format!("mounting the overlay rootfs: {e}"))
+}
+
+/// Unmounts the rootfs, then the sized writable layer under it (if any).
+pub(crate) fn unmount_overlay(c: &Path) -> Result<(), String> {
+    for m in [c.join("rootfs"), c.join("rw")] {
+        if is_mounted(&m) {
+            nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH)
+                .map_err(|e| format!("unmounting {}: {e}", m.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The lowest address of `net`'s subnet that no workload directory under `dirs` holds (each
+/// keeps its address in `<dir>/<key>/ip`): containers and VMs share the bridge's subnet.
+pub(crate) fn allocate_ip(dirs: &[PathBuf], net: &Net) -> Result<Ipv4Addr, String> {
+    let mut used = std::collections::HashSet::new();
+    for dir in dirs {
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                if let Ok(s) = std::fs::read_to_string(e.path().join("ip")) {
+                    if let Ok(ip) = s.trim().parse::<Ipv4Addr>() {
+                        used.insert(ip);
+                    }
+                }
+            }
+        }
+    }
+    net.hosts()
+        .find(|ip| !used.contains(ip))
+        .ok_or_else(|| format!("the subnet of bridge {} is full", net.bridge))
 }
 
 /// Watches one container: on exit it records why (out of memory, or exited), and restarts it

@@ -7,6 +7,7 @@ pub mod gateway;
 pub mod health;
 pub mod proxy;
 pub mod simulated;
+pub mod vm;
 pub mod volume;
 pub mod zdb;
 

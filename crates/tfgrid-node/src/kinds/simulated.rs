@@ -91,6 +91,10 @@ impl Simulated {
                 let pool = self.pool(ctx, c.network).await?;
                 out.insert("ip".into(), self.allocate(&ctx.id, pool)?.to_string());
             }
+            WorkloadData::Vm(v) => {
+                let pool = self.pool(ctx, v.network).await?;
+                out.insert("ip".into(), self.allocate(&ctx.id, pool)?.to_string());
+            }
             WorkloadData::Zdb(_) => {
                 out.insert("namespace".into(), ctx.id.key());
             }
