@@ -10,7 +10,8 @@ use crate::store::{Record, Replica, State, WorkloadView};
 use std::collections::HashSet;
 use std::time::Instant;
 use tfgrid_core::deployment::{
-    ContainerSpec, Deployment, Mount, ResultState, VmSpec, VolumeSpec, Workload, WorkloadData, ZdbSpec,
+    ContainerSpec, Deployment, Mount, ResultState, VmSpec, VolumeSpec, Workload, WorkloadData,
+    ZdbSpec,
 };
 use tfgrid_core::faults::crash_point;
 use tfgrid_core::filter::NodeFilter;

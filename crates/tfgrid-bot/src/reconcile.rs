@@ -280,7 +280,7 @@ impl Bot {
                 Err(_) => return (None, None),
             },
         };
-        // The container's result; a replica of namespaces only has its first namespace's.
+        // The container's (or vm's) result; a replica of namespaces only has its first namespace's.
         let Some(res) = results
             .get(&wname(&r.service))
             .or_else(|| results.values().next())
@@ -288,7 +288,7 @@ impl Bot {
             return (None, None);
         };
         let why = (res.state == ResultState::Error && res.message.contains("gave up"))
-            .then(|| format!("container failed: {}", res.message));
+            .then(|| format!("{} failed: {}", r.service, res.message));
         (
             Some((
                 format!("{:?}", res.state).to_lowercase(),

@@ -422,7 +422,8 @@ impl Spec {
                 );
             }
             let vm = s.kind == ServiceKind::Vm;
-            if !vm && (s.disk_image.is_some() || !s.kernel_args.is_empty() || !s.ssh_keys.is_empty())
+            if !vm
+                && (s.disk_image.is_some() || !s.kernel_args.is_empty() || !s.ssh_keys.is_empty())
             {
                 return bad(
                     f("kind"),
@@ -432,14 +433,18 @@ impl Spec {
             if vm {
                 match (s.image.is_empty(), &s.disk_image) {
                     (false, Some(_)) => {
-                        return bad(f("disk_image"), "a vm boots an image or a disk_image, not both")
+                        return bad(
+                            f("disk_image"),
+                            "a vm boots an image or a disk_image, not both",
+                        )
                     }
-                    (true, None) => {
-                        return bad(f("image"), "a vm needs an image or a disk_image")
-                    }
+                    (true, None) => return bad(f("image"), "a vm needs an image or a disk_image"),
                     (_, Some(d)) => {
                         checks::image_ref(d).or_else(|e| bad(f("disk_image"), &e))?;
-                        if s.command.is_some() || s.entrypoint.is_some() || !s.kernel_args.is_empty() {
+                        if s.command.is_some()
+                            || s.entrypoint.is_some()
+                            || !s.kernel_args.is_empty()
+                        {
                             return bad(
                                 f("disk_image"),
                                 "boots its own system: command, entrypoint and kernel_args are for image vms",

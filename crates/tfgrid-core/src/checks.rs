@@ -94,7 +94,10 @@ pub fn kernel_arg(a: &str) -> Result<(), String> {
     if a.is_empty() || a.len() > 256 {
         return Err("must be 1 to 256 bytes".into());
     }
-    if !a.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\'') {
+    if !a
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\'')
+    {
         return Err("use printable ASCII without spaces or quotes (one word per argument)".into());
     }
     Ok(())
@@ -112,8 +115,15 @@ pub fn ssh_key(k: &str) -> Result<(), String> {
     let (Some(kind), Some(data)) = (parts.next(), parts.next()) else {
         return Err("expected \"TYPE BASE64 [comment]\" as in an .pub file".into());
     };
-    let kinds = ["ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
-        "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com"];
+    let kinds = [
+        "ssh-ed25519",
+        "ssh-rsa",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "sk-ssh-ed25519@openssh.com",
+        "sk-ecdsa-sha2-nistp256@openssh.com",
+    ];
     if !kinds.contains(&kind) {
         return Err(format!("key type {kind:?} is not one OpenSSH takes"));
     }

@@ -163,7 +163,10 @@ pub fn validate(d: &Deployment, gateway_domain: Option<&str>) -> Result<(), Engi
             _ => continue,
         };
         for m in mounts {
-            users.entry(m.volume.as_str()).or_default().push((w.name.as_str(), vm));
+            users
+                .entry(m.volume.as_str())
+                .or_default()
+                .push((w.name.as_str(), vm));
         }
     }
     for (vol, u) in &users {
@@ -201,9 +204,14 @@ pub fn validate(d: &Deployment, gateway_domain: Option<&str>) -> Result<(), Engi
             }
             WorkloadData::Vm(v) => {
                 match (&v.image, &v.disk_image) {
-                    (Some(i), None) | (None, Some(i)) => checks::image_ref(i)
-                        .or_else(|e| bad(format!("{n}: image: {e}")))?,
-                    _ => return bad(format!("{n}: a vm needs exactly one of image and disk_image")),
+                    (Some(i), None) | (None, Some(i)) => {
+                        checks::image_ref(i).or_else(|e| bad(format!("{n}: image: {e}")))?
+                    }
+                    _ => {
+                        return bad(format!(
+                            "{n}: a vm needs exactly one of image and disk_image"
+                        ))
+                    }
                 }
                 if v.cpu == 0 || v.cpu > 64 {
                     return bad(format!("{n}: a vm has 1 to 64 vcpus"));
@@ -228,7 +236,8 @@ pub fn validate(d: &Deployment, gateway_domain: Option<&str>) -> Result<(), Engi
                     return bad(format!("{n}: at most 32 kernel_args"));
                 }
                 for a in &v.kernel_args {
-                    checks::kernel_arg(a).or_else(|e| bad(format!("{n}: kernel arg {a:?}: {e}")))?;
+                    checks::kernel_arg(a)
+                        .or_else(|e| bad(format!("{n}: kernel arg {a:?}: {e}")))?;
                 }
                 if v.ssh_keys.len() > 64 {
                     return bad(format!("{n}: at most 64 ssh_keys"));

@@ -136,20 +136,26 @@ impl Images {
         img.layers.iter().all(|l| l.is_dir()).then_some(img)
     }
 
-    pub async fn pull(&self, reference: &str) -> Result<Image, String> {
-        let mut r: Reference = reference
+    /// The reference to pull, on its mirror when its registry has one.
+    fn resolve(&self, reference: &str) -> Result<Reference, String> {
+        let r: Reference = reference
             .parse()
             .map_err(|e| format!("image reference {reference:?}: {e}"))?;
-        if let Some(m) = self.mirrors.get(r.resolve_registry()) {
-            let (repo, m) = (r.repository().to_string(), m.clone());
-            r = match (r.tag(), r.digest()) {
-                (Some(t), Some(d)) => {
-                    Reference::with_tag_and_digest(m, repo, t.to_string(), d.to_string())
-                }
-                (None, Some(d)) => Reference::with_digest(m, repo, d.to_string()),
-                (t, None) => Reference::with_tag(m, repo, t.unwrap_or("latest").to_string()),
-            };
-        }
+        let Some(m) = self.mirrors.get(r.resolve_registry()) else {
+            return Ok(r);
+        };
+        let (repo, m) = (r.repository().to_string(), m.clone());
+        Ok(match (r.tag(), r.digest()) {
+            (Some(t), Some(d)) => {
+                Reference::with_tag_and_digest(m, repo, t.to_string(), d.to_string())
+            }
+            (None, Some(d)) => Reference::with_digest(m, repo, d.to_string()),
+            (t, None) => Reference::with_tag(m, repo, t.unwrap_or("latest").to_string()),
+        })
+    }
+
+    pub async fn pull(&self, reference: &str) -> Result<Image, String> {
+        let r = self.resolve(reference)?;
         let auth = match self.logins.get(r.resolve_registry()) {
             Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
             None => RegistryAuth::Anonymous,
@@ -212,9 +218,7 @@ impl Images {
                 }
             }
         }
-        let r: Reference = reference
-            .parse()
-            .map_err(|e| format!("disk image reference {reference:?}: {e}"))?;
+        let r = self.resolve(reference)?;
         let auth = match self.logins.get(r.resolve_registry()) {
             Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
             None => RegistryAuth::Anonymous,
@@ -381,6 +385,53 @@ pub async fn push_busybox_image(
     page: &str,
 ) -> Result<String, String> {
     push_busybox_image_as(registry, name, cmd, page, &RegistryAuth::Anonymous, None).await
+}
+
+/// Publishes a disk image (qcow2 or raw) as an OCI artifact a VM boots with `disk_image`: one
+/// layer, the disk as it is, typed by its format. Plain HTTP when `plain_http` (a local
+/// registry), else HTTPS. Returns the manifest's URL. The disk is read whole into memory.
+pub async fn push_disk_image(
+    reference: &str,
+    file: &Path,
+    plain_http: bool,
+    auth: &RegistryAuth,
+) -> Result<String, String> {
+    let disk = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let format = if disk.starts_with(b"QFI\xfb") {
+        "qcow2"
+    } else {
+        "raw"
+    };
+    let config = serde_json::json!({"format": format});
+    install_crypto();
+    let client = Client::new(ClientConfig {
+        protocol: if plain_http {
+            ClientProtocol::Http
+        } else {
+            ClientProtocol::Https
+        },
+        ..Default::default()
+    });
+    let r: Reference = reference.parse().map_err(|e| format!("{reference}: {e}"))?;
+    let pushed = client
+        .push(
+            &r,
+            &[oci_client::client::ImageLayer::new(
+                disk,
+                format!("application/vnd.tfgrid.disk.{format}"),
+                None,
+            )],
+            oci_client::client::Config::new(
+                serde_json::to_vec(&config).expect("config serializes"),
+                "application/vnd.tfgrid.disk.config.v1+json".into(),
+                None,
+            ),
+            auth,
+            None,
+        )
+        .await
+        .map_err(|e| format!("pushing {reference}: {e}"))?;
+    Ok(pushed.manifest_url)
 }
 
 fn pem_certs(cas: Vec<Vec<u8>>) -> Vec<oci_client::client::Certificate> {

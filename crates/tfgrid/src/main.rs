@@ -17,6 +17,7 @@ mod network_cmd;
 mod node_cmd;
 mod storage_cmd;
 mod up;
+mod vm_cmd;
 mod zdb_cmd;
 
 use anyhow::{bail, Context, Result};
@@ -92,6 +93,14 @@ enum Cmd {
         follow: bool,
         #[command(flatten)]
         opt: bot_cmd::BotOpt,
+    },
+    /// SSH into a vm replica over the deployment's private network (join it first with
+    /// `tfgrid network access NAME`).
+    Ssh(vm_cmd::SshArgs),
+    /// Disk images for vms (`disk_image`): push one to an OCI registry.
+    Disk {
+        #[command(subcommand)]
+        cmd: vm_cmd::DiskCmd,
     },
     /// Remove a deployment: its workloads on every node and its contracts.
     Rm {
@@ -448,6 +457,8 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Network { cmd } => network_cmd::network(cmd).await,
         Cmd::Cluster { cmd } => cluster_cmd::cluster(cmd).await,
         Cmd::Storage { cmd } => storage_cmd::storage(cmd).await,
+        Cmd::Ssh(a) => vm_cmd::ssh(a).await,
+        Cmd::Disk { cmd } => vm_cmd::disk(cmd).await,
         Cmd::Bus { cmd } => bus_cmd::bus(cmd).await,
     }
 }

@@ -302,7 +302,13 @@ impl Container {
     }
 
     async fn mount_rootfs(&self, id: &WorkloadId, image: &Image, size: u64) -> Result<(), String> {
-        mount_overlay(&self.cdir(id), image, size, &format!("the rootfs of {}", id.key())).await
+        mount_overlay(
+            &self.cdir(id),
+            image,
+            size,
+            &format!("the rootfs of {}", id.key()),
+        )
+        .await
     }
 
     fn supervise(&self, id: WorkloadId, memory: u64) {

@@ -306,9 +306,8 @@ fn initramfs(version: &str, busybox: &Path) -> Result<Vec<u8>, String> {
         let data = std::fs::read(&m).map_err(|e| format!("{}: {e}", m.display()))?;
         let data = match m.extension().and_then(|e| e.to_str()) {
             Some("ko") => data,
-            Some(ext) => decompress(&data, ext).ok_or_else(|| {
-                format!("{}: cannot decompress a .{ext} module", m.display())
-            })?,
+            Some(ext) => decompress(&data, ext)
+                .ok_or_else(|| format!("{}: cannot decompress a .{ext} module", m.display()))?,
             None => data,
         };
         let n = m
@@ -402,7 +401,7 @@ impl Cpio {
     }
 
     fn pad(&mut self) {
-        while self.out.len() % 4 != 0 {
+        while !self.out.len().is_multiple_of(4) {
             self.out.push(0);
         }
     }
@@ -427,7 +426,10 @@ mod tests {
 
     #[test]
     fn kernel_versions_order_by_numbers() {
-        assert_eq!(version_cmp("6.1.0-57-amd64", "6.12.1"), std::cmp::Ordering::Less);
+        assert_eq!(
+            version_cmp("6.1.0-57-amd64", "6.12.1"),
+            std::cmp::Ordering::Less
+        );
         assert_eq!(version_cmp("6.1.0-9", "6.1.0-57"), std::cmp::Ordering::Less);
     }
 

@@ -244,7 +244,12 @@ impl Vm {
     }
 
     /// Arguments every VM has: identity, accelerator-independent machine size, console, network.
-    fn common_args(&self, id: &WorkloadId, spec: &VmSpec, tap: &str) -> Result<Vec<String>, String> {
+    fn common_args(
+        &self,
+        id: &WorkloadId,
+        spec: &VmSpec,
+        tap: &str,
+    ) -> Result<Vec<String>, String> {
         let v = self.vdir(id);
         let s = |x: &str| x.to_string();
         Ok(vec![
@@ -290,7 +295,11 @@ impl Vm {
         )?;
         w("hostname", &format!("{hostname}\n"))?;
         w("start", &start_script(spec, image)?)?;
-        let keys: String = spec.ssh_keys.iter().map(|k| format!("{}\n", k.trim())).collect();
+        let keys: String = spec
+            .ssh_keys
+            .iter()
+            .map(|k| format!("{}\n", k.trim()))
+            .collect();
         w("authorized_keys", &keys)?;
         let mounts: String = spec
             .mounts
@@ -395,7 +404,11 @@ impl Vm {
             a.push("-device".into());
             a.push(format!(
                 "{},drive=vol{i},serial={}",
-                if mmio { "virtio-blk-device" } else { "virtio-blk-pci" },
+                if mmio {
+                    "virtio-blk-device"
+                } else {
+                    "virtio-blk-pci"
+                },
                 serial(&m.volume)
             ));
         }
@@ -456,7 +469,10 @@ impl Vm {
         // Volumes the VM had go back to the host, where containers (or a next VM) find them.
         if let Ok(t) = std::fs::read(v.join("args")) {
             let args: Vec<String> = serde_json::from_slice(&t).unwrap_or_default();
-            for a in args.iter().filter(|a| a.starts_with("file=") && a.contains("id=vol")) {
+            for a in args
+                .iter()
+                .filter(|a| a.starts_with("file=") && a.contains("id=vol"))
+            {
                 let img = a["file=".len()..].split(',').next().unwrap_or_default();
                 let at = Path::new(img).with_extension("");
                 if Path::new(img).is_file() && at.is_dir() && !is_mounted(&at) {
@@ -583,7 +599,10 @@ fn disk_mode_args(v: &Path, accel: Accel) -> Vec<String> {
             "-M",
             "q35",
             "-drive",
-            &format!("file={},format=qcow2,if=virtio", v.join("disk.qcow2").display()),
+            &format!(
+                "file={},format=qcow2,if=virtio",
+                v.join("disk.qcow2").display()
+            ),
             "-drive",
             &format!(
                 "file={},format=raw,if=virtio,readonly=on",
@@ -612,7 +631,11 @@ fn net_device(args: &[String], mac: &str) -> Vec<String> {
         "-device".into(),
         format!(
             "{},netdev=net0,mac={mac}",
-            if microvm { "virtio-net-device" } else { "virtio-net-pci" }
+            if microvm {
+                "virtio-net-device"
+            } else {
+                "virtio-net-pci"
+            }
         ),
     ]
 }
@@ -656,7 +679,10 @@ fn start_script(spec: &VmSpec, image: &crate::images::Image) -> Result<String, S
     } else {
         image.config.workdir.clone()
     };
-    let mut s = format!("cd {} || exit 127\nexec /dev/.tfgrid/busybox env -i", sh_quote(&wd));
+    let mut s = format!(
+        "cd {} || exit 127\nexec /dev/.tfgrid/busybox env -i",
+        sh_quote(&wd)
+    );
     for (k, v) in &env {
         s.push(' ');
         s.push_str(&sh_quote(&format!("{k}={v}")));
@@ -750,7 +776,11 @@ fn join_cgroup(cgroup: &str, v: &Path, spec: &VmSpec) {
     };
     let r = (|| -> std::io::Result<()> {
         set("cpu", "cpu.cfs_period_us", "100000".into())?;
-        set("cpu", "cpu.cfs_quota_us", (spec.cpu as u64 * 100_000).to_string())?;
+        set(
+            "cpu",
+            "cpu.cfs_quota_us",
+            (spec.cpu as u64 * 100_000).to_string(),
+        )?;
         set(
             "memory",
             "memory.limit_in_bytes",
@@ -845,7 +875,10 @@ impl Supervisor {
         match line {
             Some(l) if l.contains("Kernel panic") => format!("the guest kernel panicked ({l})"),
             Some(l) if l.contains("tfgrid: ") => {
-                format!("the VM stopped: {}", l.split("tfgrid: ").nth(1).unwrap_or(&l))
+                format!(
+                    "the VM stopped: {}",
+                    l.split("tfgrid: ").nth(1).unwrap_or(&l)
+                )
             }
             _ => "the VM stopped".to_string(),
         }
@@ -948,7 +981,11 @@ mod tests {
             image: Some("r/web".into()),
             disk_image: None,
             entrypoint: None,
-            cmd: Some(vec!["sh".into(), "-c".into(), "echo '$HOME'; exit 3".into()]),
+            cmd: Some(vec![
+                "sh".into(),
+                "-c".into(),
+                "echo '$HOME'; exit 3".into(),
+            ]),
             env: [("B".to_string(), "two words".to_string())].into(),
             cpu: 1,
             memory: 128 << 20,
@@ -960,8 +997,14 @@ mod tests {
         };
         let s = start_script(&spec, &image).unwrap();
         assert!(s.starts_with("cd '/srv/it'\\''s' || exit 127\n"), "{s}");
-        assert!(s.contains(" 'A=1' 'B=two words' 'HOME=/root' 'PATH="), "{s}");
-        assert!(s.ends_with(" 'sh' '-c' 'echo '\\''$HOME'\\''; exit 3'\n"), "{s}");
+        assert!(
+            s.contains(" 'A=1' 'B=two words' 'HOME=/root' 'PATH="),
+            "{s}"
+        );
+        assert!(
+            s.ends_with(" 'sh' '-c' 'echo '\\''$HOME'\\''; exit 3'\n"),
+            "{s}"
+        );
         // sh reads it back to exactly those words.
         let out = std::process::Command::new("sh")
             .arg("-c")

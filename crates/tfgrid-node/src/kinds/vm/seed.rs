@@ -49,7 +49,11 @@ pub fn user_data(hostname: &str, spec: &VmSpec) -> String {
     if !spec.env.is_empty() {
         let mut env = String::new();
         for (k, v) in &spec.env {
-            let _ = writeln!(env, "{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""));
+            let _ = writeln!(
+                env,
+                "{k}=\"{}\"",
+                v.replace('\\', "\\\\").replace('"', "\\\"")
+            );
         }
         u.push_str("write_files:\n  - path: /etc/environment\n    append: true\n");
         let _ = writeln!(u, "    content: {}", q(&env));
@@ -91,7 +95,11 @@ pub async fn make(
     w("user-data", user_data(hostname, spec))?;
     w(
         "meta-data",
-        format!("instance-id: {}\nlocal-hostname: {}\n", q(instance), q(hostname)),
+        format!(
+            "instance-id: {}\nlocal-hostname: {}\n",
+            q(instance),
+            q(hostname)
+        ),
     )?;
     w("network-config", network_config(net))?;
     let p = |n: &str| files.join(n).to_string_lossy().into_owned();
