@@ -779,6 +779,47 @@ impl Drop for Grid {
                     .status();
             }
         }
+        // VMs (QEMU outlives its agent by design) and their taps.
+        for e in std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for v in std::fs::read_dir(e.path().join("vms"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if let Ok(pid) = std::fs::read_to_string(v.path().join("pid")) {
+                    let cmd =
+                        std::fs::read(format!("/proc/{}/cmdline", pid.trim())).unwrap_or_default();
+                    if String::from_utf8_lossy(&cmd).contains("tfgrid-") {
+                        let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+                    }
+                }
+            }
+        }
+        let links = Command::new("ip").args(["-o", "link"]).output();
+        let links = links
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        for b in self.bridges.lock().unwrap().iter() {
+            for l in links
+                .lines()
+                .filter(|l| l.contains(&format!("master {b} ")))
+            {
+                let name = l
+                    .split(": ")
+                    .nth(1)
+                    .unwrap_or_default()
+                    .split('@')
+                    .next()
+                    .unwrap_or_default();
+                if name.starts_with("tt") {
+                    let _ = Command::new("ip").args(["link", "del", name]).status();
+                }
+            }
+        }
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let base = self.dir.path().to_string_lossy().into_owned();
         for m in mounts
@@ -1962,5 +2003,267 @@ async fn a_private_network_keeps_its_containers_apart_and_its_bridge_goes_with_t
     assert!(
         !String::from_utf8_lossy(&rules.stdout).contains(&bridge),
         "rules for {bridge} left"
+    );
+}
+
+/// Why a VM test cannot run here, if it cannot.
+fn vm_skip() -> Option<String> {
+    if let Some(why) = container_skip() {
+        return Some(why);
+    }
+    if !have("qemu-system-x86_64") {
+        return Some(
+            "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)".into(),
+        );
+    }
+    if tfgrid_node::kinds::vm::boot::find_kernel().is_err() {
+        return Some("no kernel in /boot with modules (apt-get install linux-image-amd64)".into());
+    }
+    None
+}
+
+fn vm(image: &str, cmd: Option<Vec<&str>>) -> WorkloadData {
+    WorkloadData::Vm(tfgrid_core::deployment::VmSpec {
+        image: Some(image.into()),
+        disk_image: None,
+        entrypoint: None,
+        cmd: cmd.map(|c| c.into_iter().map(String::from).collect()),
+        env: [("NAME".to_string(), "tfgrid".to_string())].into(),
+        cpu: 1,
+        memory: 128 * MIB,
+        disk_size: 64 * MIB,
+        kernel_args: vec![],
+        ssh_keys: vec![],
+        mounts: vec![],
+        network: None,
+    })
+}
+
+/// The pids of the QEMU processes named `name` (its `-name`).
+fn qemu_pids(name: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if cmd.split(|b| *b == 0).any(|a| a == name.as_bytes()) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// A VM from the web image behind a gateway: the node agent killed right after it started QEMU
+/// (before it answered) brings it up on restart without a second copy; killed while the VM
+/// serves, it adopts the running VM; QEMU killed with kill -9 is started again by the node;
+/// delete leaves no process, tap, mount, cgroup or file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_served_through_the_gateway_survives_kills_and_is_removed_cleanly() {
+    if let Some(why) = vm_skip() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let g = Grid::start().await;
+    let oci = start_oci_registry(g.dir.path());
+    let image = push_image(
+        &oci.addr,
+        "web",
+        &["/bin/httpd", "-f", "-p", "8080", "-h", "/www"],
+    )
+    .await;
+    let mut args = g.node_args("n1", None);
+    args.extend(["--insecure-registry".to_string(), oci.addr.clone()]);
+    let points = g.dir.path().join("points");
+    std::fs::create_dir_all(&points).unwrap();
+    let env = [
+        ("TFGRID_CRASH_AT", "node-vm-after-start"),
+        ("TFGRID_CRASH_ONCE_DIR", points.to_str().unwrap()),
+    ];
+    let mut node = g.start_node_env(args.clone(), "n1", &env);
+    let gw = g.start_node("gw", Some("gw.test"));
+
+    // Bad input changes nothing: both boot modes at once, too little memory.
+    for (bad, why) in [
+        (
+            {
+                let mut w = vm(&image, None);
+                if let WorkloadData::Vm(v) = &mut w {
+                    v.disk_image = Some(image.clone());
+                }
+                w
+            },
+            "exactly one of image and disk_image",
+        ),
+        (
+            {
+                let mut w = vm(&image, None);
+                if let WorkloadData::Vm(v) = &mut w {
+                    v.memory = 32 * MIB;
+                }
+                w
+            },
+            "64 MiB",
+        ),
+    ] {
+        let mut d = deployment(g.user_twin, vec![("web", bad)]);
+        d.contract_id = 1;
+        d.sign(&g.user);
+        let e = g
+            .send::<_, DeploymentInfo>(&node, api::DEPLOY, &d)
+            .await
+            .unwrap_err();
+        assert!(e.contains(why), "{e}");
+    }
+
+    // The agent dies right after QEMU started: the deploy gets no answer.
+    let mut d = deployment(g.user_twin, vec![("web", vm(&image, None))]);
+    let id = g.contract(&node, &d).await;
+    d.contract_id = id;
+    d.sign(&g.user);
+    let twin = node.twin;
+    let sent = tokio::time::timeout(
+        Duration::from_secs(60),
+        g.peer
+            .call_json::<_, DeploymentInfo>(twin, api::DEPLOY, &d, Duration::from_secs(60)),
+    );
+    let t0 = Instant::now();
+    let child = &mut node.proc.child;
+    tokio::select! {
+        r = sent => panic!("the deploy was answered: {r:?}"),
+        _ = async {
+            while child.try_wait().unwrap().is_none() {
+                assert!(t0.elapsed() < Duration::from_secs(60), "the crash point never fired");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        } => {}
+    }
+    assert!(points.join("node-vm-after-start").exists());
+    let name = format!("tfgrid-{}-c{id}-web", node.bridge());
+    assert_eq!(qemu_pids(&name).len(), 1, "QEMU outlives its agent");
+    node = g.start_node_env(args.clone(), "n1", &env);
+    g.wait_state(
+        &node,
+        id,
+        "web",
+        |s, _| s == ResultState::Ok,
+        Duration::from_secs(30),
+    )
+    .await;
+    let pids = qemu_pids(&name);
+    assert_eq!(pids.len(), 1, "a second QEMU for one VM");
+    let info = g.get(&node, id).await.unwrap();
+    let r = &info.results["web"];
+    assert_eq!(r.data["boot"], "image");
+    assert!(
+        ["kvm", "tcg"].contains(&r.data["accel"].as_str()),
+        "{:?}",
+        r.data
+    );
+    let ip = r.data["ip"].clone();
+
+    g.signer()
+        .submit(Call::CreateNameContract {
+            name: "vmweb".into(),
+        })
+        .await
+        .unwrap();
+    let route = deployment(
+        g.user_twin,
+        vec![(
+            "vm_gw",
+            WorkloadData::GatewayNameProxy(GatewayNameProxySpec {
+                name: "vmweb".into(),
+                backends: vec![format!("http://{ip}:8080")],
+            }),
+        )],
+    );
+    let info = g.deploy(&gw, route).await.unwrap();
+    assert_eq!(info.results["vm_gw"].state, ResultState::Ok);
+    let gw_addr = gw.gateway.unwrap();
+    let serves = || async {
+        let t0 = Instant::now();
+        loop {
+            match http_get(gw_addr, "vmweb.gw.test").await {
+                Ok((200, b)) => return b,
+                other => {
+                    assert!(t0.elapsed() < Duration::from_secs(90), "{other:?}");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
+    };
+    assert_eq!(serves().await, "hello from tfgrid\n");
+
+    // kill -9 the agent: the VM keeps serving; the restarted agent adopts the same QEMU.
+    node.proc.kill9();
+    assert_eq!(http_get(gw_addr, "vmweb.gw.test").await.unwrap().0, 200);
+    node = g.start_node_env(args.clone(), "n1", &env);
+    g.wait_state(
+        &node,
+        id,
+        "web",
+        |s, _| s == ResultState::Ok,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(qemu_pids(&name), pids, "the VM was restarted, not adopted");
+
+    // kill -9 QEMU (the VM dies as a crashed host process would): the node boots it again.
+    Command::new("kill")
+        .args(["-9", &pids[0].to_string()])
+        .status()
+        .unwrap();
+    let msg = g
+        .wait_state(
+            &node,
+            id,
+            "web",
+            |s, m| s == ResultState::Ok && m.contains("restarted after"),
+            Duration::from_secs(30),
+        )
+        .await;
+    assert!(msg.contains("the VM stopped"), "{msg}");
+    let again = qemu_pids(&name);
+    assert_eq!(again.len(), 1);
+    assert_ne!(again, pids);
+    assert_eq!(serves().await, "hello from tfgrid\n");
+
+    // The console is the workload's log.
+    let logs: api::Logs = g
+        .send(
+            &node,
+            api::LOGS,
+            &api::LogsRequest {
+                contract_id: id,
+                name: "web".into(),
+                tail: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        logs.text.contains("tfgrid: starting the entrypoint"),
+        "{}",
+        logs.text
+    );
+
+    // Delete leaves nothing: no QEMU, tap, mount, cgroup or directory.
+    let key = format!("c{id}-web");
+    g.delete(&node, id).await;
+    assert_eq!(qemu_pids(&name), Vec::<u32>::new());
+    assert_eq!(
+        leftovers(g.dir.path(), &node.bridge(), &key),
+        Vec::<String>::new()
+    );
+    assert!(!g.dir.path().join("n1/vms").join(&key).exists());
+    let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(
+        !links
+            .lines()
+            .any(|l| l.contains(": tt") && l.contains(&format!("master {}", node.bridge()))),
+        "a tap is left on {}: {links}",
+        node.bridge()
     );
 }

@@ -239,6 +239,7 @@ impl Vm {
         .map_err(|e| e.to_string())?;
         start(&self.opts.qemu, &v, &args).await?;
         join_cgroup(&self.net.cgroup(&id.key()), &v, spec);
+        tfgrid_core::faults::crash_point("node-vm-after-start");
         self.supervise(id.clone(), spec.clone());
         Ok(out)
     }
