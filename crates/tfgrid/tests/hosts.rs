@@ -113,67 +113,6 @@ fn other_bot(g: &Grid, dir: &std::path::Path) -> OtherBot {
     OtherBot { child, url }
 }
 
-/// This machine joined to a network with Debian's wireguard-go and wg, from the config
-/// `tfgrid network access` printed; removed on drop.
-struct Machine {
-    iface: String,
-    child: std::process::Child,
-}
-
-impl Drop for Machine {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.iface])
-            .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn join_machine(dir: &std::path::Path, conf: &str) -> Machine {
-    let field = |k: &str| {
-        conf.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .map(|v| v.trim_start_matches([' ', '=']).trim().to_string())
-            .unwrap_or_else(|| panic!("no {k} in {conf}"))
-    };
-    let address = field("Address");
-    let range = field("AllowedIPs");
-    // What `wg setconf` takes: the file less wg-quick's own keys (as `wg-quick strip`).
-    let setconf: String = conf
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.starts_with("Address") && !l.starts_with("MTU"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    let path = dir.join("machine.conf");
-    std::fs::write(&path, setconf).unwrap();
-    let iface = format!("tfgm{}", std::process::id() % 100_000);
-    let child = Command::new("wireguard-go")
-        .arg(&iface)
-        .env("WG_PROCESS_FOREGROUND", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("wireguard-go");
-    let m = Machine { iface, child };
-    wait_for("wireguard-go's interface", Duration::from_secs(5), || {
-        Command::new("ip")
-            .args(["link", "show", &m.iface])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    for args in [
-        vec!["wg", "setconf", &m.iface, path.to_str().unwrap()],
-        vec!["ip", "addr", "add", &address, "dev", &m.iface],
-        vec!["ip", "link", "set", &m.iface, "mtu", "1420", "up"],
-        vec!["ip", "route", "add", &range, "dev", &m.iface],
-    ] {
-        let st = Command::new(args[0]).args(&args[1..]).status().unwrap();
-        assert!(st.success(), "{args:?}");
-    }
-    m
-}
-
 /// GET `http://{ip}:8080/` from this machine, through its WireGuard interface only (never its
 /// default route).
 fn get_here(m: &Machine, ip: &str) -> Option<String> {

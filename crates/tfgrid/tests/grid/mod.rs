@@ -355,7 +355,7 @@ fn grid_bridge_prefix(g: &Grid) -> String {
     bridge_prefix(&g.data)
 }
 
-fn bridge_prefix(data: &Path) -> String {
+pub fn bridge_prefix(data: &Path) -> String {
     let h = blake3::hash(data.to_string_lossy().as_bytes());
     let id = u32::from_le_bytes(h.as_bytes()[..4].try_into().unwrap());
     format!("tfg{:06x}", id & 0xff_ffff)
@@ -418,7 +418,30 @@ pub fn host_leftovers(data: &Path) -> Vec<String> {
             found.push(format!("link {l}"));
         }
     }
+    // VMs: QEMU is named after its node's bridge (`-name tfgrid-<bridge>-<workload>`).
+    for pid in qemu_of(&format!("tfgrid-{prefix}")) {
+        found.push(format!("qemu process {pid}"));
+    }
     found
+}
+
+/// Pids of the QEMU processes whose `-name` starts with `prefix`.
+pub fn qemu_of(prefix: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        if args
+            .windows(2)
+            .any(|w| w[0] == b"-name" && w[1].starts_with(prefix.as_bytes()))
+        {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 /// The runc container ids of node `i` of the grid in `data`.
@@ -434,4 +457,65 @@ pub fn containers_of(data: &Path, i: u32) -> Vec<String> {
         .map(|l| l.trim().to_string())
         .filter(|l| !l.is_empty())
         .collect()
+}
+
+/// This machine joined to a network with Debian's wireguard-go and wg, from the config
+/// `tfgrid network access` printed; removed on drop.
+pub struct Machine {
+    pub iface: String,
+    child: std::process::Child,
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.iface])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn join_machine(dir: &std::path::Path, conf: &str) -> Machine {
+    let field = |k: &str| {
+        conf.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.trim_start_matches([' ', '=']).trim().to_string())
+            .unwrap_or_else(|| panic!("no {k} in {conf}"))
+    };
+    let address = field("Address");
+    let range = field("AllowedIPs");
+    // What `wg setconf` takes: the file less wg-quick's own keys (as `wg-quick strip`).
+    let setconf: String = conf
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with("Address") && !l.starts_with("MTU"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let path = dir.join("machine.conf");
+    std::fs::write(&path, setconf).unwrap();
+    let iface = format!("tfgm{}", std::process::id() % 100_000);
+    let child = Command::new("wireguard-go")
+        .arg(&iface)
+        .env("WG_PROCESS_FOREGROUND", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("wireguard-go");
+    let m = Machine { iface, child };
+    wait_for("wireguard-go's interface", Duration::from_secs(5), || {
+        Command::new("ip")
+            .args(["link", "show", &m.iface])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    for args in [
+        vec!["wg", "setconf", &m.iface, path.to_str().unwrap()],
+        vec!["ip", "addr", "add", &address, "dev", &m.iface],
+        vec!["ip", "link", "set", &m.iface, "mtu", "1420", "up"],
+        vec!["ip", "route", "add", &range, "dev", &m.iface],
+    ] {
+        let st = Command::new(args[0]).args(&args[1..]).status().unwrap();
+        assert!(st.success(), "{args:?}");
+    }
+    m
 }

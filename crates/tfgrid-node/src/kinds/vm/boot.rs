@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Modules the init loads, in an order that satisfies their dependencies once expanded by
-/// modules.dep. ext4 mounts volumes; 9p carries the rootfs and the VM's configuration.
+/// modules.dep. ext4 mounts volumes (it asks the crypto API for crc32c, which modules.dep does
+/// not list); 9p carries the rootfs and the VM's configuration.
 const MODULES: &[&str] = &[
+    "crc32c_generic",
     "virtio_mmio",
     "virtio_net",
     "virtio_blk",
