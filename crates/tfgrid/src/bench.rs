@@ -48,6 +48,9 @@ pub enum BenchCmd {
     /// Object storage: the codec per core, then S3 PUT/GET of large and 4 KiB objects on a pool
     /// of zdb processes, a lost slot's repair, and reads with m slots lost.
     Storage(crate::bench_storage::StorageBench),
+    /// VMs: deploy to the first answer of the VM's service through the gateway, beside the same
+    /// service as a container, and QEMU's memory beyond the guest's.
+    Vm(crate::bench_vm::VmBench),
 }
 
 #[derive(Args)]
@@ -95,6 +98,7 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Gateway(b) => crate::bench_gateway::run(b).await,
         BenchCmd::Grid(b) => crate::bench_grid::run(b).await,
         BenchCmd::Storage(b) => crate::bench_storage::run(b).await,
+        BenchCmd::Vm(b) => crate::bench_vm::run(b).await,
         BenchCmd::Net(b) => tokio::task::spawn_blocking(move || crate::bench_net::run(b)).await?,
     }
 }

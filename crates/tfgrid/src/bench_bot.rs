@@ -175,8 +175,8 @@ pub struct Grid {
     /// (the agent process while it lives, its arguments, node id, node twin)
     nodes: Vec<(Option<Proc>, Vec<String>, u32, u32)>,
     bot: Arc<Bot>,
-    api: String,
-    gateway: std::net::SocketAddr,
+    pub(crate) api: String,
+    pub(crate) gateway: std::net::SocketAddr,
 }
 
 impl Drop for Grid {
@@ -197,6 +197,11 @@ impl Drop for Grid {
 }
 
 impl Grid {
+    /// Node `i`'s data directory.
+    pub(crate) fn node_dir(&self, i: usize) -> std::path::PathBuf {
+        self.dir.path().join(format!("node{i}"))
+    }
+
     /// Node `i`'s id, twin and agent pid.
     pub fn node(&self, i: usize) -> Option<(u32, u32, u32)> {
         let (p, _, id, twin) = &self.nodes[i];

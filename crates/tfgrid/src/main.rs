@@ -8,6 +8,7 @@ mod bench_grid;
 mod bench_net;
 mod bench_node;
 mod bench_storage;
+mod bench_vm;
 mod bench_zdb;
 mod bot_cmd;
 mod bus_cmd;

