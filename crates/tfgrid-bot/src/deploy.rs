@@ -605,4 +605,32 @@ mod tests {
         let t = Bot::want(&spec.services["t"]).unwrap();
         assert_eq!(t.capacity.sru, 2 << 30);
     }
+
+    /// A vm service is one vm workload: its disk reserved as SSD, its volumes as virtio disks.
+    #[test]
+    fn a_vm_service_is_a_vm_workload() {
+        let spec = Spec::parse(
+            "name: a\nservices:\n  s:\n    kind: vm\n    image: x\n    memory: 512M\n    disk: 2G\n    volumes: [{name: v, size: 1G, path: /v}]\n",
+        )
+        .unwrap();
+        let d = Bot::replica_deployment(1, "s", &spec.services["s"], Some(7));
+        let vm = d
+            .workloads
+            .iter()
+            .find_map(|w| match &w.data {
+                WorkloadData::Vm(v) => Some(v.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(vm.image.as_deref(), Some("x"));
+        assert_eq!(vm.disk_image, None);
+        assert_eq!(vm.mounts[0].volume, "s_v");
+        assert_eq!(vm.network, Some(7));
+        let c = d.capacity().unwrap();
+        assert_eq!((c.mru, c.sru), (512 << 20, (2 << 30) + (1 << 30)));
+        assert!(!d
+            .workloads
+            .iter()
+            .any(|w| matches!(w.data, WorkloadData::Container(_))));
+    }
 }

@@ -764,13 +764,61 @@ services:
             .to_string()
             .contains("at most"));
         // The example specs are far from the bounds.
-        for f in ["web.yaml", "shop.yaml"] {
+        for f in ["web.yaml", "shop.yaml", "vm.yaml"] {
             let y = std::fs::read_to_string(format!(
                 "{}/../../examples/{f}",
                 env!("CARGO_MANIFEST_DIR")
             ))
             .unwrap();
             assert!(nesting(&y) <= 6, "{f}: {}", nesting(&y));
+        }
+    }
+
+    #[test]
+    fn vm_services_parse_and_bad_ones_say_which_field() {
+        let y = std::fs::read_to_string(format!(
+            "{}/../../examples/vm.yaml",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
+        let s = Spec::parse(&y).unwrap();
+        assert_eq!(s.services["web"].kind, ServiceKind::Vm);
+        assert!(s.needs_network());
+        let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx7 me";
+        let disk = Spec::parse(&format!(
+            "name: b\nservices:\n  b:\n    kind: vm\n    disk_image: r/d:1\n    memory: 512M\n    ssh_keys: [\"{key}\"]\n"
+        ))
+        .unwrap();
+        assert!(disk.services["b"].runs() && disk.needs_network());
+        for (bad, field) in [
+            (
+                "    kind: vm\n    image: r/x\n    disk_image: r/d\n",
+                "disk_image",
+            ),
+            ("    kind: vm\n    memory: 256M\n", "image"),
+            ("    kind: vm\n    image: r/x\n    memory: 32M\n", "memory"),
+            (
+                "    kind: vm\n    disk_image: r/d\n    command: [x]\n",
+                "disk_image",
+            ),
+            (
+                "    kind: vm\n    image: r/x\n    kernel_args: [\"a b\"]\n",
+                "kernel_args[0]",
+            ),
+            (
+                "    kind: vm\n    image: r/x\n    ssh_keys: [nonsense]\n",
+                "ssh_keys[0]",
+            ),
+            (
+                "    image: r/x\n    ssh_keys: [\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx7\"]\n",
+                "kind",
+            ),
+            ("    kind: machine\n    image: r/x\n", "kind"),
+        ] {
+            let e = Spec::parse(&format!("name: a\nservices:\n  s:\n{bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(field), "{bad}: {e}");
         }
     }
 }
