@@ -758,3 +758,117 @@ impl Engine {
 }
 
 pub type SharedEngine = Arc<Engine>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tfgrid_core::deployment::{ContainerSpec, Mount, VmSpec, VolumeSpec};
+
+    fn wl(name: &str, data: WorkloadData) -> Workload {
+        Workload {
+            version: 0,
+            name: name.into(),
+            data,
+            metadata: String::new(),
+            description: String::new(),
+        }
+    }
+
+    fn vm(mounts: &[&str]) -> VmSpec {
+        VmSpec {
+            image: Some("r/web:1".into()),
+            disk_image: None,
+            entrypoint: None,
+            cmd: None,
+            env: BTreeMap::new(),
+            cpu: 1,
+            memory: 128 << 20,
+            disk_size: 64 << 20,
+            kernel_args: vec![],
+            ssh_keys: vec![],
+            mounts: mounts
+                .iter()
+                .map(|v| Mount {
+                    volume: v.to_string(),
+                    path: "/data".into(),
+                })
+                .collect(),
+            network: None,
+        }
+    }
+
+    fn check(workloads: Vec<Workload>) -> Result<(), String> {
+        let d = Deployment {
+            version: 0,
+            twin_id: 1,
+            contract_id: 1,
+            metadata: String::new(),
+            description: String::new(),
+            workloads,
+            signature: None,
+        };
+        validate(&d, None).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn vm_workloads_are_checked() {
+        let vol = || wl("data", WorkloadData::Volume(VolumeSpec { size: 1 << 30 }));
+        check(vec![vol(), wl("vm", WorkloadData::Vm(vm(&["data"])))]).unwrap();
+        // A VM's volume is its disk alone.
+        let c = ContainerSpec {
+            image: "r/web:1".into(),
+            entrypoint: None,
+            cmd: None,
+            env: BTreeMap::new(),
+            cpu: 1,
+            memory: 64 << 20,
+            rootfs_size: 0,
+            mounts: vec![Mount {
+                volume: "data".into(),
+                path: "/d".into(),
+            }],
+            network: None,
+        };
+        let e = check(vec![
+            vol(),
+            wl("vm", WorkloadData::Vm(vm(&["data"]))),
+            wl("c", WorkloadData::Container(c)),
+        ])
+        .unwrap_err();
+        assert!(e.contains("volume data is mounted by vm and c"), "{e}");
+        let e = check(vec![
+            vol(),
+            wl("a", WorkloadData::Vm(vm(&["data"]))),
+            wl("b", WorkloadData::Vm(vm(&["data"]))),
+        ])
+        .unwrap_err();
+        assert!(e.contains("is its disk alone"), "{e}");
+        let mut both = vm(&[]);
+        both.disk_image = Some("r/disk:1".into());
+        assert!(check(vec![wl("vm", WorkloadData::Vm(both))])
+            .unwrap_err()
+            .contains("exactly one"));
+        let mut disk = vm(&[]);
+        disk.image = None;
+        disk.disk_image = Some("r/disk:1".into());
+        disk.cmd = Some(vec!["x".into()]);
+        assert!(check(vec![wl("vm", WorkloadData::Vm(disk.clone()))])
+            .unwrap_err()
+            .contains("boots its own system"));
+        disk.cmd = None;
+        disk.disk_size = 0;
+        assert!(check(vec![wl("vm", WorkloadData::Vm(disk))])
+            .unwrap_err()
+            .contains("disk_size"));
+        let mut bad = vm(&[]);
+        bad.ssh_keys = vec!["not a key".into()];
+        assert!(check(vec![wl("vm", WorkloadData::Vm(bad))])
+            .unwrap_err()
+            .contains("ssh key"));
+        let mut bad = vm(&[]);
+        bad.kernel_args = vec!["two words".into()];
+        assert!(check(vec![wl("vm", WorkloadData::Vm(bad))])
+            .unwrap_err()
+            .contains("kernel arg"));
+    }
+}

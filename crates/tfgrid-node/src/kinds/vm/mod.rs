@@ -117,7 +117,7 @@ impl Vm {
                 .await?;
                 let accel = match self.opts.accel {
                     Some(a) => a,
-                    None => b.probe(&self.opts.qemu).await,
+                    None => probe_once(&b, &self.opts.qemu).await,
                 };
                 tracing::info!(accel = accel.name(), kernel = %b.version, "VMs ready");
                 Ok((b, accel))
@@ -524,6 +524,21 @@ impl Kind for Vm {
         // make() adopts a running VM and only starts one that is not running.
         self.provision(ctx).await
     }
+}
+
+/// The probe's answer is kept beside the kernel for as long as the host runs (its boot id): an
+/// agent restart does not boot a probe guest again.
+async fn probe_once(b: &Boot, qemu: &str) -> Accel {
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let cache = b.kernel.with_file_name(format!("accel-{}", boot_id.trim()));
+    match std::fs::read_to_string(&cache).ok().as_deref() {
+        Some("kvm") => return Accel::Kvm,
+        Some("tcg") => return Accel::Tcg,
+        _ => {}
+    }
+    let a = b.probe(qemu).await;
+    let _ = std::fs::write(&cache, a.name());
+    a
 }
 
 /// A volume's disk serial (at most 20 bytes in virtio-blk): its name, which the engine limits
