@@ -438,6 +438,7 @@ pub async fn up(mut a: UpArgs) -> Result<()> {
             }
         );
         println!("  tfgrid ps; tfgrid events; tfgrid nodes");
+        println!("  tfgrid deploy examples/vm.yaml   (the web service as a virtual machine)");
         println!("  tfgrid network access web   (a WireGuard config: join web's private network from here)");
     } else {
         println!("  tfgrid nodes   (this grid has no nodes: `tfgrid up` as root runs some)");
