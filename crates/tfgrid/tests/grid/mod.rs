@@ -11,11 +11,21 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tfgrid");
 
+/// A port free now, below the kernel's ephemeral range (32768 and up): a port handed out by
+/// binding port 0 is one the kernel may hand again to any listener of a grid starting beside this
+/// one before `up` binds it (a CI run failed on that). Ports here come from a per-process
+/// sequence, so tests of one binary never pick the same one.
 pub fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = std::process::id().wrapping_mul(7919);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (base.wrapping_add(n.wrapping_mul(131)) % 12_000) as u16;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return l.local_addr().unwrap();
+        }
+    }
 }
 
 /// Why a test of a full grid cannot run here, if it cannot.
