@@ -4,7 +4,9 @@
 //! limits for cpu and memory, the node bridge for networking, stdout/stderr into a bounded log.
 //! A supervisor task per container restarts it with backoff when it exits.
 
-use super::{is_mounted, run, Ctx, Kind, Output, Report, Reporter, WorkloadId};
+use super::{
+    is_mounted, read_tail, run, trim_log, Ctx, Kind, Output, Report, Reporter, WorkloadId,
+};
 use crate::images::{Image, Images};
 use crate::net::Net;
 use oci_spec::runtime::{
@@ -13,7 +15,6 @@ use oci_spec::runtime::{
     Spec,
 };
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -108,19 +109,6 @@ impl Runtime {
         }
         Ok(())
     }
-}
-
-/// A file's last `tail` bytes (all of it by default); empty when it cannot be read.
-fn read_tail(path: &Path, tail: Option<u64>) -> String {
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let start = tail.map(|t| len.saturating_sub(t)).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(start));
-    let mut buf = Vec::new();
-    let _ = f.read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf).into_owned()
 }
 
 impl Container {
@@ -585,28 +573,8 @@ impl Supervisor {
     }
 
     fn trim_log(&self) {
-        let path = self.cdir.join("log");
-        let Ok(len) = std::fs::metadata(&path).map(|m| m.len()) else {
-            return;
-        };
-        if len <= self.log_limit {
-            return;
-        }
-        // The container appends (O_APPEND), so truncating and writing back the newest half keeps
-        // its descriptor valid; lines written in between are lost, which a bounded log allows.
-        let keep = self.log_limit / 2;
-        let Ok(mut f) = std::fs::OpenOptions::new()
-            .read(true)
-            .append(true)
-            .open(&path)
-        else {
-            return;
-        };
-        let mut tail = Vec::new();
-        if f.seek(SeekFrom::Start(len - keep)).is_ok() && f.read_to_end(&mut tail).is_ok() {
-            let _ = f.set_len(0);
-            let _ = f.write_all(&tail);
-        }
+        // The container appends (O_APPEND): see `trim_log`.
+        trim_log(&self.cdir.join("log"), self.log_limit);
     }
 
     async fn run(self) {

@@ -102,3 +102,74 @@ pub(crate) fn is_mounted(path: &std::path::Path) -> bool {
     info.lines()
         .any(|l| l.split_whitespace().nth(4) == Some(p.as_ref()))
 }
+
+/// A bounded log's last `tail` bytes (all of it by default); empty when it cannot be read.
+pub(crate) fn read_tail(path: &std::path::Path, tail: Option<u64>) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = tail.map(|t| len.saturating_sub(t)).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(start));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Keeps a log its writer appends to (O_APPEND) under `limit`: past it, the file is truncated
+/// and its newest half written back, which keeps the writer's descriptor valid; lines written in
+/// between are lost, which a bounded log allows.
+pub(crate) fn trim_log(path: &std::path::Path, limit: u64) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let Ok(len) = std::fs::metadata(path).map(|m| m.len()) else {
+        return;
+    };
+    if len <= limit {
+        return;
+    }
+    let keep = limit / 2;
+    let Ok(mut f) = std::fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .open(path)
+    else {
+        return;
+    };
+    let mut tail = Vec::new();
+    if f.seek(SeekFrom::Start(len - keep)).is_ok() && f.read_to_end(&mut tail).is_ok() {
+        let _ = f.set_len(0);
+        let _ = f.write_all(&tail);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_bounded_log_keeps_its_newest_half_and_its_writer() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let mut w = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let text: String = (0..100).map(|i| format!("line {i:03}\n")).collect();
+        w.write_all(text.as_bytes()).unwrap();
+        super::trim_log(&path, 10_000);
+        assert_eq!(
+            super::read_tail(&path, None),
+            text,
+            "under the limit: untouched"
+        );
+        super::trim_log(&path, 400);
+        let kept = super::read_tail(&path, None);
+        assert_eq!(kept.len(), 200);
+        assert!(kept.ends_with("line 099\n"), "{kept}");
+        // The writer's descriptor still appends at the new end.
+        w.write_all(b"after\n").unwrap();
+        assert_eq!(super::read_tail(&path, Some(6)), "after\n");
+        assert_eq!(super::read_tail(&dir.path().join("none"), None), "");
+    }
+}

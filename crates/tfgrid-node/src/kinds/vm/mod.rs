@@ -19,13 +19,13 @@ mod process;
 pub mod seed;
 
 use super::container::{allocate_ip, mount_overlay, unmount_overlay};
-use super::{is_mounted, run, Ctx, Kind, Output, Reporter, WorkloadId};
+use super::{is_mounted, read_tail, run, Ctx, Kind, Output, Reporter, WorkloadId};
 use crate::images::Images;
 use crate::net::Net;
 use args::{disk_mode_args, image_mode_args, serial, start_script};
 use boot::{Accel, Boot};
 pub use process::stop_all;
-use process::{alive, join_cgroup, leave_cgroup, read_tail, saved_output, start, stop, Supervisor};
+use process::{alive, join_cgroup, leave_cgroup, saved_output, start, stop, Supervisor};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};

@@ -1,9 +1,8 @@
 //! QEMU as a process: started daemonized, found again by its pid file and name, stopped, put in
 //! its cgroup, and watched by a supervisor that boots it again when it stops.
 
-use super::super::{run, Output, Report, Reporter, WorkloadId};
+use super::super::{read_tail, run, trim_log, Output, Report, Reporter, WorkloadId};
 use super::args::net_device;
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tfgrid_core::deployment::{ResultState, VmSpec};
@@ -119,18 +118,6 @@ pub(super) fn leave_cgroup(cgroup: &str) {
     }
 }
 
-pub(super) fn read_tail(path: &Path, tail: Option<u64>) -> String {
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let start = tail.map(|t| len.saturating_sub(t)).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(start));
-    let mut buf = Vec::new();
-    let _ = f.read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf).into_owned()
-}
-
 /// Watches one VM: when QEMU exits (the guest powered off, panicked or its entrypoint ended)
 /// it says why from the console and starts it again, up to [`MAX_RESTARTS`] in
 /// [`RESTART_WINDOW`]; past that the VM is left in error for its owner's bot to move.
@@ -155,28 +142,8 @@ impl Supervisor {
     }
 
     fn trim_log(&self) {
-        let path = self.vdir.join("log");
-        let Ok(len) = std::fs::metadata(&path).map(|m| m.len()) else {
-            return;
-        };
-        if len <= self.log_limit {
-            return;
-        }
-        // QEMU appends (append=on, O_APPEND), so truncating and writing back the newest half
-        // keeps its descriptor valid.
-        let keep = self.log_limit / 2;
-        let Ok(mut f) = std::fs::OpenOptions::new()
-            .read(true)
-            .append(true)
-            .open(&path)
-        else {
-            return;
-        };
-        let mut tail = Vec::new();
-        if f.seek(SeekFrom::Start(len - keep)).is_ok() && f.read_to_end(&mut tail).is_ok() {
-            let _ = f.set_len(0);
-            let _ = f.write_all(&tail);
-        }
+        // QEMU appends (append=on, O_APPEND): see `trim_log`.
+        trim_log(&self.vdir.join("log"), self.log_limit);
     }
 
     /// The console's last word on why the guest stopped.
